@@ -1,0 +1,327 @@
+"""Configuration: one frozen dataclass tree and its presets; the only place defaults live.
+
+`Config(model=ModelConfig, data=DataConfig, train=TrainConfig)`. Presets are plain functions
+(`coco_r50_fpn_1x`, `tiny`) looked up by name with `get_preset(name)`. Overrides use dotted names:
+
+    cfg = replace(get_preset("tiny"), **{"model.image_size": (128, 128), "train.total_steps": 10})
+
+`to_dict` / `from_dict` round-trip through JSON (train.py writes `config.json` into the model dir and
+eval/export/predict read it back). `validate(cfg)` raises ValueError naming the field and the allowed
+values; `build_model` and `build_dataset` call it, so a bad setting fails at build time.
+
+Semantics follow detectron2 / torchvision (DESIGN.md section 6). `num_classes` is K, the number of
+foreground classes; classifier logits have K + 1 columns (column 0 = background).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Optional, Tuple
+
+BACKBONES = ("resnet50", "resnet101", "tiny")
+ROI_ALIGN_BACKENDS = ("crop_and_resize", "gather")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+LR_SCHEDULES = ("step", "cosine")
+# RoIAlign/anchor levels and the FPN output levels: P2..P6 (strides 4..64).
+MIN_LEVEL, MAX_LEVEL = 2, 6
+# Largest stride of the network is 2**MAX_LEVEL; the padded image must be divisible by it.
+SIZE_DIVISIBILITY = 2**MAX_LEVEL
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "resnet50"
+    # None (random init), "imagenet" (keras.applications download) or a path to a weights file.
+    weights: Optional[str] = None
+    # Stages frozen from the input on: 2 = stem + res2 (detectron2's FREEZE_AT=2).
+    freeze_at: int = 2
+    # Width of the "tiny" backbone's first stage; ignored for ResNets.
+    tiny_width: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class AnchorConfig:
+    sizes: Tuple[int, ...] = (32, 64, 128, 256, 512)  # one size per level P2..P6
+    aspect_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width
+
+
+@dataclasses.dataclass(frozen=True)
+class RPNConfig:
+    positive_iou: float = 0.7
+    negative_iou: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    pre_nms_top_k_train: int = 2000  # per level
+    post_nms_top_k_train: int = 1000  # per image
+    pre_nms_top_k_test: int = 1000
+    post_nms_top_k_test: int = 1000
+    nms_iou: float = 0.7
+    min_box_size: float = 0.0  # proposals smaller than this (pixels) are dropped
+    # 0 gives L1 (detectron2's default); >0 gives smooth L1 with this beta.
+    box_loss_beta: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RoIConfig:
+    num_samples: int = 512  # per image
+    foreground_fraction: float = 0.25
+    foreground_iou: float = 0.5  # IoU >= this: foreground
+    background_iou_high: float = 0.5  # background: [low, high)
+    background_iou_low: float = 0.0
+    max_mask_rois: int = 128  # foreground RoIs that get a mask loss, per image
+    box_output_size: int = 7
+    mask_output_size: int = 14
+    sampling_ratio: int = 2
+    roi_align_backend: str = "crop_and_resize"
+    box_loss_beta: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    num_fcs: int = 2
+    fc_dim: int = 1024
+    mask_num_convs: int = 4
+    mask_num_filters: int = 256
+    mask_size: int = 28  # output of the mask head (deconv x2 of mask_output_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionConfig:
+    score_threshold: float = 0.05
+    nms_iou: float = 0.5
+    max_detections: int = 100
+    pre_nms_top_k: int = 1000  # candidates (RoI, class) kept before class-wise NMS
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    num_classes: int = 80  # K foreground classes
+    image_size: Tuple[int, int] = (1024, 1024)  # padded model input (H, W), divisible by 64
+    include_mask: bool = True
+    backbone: BackboneConfig = BackboneConfig()
+    fpn_num_filters: int = 256
+    rpn_num_filters: int = 256
+    anchors: AnchorConfig = AnchorConfig()
+    rpn: RPNConfig = RPNConfig()
+    roi: RoIConfig = RoIConfig()
+    heads: HeadConfig = HeadConfig()
+    detection: DetectionConfig = DetectionConfig()
+    # Input normalisation, RGB order: images = (rgb - pixel_mean) / pixel_std. The defaults are the
+    # "caffe" statistics keras.applications' ResNet weights were trained with (the backbone turns the
+    # BGR weights into RGB ones when it loads them, so no channel swap happens at run time).
+    pixel_mean: Tuple[float, float, float] = (123.68, 116.779, 103.939)
+    pixel_std: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train_batch_size: int = 16  # global batch (all replicas)
+    eval_batch_size: int = 8
+    max_instances: int = 100  # N: gt padded to this; images with more keep the N largest
+    gt_mask_size: int = 112  # Mc: each gt mask cropped to its box and resized to Mc x Mc
+    flip_probability: float = 0.5
+    scale_jitter: Tuple[float, float] = (1.0, 1.0)  # random scale range; (1, 1) = off
+    shuffle_buffer: int = 1000
+    seed: Optional[int] = None
+    # Label map: contiguous class i + 1 <-> dataset category id category_ids[i]. Empty = the dataset's
+    # ids already are 1..K.
+    category_ids: Tuple[int, ...] = ()
+    class_names: Tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    total_steps: int = 90000
+    # Reference learning rate at reference_batch_size, scaled linearly to data.train_batch_size.
+    base_learning_rate: float = 0.02
+    reference_batch_size: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # not applied to normalization layers or biases
+    warmup_steps: int = 1000
+    warmup_factor: float = 0.001
+    schedule: str = "step"
+    decay_fractions: Tuple[float, ...] = (2 / 3, 8 / 9)  # x0.1 at each fraction of the run
+    decay_rate: float = 0.1
+    precision: str = "float32"
+    jit_compile: bool = False
+    checkpoint_every_steps: int = 1000
+    keep_checkpoints: int = 5
+    log_every_steps: int = 20
+    clip_grad_norm: float = 0.0  # 0 = off
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+
+# --------------------------------------------------------------------------------------- presets
+
+
+def coco_r50_fpn_1x() -> Config:
+    """ResNet-50-FPN, 1x schedule (90k steps at batch 16 = 12 COCO epochs), DESIGN.md section 6.
+
+    Command: `python train.py --config=coco_r50_fpn_1x --train_file_pattern=OUT/train-* ...`.
+    Expected: about 37.7-38.6 box AP / 33.9-35.2 mask AP on COCO val2017 with ImageNet weights
+    (Detectron/detectron2 figures for this recipe); about 1 day on 8 V100-class GPUs.
+    """
+    return Config(model=ModelConfig(backbone=BackboneConfig(weights="imagenet")))
+
+
+def tiny() -> Config:
+    """A small model for tests and the built-in demo: it trains on a 2-core CPU in minutes.
+
+    256x256 input, a 4-stage ResNet-like backbone 16..128 channels wide, 64-channel FPN, few proposals
+    and samples. Command: `python train.py` (no dataset flags) runs the shapes demo with it.
+    Not meant for COCO accuracy.
+    """
+    return Config(
+        model=ModelConfig(
+            num_classes=3,
+            image_size=(256, 256),
+            backbone=BackboneConfig(name="tiny", weights=None, freeze_at=0),
+            fpn_num_filters=64,
+            rpn_num_filters=64,
+            anchors=AnchorConfig(sizes=(16, 32, 64, 128, 256)),
+            rpn=RPNConfig(
+                batch_size_per_image=128,
+                pre_nms_top_k_train=256,
+                post_nms_top_k_train=128,
+                pre_nms_top_k_test=256,
+                post_nms_top_k_test=100,
+            ),
+            roi=RoIConfig(num_samples=64, max_mask_rois=32),
+            heads=HeadConfig(fc_dim=256, mask_num_convs=2, mask_num_filters=64),
+            detection=DetectionConfig(max_detections=20, pre_nms_top_k=200),
+            pixel_mean=(127.5, 127.5, 127.5),
+            pixel_std=(64.0, 64.0, 64.0),
+        ),
+        data=DataConfig(train_batch_size=4, eval_batch_size=4, max_instances=20, gt_mask_size=56,
+                        shuffle_buffer=64),
+        train=TrainConfig(total_steps=1000, base_learning_rate=0.02, reference_batch_size=16,
+                          warmup_steps=50, checkpoint_every_steps=200, log_every_steps=10),
+    )
+
+
+PRESETS = {"coco_r50_fpn_1x": coco_r50_fpn_1x, "tiny": tiny}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"config: unknown preset {name!r}; allowed: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
+
+
+# ------------------------------------------------------------------------------- overrides, JSON
+
+
+def replace(cfg, **overrides):
+    """Returns a copy of `cfg` with dotted-name fields replaced: replace(cfg, **{"model.num_classes": 3}).
+
+    Lists are turned into tuples (as JSON gives them). An unknown name raises ValueError listing the
+    fields that exist at that level.
+    """
+    for dotted, value in overrides.items():
+        cfg = _replace_one(cfg, dotted.split("."), value, dotted)
+    return cfg
+
+
+def _replace_one(node, path, value, dotted):
+    names = [f.name for f in dataclasses.fields(node)]
+    head = path[0]
+    if head not in names:
+        raise ValueError(f"config: unknown field {dotted!r}; {type(node).__name__} has: {', '.join(names)}")
+    if len(path) == 1:
+        if isinstance(value, list):
+            value = tuple(value)
+        return dataclasses.replace(node, **{head: value})
+    return dataclasses.replace(node, **{head: _replace_one(getattr(node, head), path[1:], value, dotted)})
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict, cls=Config):
+    """Rebuilds a config from `to_dict` output (unknown keys raise ValueError)."""
+    kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in d.items():
+        if key not in fields:
+            raise ValueError(f"config: unknown field {key!r} in {cls.__name__}; allowed: {', '.join(fields)}")
+        default = getattr(cls(), key)
+        if dataclasses.is_dataclass(default):
+            value = from_dict(value, type(default))
+        elif isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def save_json(cfg: Config, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+
+
+def load_json(path: str) -> Config:
+    with open(path, encoding="utf-8") as f:
+        return from_dict(json.load(f))
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"config: {field}={value!r} is not allowed; expected {allowed}")
+
+
+def validate(cfg: Config) -> Config:
+    """Raises ValueError naming the field and the allowed values; returns cfg unchanged."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    _check(isinstance(m.num_classes, int) and m.num_classes >= 1, "model.num_classes", m.num_classes,
+           "an integer >= 1 (foreground classes)")
+    _check(len(m.image_size) == 2 and all(int(s) > 0 and int(s) % SIZE_DIVISIBILITY == 0 for s in m.image_size),
+           "model.image_size", m.image_size, f"(height, width), each a positive multiple of {SIZE_DIVISIBILITY}")
+    _check(m.backbone.name in BACKBONES, "model.backbone.name", m.backbone.name, " | ".join(BACKBONES))
+    _check(0 <= m.backbone.freeze_at <= 5, "model.backbone.freeze_at", m.backbone.freeze_at, "0..5")
+    num_levels = MAX_LEVEL - MIN_LEVEL + 1
+    _check(len(m.anchors.sizes) == num_levels, "model.anchors.sizes", m.anchors.sizes,
+           f"{num_levels} sizes, one per level P{MIN_LEVEL}..P{MAX_LEVEL}")
+    _check(len(m.anchors.aspect_ratios) >= 1 and all(r > 0 for r in m.anchors.aspect_ratios),
+           "model.anchors.aspect_ratios", m.anchors.aspect_ratios, "positive height/width ratios")
+    _check(0 <= m.rpn.negative_iou <= m.rpn.positive_iou <= 1, "model.rpn.negative_iou/positive_iou",
+           (m.rpn.negative_iou, m.rpn.positive_iou), "0 <= negative_iou <= positive_iou <= 1")
+    _check(0 < m.rpn.positive_fraction <= 1, "model.rpn.positive_fraction", m.rpn.positive_fraction, "(0, 1]")
+    _check(0 < m.roi.foreground_fraction <= 1, "model.roi.foreground_fraction", m.roi.foreground_fraction, "(0, 1]")
+    _check(m.roi.roi_align_backend in ROI_ALIGN_BACKENDS, "model.roi.roi_align_backend",
+           m.roi.roi_align_backend, " | ".join(ROI_ALIGN_BACKENDS))
+    _check(m.heads.mask_size == 2 * m.roi.mask_output_size, "model.heads.mask_size", m.heads.mask_size,
+           f"2 * model.roi.mask_output_size = {2 * m.roi.mask_output_size} (one stride-2 deconvolution)")
+    _check(len(m.pixel_mean) == 3 and len(m.pixel_std) == 3 and all(s > 0 for s in m.pixel_std),
+           "model.pixel_mean/pixel_std", (m.pixel_mean, m.pixel_std), "three values each, std > 0")
+    _check(d.train_batch_size >= 1, "data.train_batch_size", d.train_batch_size, "an integer >= 1")
+    _check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
+    _check(d.max_instances >= 1, "data.max_instances", d.max_instances, "an integer >= 1")
+    _check(0 < d.scale_jitter[0] <= d.scale_jitter[1], "data.scale_jitter", d.scale_jitter,
+           "(min, max) with 0 < min <= max")
+    _check(0 <= d.flip_probability <= 1, "data.flip_probability", d.flip_probability, "[0, 1]")
+    _check(not d.category_ids or len(d.category_ids) == m.num_classes, "data.category_ids",
+           d.category_ids, f"empty or exactly model.num_classes={m.num_classes} ids")
+    _check(not d.class_names or len(d.class_names) == m.num_classes, "data.class_names",
+           d.class_names, f"empty or exactly model.num_classes={m.num_classes} names")
+    _check(t.schedule in LR_SCHEDULES, "train.schedule", t.schedule, " | ".join(LR_SCHEDULES))
+    _check(t.precision in PRECISIONS, "train.precision", t.precision, " | ".join(PRECISIONS))
+    _check(t.total_steps >= 1, "train.total_steps", t.total_steps, "an integer >= 1")
+    _check(t.base_learning_rate > 0 and math.isfinite(t.base_learning_rate), "train.base_learning_rate",
+           t.base_learning_rate, "a positive number")
+    return cfg
+
+
+def learning_rate(cfg: Config) -> float:
+    """Peak learning rate: the reference rate scaled linearly to the global batch (Goyal et al. 2017)."""
+    return cfg.train.base_learning_rate * cfg.data.train_batch_size / cfg.train.reference_batch_size

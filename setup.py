@@ -1,0 +1,20 @@
+"""Installs maskrcnn_tf: `pip install -e .[test]`."""
+from setuptools import find_packages, setup
+
+setup(
+    name="maskrcnn_tf",
+    version="0.1.0",
+    description="Mask R-CNN (ResNet-FPN) instance segmentation for TensorFlow 2 / Keras 3",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["maskrcnn_tf", "maskrcnn_tf.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "tensorflow>=2.16",  # bundles Keras 3
+        "numpy",
+        "pycocotools",
+        "opencv-python-headless",
+        "absl-py",
+    ],
+    extras_require={"test": ["pytest", "pytest-xdist"]},
+)
