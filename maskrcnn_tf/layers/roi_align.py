@@ -1,0 +1,42 @@
+"""MultilevelRoIAlign: the RoIAlign op (ops/roi_align.py) as a Keras layer.
+
+A layer (not a bare function call in model.py) so that Keras knows whether the model can be
+XLA-compiled: `CropAndResize` has no XLA kernel, so with backend "crop_and_resize" the layer sets
+`supports_jit = False` and `jit_compile="auto"` falls back to plain graph mode instead of failing.
+The "gather" backend compiles (TPUs, jit_compile=True train steps).
+"""
+
+import keras
+
+from maskrcnn_tf.ops import roi_align as roi_align_ops
+
+BACKENDS = ("crop_and_resize", "gather")
+
+
+class MultilevelRoIAlign(keras.layers.Layer):
+    """call(features {"P2": [B, H/4, W/4, C], .., "P5"}, boxes float32 [B, R, 4] [y1, x1, y2, x2] input
+    pixels) -> [B, R, output_size, output_size, C] in the features' dtype. Levels P2..P5 only (P6 is
+    for the RPN), level per box from its size (DESIGN.md section 5)."""
+
+    def __init__(self, *, output_size=7, sampling_ratio=2, backend="crop_and_resize", **kwargs):
+        super().__init__(**kwargs)
+        if backend not in BACKENDS:
+            raise ValueError(f"MultilevelRoIAlign: backend={backend!r}; allowed: {BACKENDS}")
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio
+        self.backend = backend
+        self.supports_jit = backend != "crop_and_resize"
+        # Keep boxes float32 under mixed precision (Keras would cast every float input to float16,
+        # a 0.5-pixel step at 1024); the op returns the features' dtype.
+        self._convert_input_args = False
+
+    def call(self, features, boxes):
+        levels = {name: features[name] for name in ("P2", "P3", "P4", "P5")}
+        return roi_align_ops.multilevel_roi_align(
+            levels, boxes, output_size=self.output_size, sampling_ratio=self.sampling_ratio,
+            backend=self.backend)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(output_size=self.output_size, sampling_ratio=self.sampling_ratio, backend=self.backend)
+        return config

@@ -1,0 +1,267 @@
+"""MaskRCNN(keras.Model) and build_model(config): the detector, read top to bottom like the paper's figure.
+
+    images -> backbone (C2..C5) -> fpn (P2..P6) -> rpn_head -> proposal_generator
+           -> [training: anchor_labeler + roi_sampler] -> roi_align 7x7 -> box_head
+           -> [inference: detection_generator] -> roi_align 14x14 -> mask_head
+
+`call(inputs)` is inference: inputs {"images" float32 [B, H, W, 3], "image_info" float32 [B, 4, 2]} ->
+{"num_detections" int32 [B], "detection_boxes" float32 [B, D, 4] ([y1, x1, y2, x2] input pixels, -1
+padded), "detection_scores" [B, D], "detection_classes" int32 [B, D] (1..K, 0 padded),
+"detection_masks" float32 [B, D, 28, 28] probabilities (only with include_mask)}.
+
+`train_step` / `test_step` take a batch of the data contract (DESIGN.md section 4) and return the loss
+components named as the MindSpore original logs them: rpn_cls_loss, rpn_reg_loss, rpn_loss,
+rcnn_cls_loss, rcnn_reg_loss, rcnn_mask_loss, rcnn_loss, total_loss.
+
+Distribution: each loss is a local sum divided by a normalizer of the global batch (losses.py), and
+Keras sums gradients over replicas, so N replicas equal one replica with the same global batch.
+Mixed precision: the backbone and heads compute in the global policy's dtype; everything that handles
+boxes (anchor labeling, proposals, sampling, RoIAlign's box math, detection) and all losses are float32.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import losses
+from maskrcnn_tf.layers.anchor_labeler import AnchorLabeler
+from maskrcnn_tf.layers.backbone import Backbone
+from maskrcnn_tf.layers.box_head import BoxHead
+from maskrcnn_tf.layers.detection_generator import DetectionGenerator
+from maskrcnn_tf.layers.fpn import FPN
+from maskrcnn_tf.layers.mask_head import MaskHead
+from maskrcnn_tf.layers.proposal_generator import ProposalGenerator
+from maskrcnn_tf.layers.roi_align import MultilevelRoIAlign
+from maskrcnn_tf.layers.roi_sampler import RoISampler
+from maskrcnn_tf.layers.rpn_head import RPNHead
+from maskrcnn_tf.ops import anchors as anchor_ops
+from maskrcnn_tf.ops import boxes as box_ops
+from maskrcnn_tf.ops import masks as mask_ops
+
+LOSS_NAMES = ("rpn_cls_loss", "rpn_reg_loss", "rpn_loss", "rcnn_cls_loss", "rcnn_reg_loss",
+              "rcnn_mask_loss", "rcnn_loss", "total_loss")
+
+
+def _sum_over_replicas(value):
+    """Sum of `value` over all replicas in sync (identity outside tf.distribute)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def _flatten_levels(outputs, last_dim=None):
+    """{"P2": [B, H_l, W_l, A * d], ...} -> [B, sum_l H_l * W_l * A(, d)] in the anchors' order."""
+    flat = []
+    for level in sorted(outputs):
+        x = tf.cast(outputs[level], tf.float32)
+        shape = [tf.shape(x)[0], -1] + ([last_dim] if last_dim else [])
+        flat.append(tf.reshape(x, shape))  # [B, H_l * W_l * A(, d)]
+    return tf.concat(flat, axis=1)  # [B, A(, d)]
+
+
+class MaskRCNN(keras.Model):
+    """The detector. Layers are built by build_model(config); the constructor takes them ready-made."""
+
+    def __init__(self, *, backbone, fpn, rpn_head, anchor_labeler, proposal_generator, roi_sampler,
+                 box_roi_align, box_head, detection_generator, mask_roi_align=None, mask_head=None,
+                 anchors, max_mask_rois=128, rpn_box_loss_beta=0.0, rcnn_box_loss_beta=0.0,
+                 clip_grad_norm=0.0, **kwargs):
+        # The model itself is float32 so its inputs (image_info especially) are never cast to float16.
+        super().__init__(dtype="float32", **kwargs)
+        self.backbone = backbone
+        self.fpn = fpn
+        self.rpn_head = rpn_head
+        self.anchor_labeler = anchor_labeler
+        self.proposal_generator = proposal_generator
+        self.roi_sampler = roi_sampler
+        self.box_roi_align = box_roi_align
+        self.box_head = box_head
+        self.detection_generator = detection_generator
+        self.mask_roi_align = mask_roi_align
+        self.mask_head = mask_head
+        self.include_mask = mask_head is not None
+        self.anchors = {level: np.asarray(a, np.float32) for level, a in anchors.items()}  # {"P2": [n, 4]}
+        self.flat_anchors = np.concatenate([self.anchors[k] for k in sorted(self.anchors)])  # [A, 4]
+        self.max_mask_rois = max_mask_rois
+        self.rpn_box_loss_beta = rpn_box_loss_beta
+        self.rcnn_box_loss_beta = rcnn_box_loss_beta
+        self.clip_grad_norm = clip_grad_norm
+        self._rcnn_coder = box_ops.BoxCoder(weights=box_ops.RCNN_BOX_WEIGHTS)
+        self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_NAMES}
+
+    # ------------------------------------------------------------------------------ inference
+
+    def _features(self, images, training):
+        pyramid = self.fpn(self.backbone(images, training=training), training=training)
+        rpn_scores, rpn_deltas = self.rpn_head(pyramid, training=training)
+        return pyramid, rpn_scores, rpn_deltas
+
+    def call(self, inputs, training=False):
+        images, image_info = inputs["images"], inputs["image_info"]
+        pyramid, rpn_scores, rpn_deltas = self._features(images, training)
+        proposals, _, proposal_valid = self.proposal_generator(
+            rpn_scores, rpn_deltas, image_info, anchors=self.anchors, training=False)
+        class_logits, box_deltas = self.box_head(self.box_roi_align(pyramid, proposals), training=training)
+        detections = self.detection_generator(class_logits, box_deltas, proposals, proposal_valid, image_info)
+        if self.include_mask:
+            mask_features = self.mask_roi_align(pyramid, detections["detection_boxes"])
+            mask_logits = self.mask_head(mask_features, detections["detection_classes"], training=training)
+            detections["detection_masks"] = tf.sigmoid(tf.cast(mask_logits, tf.float32))  # [B, D, M, M]
+        return detections
+
+    # ---------------------------------------------------------------------------------- losses
+
+    def compute_losses(self, data, training=True):
+        """The training losses of one (per-replica) batch; see losses.py for the normalizers."""
+        images, image_info = data["images"], data["image_info"]
+        gt_boxes, gt_classes = data["gt_boxes"], tf.cast(data["gt_classes"], tf.int32)
+        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        global_images = tf.cast(tf.shape(images)[0] * num_replicas, tf.float32)
+
+        pyramid, rpn_scores, rpn_deltas = self._features(images, training)
+        rpn_targets = self.anchor_labeler(tf.constant(self.flat_anchors), gt_boxes, gt_classes)
+        rpn_normalizer = global_images * self.anchor_labeler.batch_size_per_image
+        rpn_cls = losses.rpn_objectness_loss(
+            _flatten_levels(rpn_scores), rpn_targets["objectness"], rpn_targets["sampled"], rpn_normalizer)
+        rpn_reg = losses.rpn_box_loss(
+            _flatten_levels(rpn_deltas, 4), rpn_targets["box_targets"], rpn_targets["positive"],
+            rpn_normalizer, self.rpn_box_loss_beta)
+
+        # The RoI stage trains on the training-time proposal counts (top-k 2000 / 1000).
+        proposals, _, proposal_valid = self.proposal_generator(
+            rpn_scores, rpn_deltas, image_info, anchors=self.anchors, training=True)
+        samples = self.roi_sampler(proposals, proposal_valid, gt_boxes, gt_classes)
+        rois, classes, foreground = samples["rois"], samples["classes"], samples["is_foreground"]
+        class_logits, box_deltas = self.box_head(self.box_roi_align(pyramid, rois), training=training)
+        rcnn_normalizer = global_images * self.roi_sampler.num_samples
+        # Background rows point at arbitrary gt (maybe -1 padding): encode their own box instead.
+        target_boxes = tf.where(foreground[..., None], samples["box_targets"], rois)
+        rcnn_cls = losses.rcnn_class_loss(class_logits, classes, samples["is_valid"], rcnn_normalizer)
+        rcnn_reg = losses.rcnn_box_loss(
+            box_deltas, classes, self._rcnn_coder.encode(target_boxes, rois), foreground, rcnn_normalizer,
+            self.rcnn_box_loss_beta)
+
+        rcnn_mask = tf.constant(0.0)
+        if self.include_mask:
+            rcnn_mask = self._mask_loss(data, pyramid, samples)
+        values = {
+            "rpn_cls_loss": rpn_cls, "rpn_reg_loss": rpn_reg, "rpn_loss": rpn_cls + rpn_reg,
+            "rcnn_cls_loss": rcnn_cls, "rcnn_reg_loss": rcnn_reg, "rcnn_mask_loss": rcnn_mask,
+            "rcnn_loss": rcnn_cls + rcnn_reg + rcnn_mask,
+        }
+        values["total_loss"] = values["rpn_loss"] + values["rcnn_loss"]
+        return values
+
+    def _mask_loss(self, data, pyramid, samples):
+        """Mask loss on the first max_mask_rois foreground RoIs of each image (static count)."""
+        foreground = samples["is_foreground"]
+        num_mask_rois = min(self.max_mask_rois, int(foreground.shape[1]))
+        # top_k keeps equal values in index order, so this takes the first foreground slots.
+        _, index = tf.math.top_k(tf.cast(foreground, tf.int32), k=num_mask_rois)  # [B, Sm]
+        rois = tf.gather(samples["rois"], index, batch_dims=1)  # [B, Sm, 4]
+        classes = tf.gather(samples["classes"], index, batch_dims=1)  # [B, Sm]
+        matched = tf.gather(samples["matched_gt_index"], index, batch_dims=1)  # [B, Sm]
+        is_mask_roi = tf.gather(foreground, index, batch_dims=1)  # [B, Sm]
+        has_masks = data.get("has_masks")
+        if has_masks is not None:
+            is_mask_roi &= tf.cast(has_masks, tf.bool)[:, None]
+        mask_logits = self.mask_head(self.mask_roi_align(pyramid, rois), classes)  # [B, Sm, M, M]
+        mask_size = int(mask_logits.shape[-1])
+        targets = mask_ops.mask_targets(
+            tf.cast(data["gt_masks"], tf.float32), data["gt_boxes"], rois, matched, output_size=mask_size)
+        weights = tf.cast(is_mask_roi, tf.float32)
+        normalizer = tf.maximum(_sum_over_replicas(tf.reduce_sum(weights)), 1.0) * float(mask_size**2)
+        return losses.mask_loss(mask_logits, tf.stop_gradient(targets), weights, normalizer)
+
+    # ---------------------------------------------------------------------------- train / test
+
+    def train_step(self, data):
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            values = self.compute_losses(data, training=True)
+            # LossScaleOptimizer (mixed_float16) scales here and unscales in apply_gradients.
+            scaled_loss = self.optimizer.scale_loss(values["total_loss"])
+        gradients = tape.gradient(scaled_loss, variables)
+        if self.clip_grad_norm > 0:
+            gradients, _ = tf.clip_by_global_norm(gradients, self.clip_grad_norm)
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        return self._track(values)
+
+    def test_step(self, data):
+        return self._track(self.compute_losses(data, training=False))
+
+    def _track(self, values):
+        # Each replica holds its share of the global loss; Mean averages over replicas, so scale back.
+        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        for name, tracker in self.loss_trackers.items():
+            tracker.update_state(values[name] * num_replicas)
+        return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
+
+    @property
+    def metrics(self):
+        return list(self.loss_trackers.values())
+
+
+def build_model(cfg: config_lib.Config) -> MaskRCNN:
+    """Builds (and runs once, so every weight exists) the MaskRCNN of `cfg`. The one reader of config.
+
+    Sets the global Keras dtype policy from cfg.train.precision before creating layers.
+    """
+    config_lib.validate(cfg)
+    keras.mixed_precision.set_global_policy(cfg.train.precision)
+    m = cfg.model
+    num_anchors = anchor_ops.num_anchors_per_location(m.anchors.aspect_ratios)
+    box_math = {"dtype": "float32"}  # layers that handle boxes never run in float16
+    mask_layers = {}
+    if m.include_mask:
+        mask_layers = dict(
+            mask_roi_align=MultilevelRoIAlign(output_size=m.roi.mask_output_size,
+                                              sampling_ratio=m.roi.sampling_ratio,
+                                              backend=m.roi.roi_align_backend, name="mask_roi_align"),
+            mask_head=MaskHead(num_classes=m.num_classes, num_convs=m.heads.mask_num_convs,
+                               num_filters=m.heads.mask_num_filters, name="mask_head"))
+    model = MaskRCNN(
+        backbone=Backbone(name=m.backbone.name, weights=m.backbone.weights, freeze_at=m.backbone.freeze_at,
+                          tiny_width=m.backbone.tiny_width),
+        fpn=FPN(num_filters=m.fpn_num_filters, name="fpn"),
+        rpn_head=RPNHead(num_anchors_per_location=num_anchors, num_filters=m.rpn_num_filters, name="rpn_head"),
+        anchor_labeler=AnchorLabeler(positive_iou=m.rpn.positive_iou, negative_iou=m.rpn.negative_iou,
+                                     batch_size_per_image=m.rpn.batch_size_per_image,
+                                     positive_fraction=m.rpn.positive_fraction, name="anchor_labeler",
+                                     **box_math),
+        proposal_generator=ProposalGenerator(
+            pre_nms_top_k_train=m.rpn.pre_nms_top_k_train, post_nms_top_k_train=m.rpn.post_nms_top_k_train,
+            pre_nms_top_k_test=m.rpn.pre_nms_top_k_test, post_nms_top_k_test=m.rpn.post_nms_top_k_test,
+            nms_iou=m.rpn.nms_iou, min_box_size=m.rpn.min_box_size, name="proposal_generator", **box_math),
+        roi_sampler=RoISampler(num_samples=m.roi.num_samples, foreground_fraction=m.roi.foreground_fraction,
+                               foreground_iou=m.roi.foreground_iou,
+                               background_iou_high=m.roi.background_iou_high,
+                               background_iou_low=m.roi.background_iou_low, name="roi_sampler", **box_math),
+        box_roi_align=MultilevelRoIAlign(output_size=m.roi.box_output_size, sampling_ratio=m.roi.sampling_ratio,
+                                         backend=m.roi.roi_align_backend, name="box_roi_align"),
+        box_head=BoxHead(num_classes=m.num_classes, num_fcs=m.heads.num_fcs, fc_dim=m.heads.fc_dim,
+                         name="box_head"),
+        detection_generator=DetectionGenerator(
+            score_threshold=m.detection.score_threshold, nms_iou=m.detection.nms_iou,
+            max_detections=m.detection.max_detections, pre_nms_top_k=m.detection.pre_nms_top_k,
+            name="detection_generator", **box_math),
+        anchors=anchor_ops.multilevel_anchors(m.image_size, m.anchors.sizes, m.anchors.aspect_ratios,
+                                              min_level=config_lib.MIN_LEVEL, max_level=config_lib.MAX_LEVEL),
+        max_mask_rois=m.roi.max_mask_rois,
+        rpn_box_loss_beta=m.rpn.box_loss_beta,
+        rcnn_box_loss_beta=m.roi.box_loss_beta,
+        clip_grad_norm=cfg.train.clip_grad_norm,
+        **mask_layers,
+    )
+    height, width = m.image_size
+    model(dummy_inputs(1, height, width), training=False)  # creates every weight
+    return model
+
+
+def dummy_inputs(batch_size, height, width):
+    """A zero batch of model inputs (image_info says the whole padded image is valid)."""
+    image_info = np.tile(np.array([[height, width], [height, width], [1, 1], [0, 0]], np.float32),
+                         [batch_size, 1, 1])  # [B, 4, 2]
+    return {"images": tf.zeros([batch_size, height, width, 3]), "image_info": tf.constant(image_info)}
