@@ -1,0 +1,350 @@
+"""RoIAlign (He et al. 2017) on one feature level or on the FPN pyramid, with two backends.
+
+Shape shorthand: B batch, R boxes per image, C channels, S = output_size, n = S * sampling_ratio
+(sample points per side of a box), L number of pyramid levels used.
+
+Contract (DESIGN.md section 5), identical for both backends:
+
+- Half-pixel aligned convention (detectron2 ``ROIAlignV2``, ``aligned=True``): a box [y1, x1, y2, x2]
+  in continuous coordinates is shifted by -0.5 so that pixel centres sit on integer positions; bin
+  (i, j) of an S x S grid averages ``sampling_ratio**2`` bilinear samples taken at the centres of a
+  regular sub-grid of the bin. Degenerate boxes are not enlarged to one pixel (that was the
+  un-aligned legacy behaviour).
+- Boundary rule of detectron2's kernel: a sample with y < -1 or y > H (or the same in x) contributes
+  0; otherwise its coordinate is clamped into [0, H - 1] before interpolating. The average always
+  divides by ``sampling_ratio**2``.
+- No gradient flows into the boxes (``tf.stop_gradient``), as in detectron2 and Model Garden: RoIs are
+  treated as constants by the box and mask heads. Gradients flow into the features.
+- Box math is float32; the output has the dtype of the features (float32, float16 or bfloat16).
+
+Backends:
+
+- ``"crop_and_resize"``: ``tf.image.crop_and_resize`` samples box corners with spacing
+  (size - 1) / (crop - 1), not bin centres, and returns 0 outside [0, H - 1]. We (a) pad the
+  features by one pixel with SYMMETRIC padding, which makes samples in [-1, 0) and (H - 1, H] read the
+  border pixel and samples beyond them read 0 - exactly the detectron2 boundary rule above - and
+  (b) rewrite each box (tensorpack's ``transform_fpcoor_for_tf`` idea) so that the op's first and last
+  sample land on the first and last sub-bin centres; we crop n x n and average-pool
+  sampling_ratio x sampling_ratio. CropAndResize has no XLA kernel: this backend must not run inside
+  ``jit_compile=True`` functions or on TPUs; the Keras layer that calls it declares itself
+  non-jittable. For the pyramid, boxes are split by level with ``tf.dynamic_partition`` and put back
+  with ``tf.dynamic_stitch`` so each box is sampled once (work proportional to R, not L * R); the
+  per-level box counts are data dependent but every output shape is static.
+- ``"gather"``: XLA/TPU friendly, static shapes only (Model Garden's ``multilevel_crop_and_resize``
+  idea). The levels are flattened and concatenated into one [B, sum_l H_l * W_l, C] tensor; each box
+  gathers the 2n x 2n grid of pixels around its n x n sample points (two neighbours per sample and
+  axis) with one batched ``tf.gather``, multiplies by the separable bilinear kernel and sums the
+  2 * sampling_ratio taps per bin and axis. Memory: the gathered tensor is
+  [B, R, 2n, 2n, C] (4 * sampling_ratio**2 times the output), e.g. 820 MB float32 for B=2, R=512,
+  7 x 7, C=256 - the price of a gather-based XLA kernel.
+
+Level assignment (FPN paper, eq. 1): k = floor(4 + log2(sqrt(area) / 224)) clamped to [2, 5]. A tiny
+epsilon keeps padding rows (area 0) finite; they go to the lowest level.
+"""
+
+from typing import Dict, List, Sequence
+
+import tensorflow as tf
+
+BACKENDS = ("crop_and_resize", "gather")
+
+# FPN paper eq. 1: a 224 x 224 box (ImageNet pre-training size) is pooled from P4.
+CANONICAL_SIZE = 224.0
+CANONICAL_LEVEL = 4
+# Keeps log2 finite for zero-area (padding) boxes and absorbs float32 rounding of exact powers of two
+# (detectron2 adds 1e-8 to the same ratio; float32 needs a larger guard).
+_LEVEL_EPSILON = 1e-6
+# Half-pixel shift of the aligned convention: pixel i's centre is at continuous coordinate i + 0.5.
+_HALF_PIXEL = 0.5
+# Border added by SYMMETRIC padding in the crop_and_resize backend (one pixel per side).
+_PAD = 1
+# Feature dtypes CropAndResize accepts; bfloat16 features are sampled in float32 instead.
+_CROP_AND_RESIZE_DTYPES = (tf.float16, tf.float32, tf.float64)
+
+
+def _level_key(level: int) -> str:
+    return f"P{level}"
+
+
+def assign_levels(
+    boxes: tf.Tensor,
+    min_level: int = 2,
+    max_level: int = 5,
+    canonical_size: float = CANONICAL_SIZE,
+    canonical_level: int = CANONICAL_LEVEL,
+) -> tf.Tensor:
+    """FPN level of each box: floor(canonical_level + log2(sqrt(area) / canonical_size)), clamped.
+
+    Args:
+      boxes: float [B, R, 4] (or any [..., 4]) [y1, x1, y2, x2] in input-image pixels. Padding rows
+        (-1) and other zero-area boxes get min_level.
+      min_level, max_level: inclusive clamp range.
+      canonical_size, canonical_level: a box of side canonical_size maps to canonical_level.
+
+    Returns:
+      int32 [B, R] levels in [min_level, max_level].
+    """
+    boxes = tf.cast(boxes, tf.float32)
+    heights = tf.maximum(boxes[..., 2] - boxes[..., 0], 0.0)
+    widths = tf.maximum(boxes[..., 3] - boxes[..., 1], 0.0)
+    ratio = tf.sqrt(heights * widths) / canonical_size + _LEVEL_EPSILON
+    log2_ratio = tf.math.log(ratio) / tf.math.log(2.0)
+    levels = tf.floor(float(canonical_level) + log2_ratio)
+    levels = tf.clip_by_value(levels, float(min_level), float(max_level))
+    return tf.cast(levels, tf.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# crop_and_resize backend
+# ----------------------------------------------------------------------------------------------
+
+
+def _crop_and_resize_boxes(boxes: tf.Tensor, padded_hw: tf.Tensor, num_samples: int) -> tf.Tensor:
+    """Rewrites aligned RoIAlign boxes into tf.image.crop_and_resize's normalized corner boxes.
+
+    Sample j (0..n-1) of RoIAlign sits at y1 - 0.5 + (j + 0.5) * h / n in the original features, i.e.
+    at y1 + 0.5 + (j + 0.5) * h / n in the features padded by one pixel. crop_and_resize puts sample j
+    at ny1 * (Hp - 1) + j * (ny2 - ny1) * (Hp - 1) / (n - 1), so ny1 is the first sample divided by
+    (Hp - 1) and ny2 - ny1 spans (n - 1) sample spacings.
+
+    Args:
+      boxes: float32 [K, 4] [y1, x1, y2, x2] in the level's (unpadded) pixel coordinates.
+      padded_hw: float32 [2] (Hp, Wp) of the padded features.
+      num_samples: n, samples per side.
+
+    Returns:
+      float32 [K, 4] normalized [y1, x1, y2, x2] for tf.image.crop_and_resize.
+    """
+    y1, x1, y2, x2 = tf.unstack(boxes, axis=-1)
+    spacing_y = (y2 - y1) / num_samples
+    spacing_x = (x2 - x1) / num_samples
+    first_y = y1 + _PAD - _HALF_PIXEL + 0.5 * spacing_y
+    first_x = x1 + _PAD - _HALF_PIXEL + 0.5 * spacing_x
+    last_y = first_y + (num_samples - 1) * spacing_y
+    last_x = first_x + (num_samples - 1) * spacing_x
+    scale_y = padded_hw[0] - 1.0
+    scale_x = padded_hw[1] - 1.0
+    return tf.stack([first_y / scale_y, first_x / scale_x, last_y / scale_y, last_x / scale_x], axis=-1)
+
+
+def _crop_and_resize_level(
+    padded_features: tf.Tensor,
+    boxes: tf.Tensor,
+    box_indices: tf.Tensor,
+    output_size: int,
+    sampling_ratio: int,
+) -> tf.Tensor:
+    """RoIAlign of K boxes on one SYMMETRIC-padded level via tf.image.crop_and_resize.
+
+    Args:
+      padded_features: [B, H + 2, W + 2, C] any float dtype.
+      boxes: float32 [K, 4] [y1, x1, y2, x2] in the unpadded level's pixels.
+      box_indices: int32 [K] batch index of each box.
+
+    Returns:
+      float32 [K, S, S, C].
+    """
+    num_samples = output_size * sampling_ratio
+    padded_hw = tf.cast(tf.shape(padded_features)[1:3], tf.float32)
+    crop_boxes = _crop_and_resize_boxes(boxes, padded_hw, num_samples)
+    crops = tf.image.crop_and_resize(
+        padded_features, crop_boxes, box_indices, [num_samples, num_samples]
+    )  # [K, n, n, C] float32
+    window = [1, sampling_ratio, sampling_ratio, 1]
+    return tf.nn.avg_pool2d(crops, window, window, padding="VALID")  # [K, S, S, C]
+
+
+def _pad_symmetric(features: tf.Tensor) -> tf.Tensor:
+    if features.dtype not in _CROP_AND_RESIZE_DTYPES:
+        features = tf.cast(features, tf.float32)
+    return tf.pad(features, [[0, 0], [_PAD, _PAD], [_PAD, _PAD], [0, 0]], mode="SYMMETRIC")
+
+
+def _roi_align_crop_and_resize(
+    features_list: List[tf.Tensor],
+    boxes: tf.Tensor,
+    level_index: tf.Tensor,
+    output_size: int,
+    sampling_ratio: int,
+) -> tf.Tensor:
+    """crop_and_resize backend over L levels; boxes [B, R, 4] already in their level's pixels."""
+    batch_size, num_boxes = tf.shape(boxes)[0], tf.shape(boxes)[1]
+    flat_boxes = tf.reshape(boxes, [-1, 4])  # [B * R, 4]
+    box_indices = tf.repeat(tf.range(batch_size), num_boxes)  # [B * R]
+    if len(features_list) == 1:
+        crops = _crop_and_resize_level(
+            _pad_symmetric(features_list[0]), flat_boxes, box_indices, output_size, sampling_ratio
+        )  # [B * R, S, S, C]
+    else:
+        # Each box is sampled only on its own level; partition/stitch keep the output order.
+        positions = tf.range(batch_size * num_boxes)
+        parts = tf.dynamic_partition(positions, tf.reshape(level_index, [-1]), len(features_list))
+        level_crops = []
+        for features, part in zip(features_list, parts):
+            level_crops.append(
+                _crop_and_resize_level(
+                    _pad_symmetric(features),
+                    tf.gather(flat_boxes, part),  # [K_l, 4]
+                    tf.gather(box_indices, part),  # [K_l]
+                    output_size,
+                    sampling_ratio,
+                )
+            )  # [K_l, S, S, C]
+        crops = tf.dynamic_stitch(parts, level_crops)  # [B * R, S, S, C]
+    channels = tf.shape(features_list[0])[-1]
+    crops = tf.reshape(crops, [batch_size, num_boxes, output_size, output_size, channels])
+    return tf.cast(crops, features_list[0].dtype)  # [B, R, S, S, C]
+
+
+# ----------------------------------------------------------------------------------------------
+# gather backend
+# ----------------------------------------------------------------------------------------------
+
+
+def _axis_taps(start, length, size, output_size: int, sampling_ratio: int):
+    """Pixel indices and bilinear weights along one axis for every sample of every box.
+
+    Args:
+      start, length: float32 [B, R] box start (y1 or x1) and extent in the level's pixels.
+      size: float32 [B, R] feature height (or width) of each box's level.
+
+    Returns:
+      indices int32 [B, R, 2n] and weights float32 [B, R, 2n]; entry 2 * s + t is tap t (low, high)
+      of sample s = bin * sampling_ratio + k, so each bin owns 2 * sampling_ratio consecutive entries.
+    """
+    num_samples = output_size * sampling_ratio
+    fractions = (tf.range(num_samples, dtype=tf.float32) + 0.5) / num_samples  # [n]
+    coords = (start - _HALF_PIXEL)[..., None] + fractions * length[..., None]  # [B, R, n]
+    size = size[..., None]  # [B, R, 1]
+    # detectron2's rule: samples more than one pixel outside the map contribute nothing.
+    inside = tf.cast((coords >= -1.0) & (coords <= size), tf.float32)
+    coords = tf.clip_by_value(coords, 0.0, size - 1.0)
+    low = tf.floor(coords)
+    high = tf.minimum(low + 1.0, size - 1.0)
+    frac = coords - low
+    indices = tf.stack([low, high], axis=-1)  # [B, R, n, 2]
+    weights = tf.stack([(1.0 - frac) * inside, frac * inside], axis=-1)  # [B, R, n, 2]
+    batch_size, num_boxes = tf.shape(start)[0], tf.shape(start)[1]
+    indices = tf.reshape(tf.cast(indices, tf.int32), [batch_size, num_boxes, 2 * num_samples])
+    weights = tf.reshape(weights, [batch_size, num_boxes, 2 * num_samples])
+    return indices, weights
+
+
+def _roi_align_gather(
+    features_list: List[tf.Tensor],
+    boxes: tf.Tensor,
+    level_index: tf.Tensor,
+    output_size: int,
+    sampling_ratio: int,
+) -> tf.Tensor:
+    """gather backend over L levels; boxes [B, R, 4] already in their level's pixels."""
+    dtype = features_list[0].dtype
+    batch_size, num_boxes = tf.shape(boxes)[0], tf.shape(boxes)[1]
+    channels = tf.shape(features_list[0])[-1]
+    # One flat pixel axis over all levels so a single gather serves boxes of every level.
+    flat_features = tf.concat(
+        [tf.reshape(f, [batch_size, -1, channels]) for f in features_list], axis=1
+    )  # [B, sum_l H_l * W_l, C]
+    heights = tf.stack([tf.shape(f)[1] for f in features_list])  # [L]
+    widths = tf.stack([tf.shape(f)[2] for f in features_list])  # [L]
+    offsets = tf.cumsum(heights * widths, exclusive=True)  # [L]
+
+    box_heights = tf.cast(tf.gather(heights, level_index), tf.float32)  # [B, R]
+    box_widths = tf.gather(widths, level_index)  # [B, R] int32, row stride of the flat index
+    box_offsets = tf.gather(offsets, level_index)  # [B, R]
+
+    y1, x1, y2, x2 = tf.unstack(boxes, axis=-1)
+    rows, row_weights = _axis_taps(y1, y2 - y1, box_heights, output_size, sampling_ratio)
+    cols, col_weights = _axis_taps(
+        x1, x2 - x1, tf.cast(box_widths, tf.float32), output_size, sampling_ratio
+    )
+    flat_indices = (
+        box_offsets[..., None, None]
+        + rows[..., :, None] * box_widths[..., None, None]
+        + cols[..., None, :]
+    )  # [B, R, 2n, 2n]
+    taps = tf.gather(flat_features, flat_indices, batch_dims=1)  # [B, R, 2n, 2n, C]
+    kernel = row_weights[..., :, None] * col_weights[..., None, :]  # [B, R, 2n, 2n]
+    taps = taps * tf.cast(kernel, dtype)[..., None]
+    taps_per_bin = 2 * sampling_ratio
+    taps = tf.reshape(
+        taps, [batch_size, num_boxes, output_size, taps_per_bin, output_size, taps_per_bin, channels]
+    )  # [B, R, S, 2k, S, 2k, C]
+    pooled = tf.reduce_sum(taps, axis=[3, 5])  # [B, R, S, S, C]
+    return pooled / tf.cast(sampling_ratio * sampling_ratio, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+
+def _dispatch(features_list, boxes, level_index, output_size, sampling_ratio, backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if sampling_ratio < 1:
+        raise ValueError(f"sampling_ratio must be >= 1 (adaptive sampling is not supported), got {sampling_ratio}")
+    boxes = tf.stop_gradient(tf.cast(boxes, tf.float32))
+    if backend == "gather":
+        return _roi_align_gather(features_list, boxes, level_index, output_size, sampling_ratio)
+    return _roi_align_crop_and_resize(features_list, boxes, level_index, output_size, sampling_ratio)
+
+
+def roi_align(
+    features: tf.Tensor,
+    boxes: tf.Tensor,
+    output_size: int,
+    sampling_ratio: int = 2,
+    backend: str = "crop_and_resize",
+) -> tf.Tensor:
+    """Aligned RoIAlign of every box on one feature map.
+
+    Args:
+      features: [B, H, W, C] float32 / float16 / bfloat16, one level.
+      boxes: float [B, R, 4] [y1, x1, y2, x2] in this level's pixel coordinates (input-image boxes
+        already divided by the level's stride); continuous coordinates, no clipping needed.
+      output_size: S, bins per side.
+      sampling_ratio: samples per bin and axis (>= 1); the bin value is their mean.
+      backend: "crop_and_resize" (not XLA compilable) or "gather" (XLA/TPU friendly).
+
+    Returns:
+      [B, R, S, S, C] in the dtype of `features`.
+    """
+    level_index = tf.zeros(tf.shape(boxes)[:2], tf.int32)  # [B, R]
+    return _dispatch([features], boxes, level_index, output_size, sampling_ratio, backend)
+
+
+def multilevel_roi_align(
+    features: Dict[str, tf.Tensor],
+    boxes: tf.Tensor,
+    output_size: int,
+    sampling_ratio: int = 2,
+    backend: str = "crop_and_resize",
+    min_level: int = 2,
+    max_level: int = 5,
+    canonical_size: float = CANONICAL_SIZE,
+    canonical_level: int = CANONICAL_LEVEL,
+) -> tf.Tensor:
+    """Aligned RoIAlign of every box on its FPN level (FPN paper eq. 1).
+
+    Args:
+      features: dict {"P2": [B, H / 4, W / 4, C], ..., f"P{max_level}"}; extra keys (e.g. "P6") are
+        ignored. All levels share dtype and C; level l has stride 2**l.
+      boxes: float [B, R, 4] [y1, x1, y2, x2] in input-image pixels (padding rows allowed; they are
+        sampled on min_level and their output is to be ignored by the caller).
+      output_size, sampling_ratio, backend: as in `roi_align`.
+      min_level, max_level, canonical_size, canonical_level: as in `assign_levels`.
+
+    Returns:
+      [B, R, S, S, C] in the dtype of the features.
+    """
+    features_list: Sequence[tf.Tensor] = [
+        features[_level_key(level)] for level in range(min_level, max_level + 1)
+    ]
+    boxes = tf.cast(boxes, tf.float32)
+    levels = assign_levels(boxes, min_level, max_level, canonical_size, canonical_level)  # [B, R]
+    strides = tf.pow(2.0, tf.cast(levels, tf.float32))  # [B, R]
+    level_boxes = boxes / strides[..., None]  # [B, R, 4] in each box's level pixels
+    return _dispatch(
+        list(features_list), level_boxes, levels - min_level, output_size, sampling_ratio, backend
+    )
