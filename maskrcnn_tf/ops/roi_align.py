@@ -283,7 +283,9 @@ def _dispatch(features_list, boxes, level_index, output_size, sampling_ratio, ba
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if sampling_ratio < 1:
-        raise ValueError(f"sampling_ratio must be >= 1 (adaptive sampling is not supported), got {sampling_ratio}")
+        raise ValueError(
+            f"sampling_ratio must be >= 1 (adaptive sampling is not supported), got {sampling_ratio}"
+        )
     boxes = tf.stop_gradient(tf.cast(boxes, tf.float32))
     if backend == "gather":
         return _roi_align_gather(features_list, boxes, level_index, output_size, sampling_ratio)
