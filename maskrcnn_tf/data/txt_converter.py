@@ -1,0 +1,176 @@
+"""The MindSpore original's text list -> sharded TFRecords with boxes only (no mask key).
+
+Format, one image per line, fields separated by whitespace:
+    relative/path.jpg x1,y1,x2,y2,cls[,iscrowd] x1,y1,x2,y2,cls ...
+Coordinates are pixels of the original image, continuous (x2 - x1 = width, as the original computes
+w = x2 - x1). `cls` is an integer class id; the optional 6th field (iscrowd 0/1) is the one later
+MindSpore versions add. A line with only a path is an image without instances.
+
+Decisions:
+- Class ids are written to the records unchanged, as the dataset's category ids (like COCO's ids), and
+  the label map sorts them into contiguous ids 1..K, so 0-based and 1-based lists both work. With
+  --class_names, line i (0-based, blank lines ignored) of the names file names class id i, as the
+  original's config list names its txt class i; that list starts with "background", so a names file
+  whose line 0 is "background" makes id 0 a non-class (instances with it are dropped as
+  unknown_category). With a names file, ids it does not name are dropped as unknown_category; without
+  one, the label map is the set of ids used, named "class_<id>".
+- A line is all or nothing: a path that escapes --image_dir (absolute, drive letter or a ".."
+  component), an unparsable box token, a non-integer class or fewer than 4 coordinates skips the line,
+  counted under lines_skipped with its line number in the summary's examples. Symlinks inside
+  --image_dir are followed (the check is on the text, not the resolved path).
+- Per instance, as the COCO converter: degenerate boxes dropped, boxes clipped to the image, boxes
+  entirely outside dropped; area = clipped box area. image/source_id is the 1-based line number (the
+  text format has no image ids; evaluation needs an integer).
+- Image files, sharding, workers, atomic renames and the summary come from coco_converter.
+"""
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from maskrcnn_tf.data import coco_converter, schema
+from maskrcnn_tf.data.coco_converter import ConversionError, Stats
+
+BACKGROUND_NAME = "background"
+BOX_FIELDS = (5, 6)  # x1,y1,x2,y2,cls and optionally iscrowd
+
+
+def _parse_box(token: str) -> Tuple[float, float, float, float, int, int]:
+    fields = token.split(",")
+    if len(fields) not in BOX_FIELDS:
+        raise ValueError(f"box {token!r} has {len(fields)} fields, expected x1,y1,x2,y2,cls[,iscrowd]")
+    coords = [float(v) for v in fields[:4]]
+    if not all(math.isfinite(v) for v in coords):
+        raise ValueError(f"box {token!r} has a non-finite coordinate")
+    crowd = int(fields[5]) if len(fields) == 6 else 0
+    if crowd not in (0, 1):
+        raise ValueError(f"box {token!r}: iscrowd must be 0 or 1")
+    return coords[0], coords[1], coords[2], coords[3], int(fields[4]), crowd
+
+
+def parse_txt(annotation_file: str, stats: Stats) -> List[Tuple[int, str, list]]:
+    """-> [(line number, relative path, [(x1, y1, x2, y2, cls, iscrowd), ...])]; bad lines are counted."""
+    if not os.path.isfile(annotation_file):
+        raise ConversionError(f"annotation file not found: {annotation_file}")
+    try:
+        with open(annotation_file, "rb") as f:
+            raw_lines = f.read().splitlines()
+    except OSError as e:
+        raise ConversionError(f"cannot read annotation file {annotation_file}: {e}") from None
+    entries = []
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            tokens = raw.decode("utf-8").split()
+        except UnicodeDecodeError:
+            stats.count("lines_skipped:malformed_line", f"line {number}: not UTF-8")
+            continue
+        if not tokens:
+            continue
+        if not coco_converter.is_safe_relative_path(tokens[0]):
+            stats.count("lines_skipped:path_outside_image_dir", f"line {number}: {tokens[0]}")
+            continue
+        try:
+            boxes = [_parse_box(t) for t in tokens[1:]]
+        except ValueError as e:
+            stats.count("lines_skipped:malformed_line", f"line {number}: {e}")
+            continue
+        entries.append((number, tokens[0], boxes))
+    return entries
+
+
+def read_class_names(class_names_file: str) -> Dict[int, str]:
+    """names file -> {class id: name}; line i (0-based, blank lines ignored) names id i."""
+    if not os.path.isfile(class_names_file):
+        raise ConversionError(f"class names file not found: {class_names_file}")
+    with open(class_names_file, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    return {i: n for i, n in enumerate(names) if not (i == 0 and n.lower() == BACKGROUND_NAME)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TxtContext:
+    image_dir: str
+    skip_empty: bool
+    names: Dict[int, str]
+
+
+def _txt_example(ctx: _TxtContext, unit, stats: Stats) -> Optional[bytes]:
+    number, rel_path, raw_boxes = unit
+    try:
+        img = coco_converter.read_image_file(os.path.join(ctx.image_dir, rel_path))
+    except coco_converter.BadImage as e:
+        stats.count("images_skipped:" + e.reason, f"line {number}: {e}")
+        return None
+    h, w = img.height, img.width
+    boxes, labels, crowd, areas, clipped = [], [], [], [], 0
+    for x1, y1, x2, y2, cls, is_crowd in raw_boxes:
+        where = f"line {number}: box {x1},{y1},{x2},{y2},{cls}"
+        reason = None
+        if cls not in ctx.names:
+            reason = "unknown_category"
+        elif x2 <= x1 or y2 <= y1:
+            reason = "degenerate_box"
+        else:
+            (x1, y1, x2, y2), was_clipped = coco_converter.clip_box(x1, y1, x2, y2, h, w)
+            if x2 <= x1 or y2 <= y1:
+                reason = "box_outside_image"
+        if reason is not None:
+            stats.count("instances_dropped:" + reason, where)
+            continue
+        clipped += was_clipped
+        boxes.append((x1 / w, y1 / h, x2 / w, y2 / h))
+        labels.append(cls)
+        crowd.append(is_crowd)
+        areas.append((x2 - x1) * (y2 - y1))
+    if ctx.skip_empty and not boxes:
+        stats.count("images_skipped:no_instances", f"line {number}: {rel_path}")
+        return None
+    example = schema.build_example(
+        encoded=img.encoded, image_format=img.image_format, height=h, width=w, filename=rel_path,
+        source_id=str(number), boxes_norm_xyxy=np.asarray(boxes, np.float64).reshape(-1, 4),
+        labels=labels, texts=[ctx.names[c] for c in labels], is_crowd=crowd, areas=areas, png_masks=None)
+    stats.count("images_written")
+    stats.count("instances_written", n=len(boxes))
+    stats.count("crowd_instances", n=sum(crowd))
+    stats.count("boxes_clipped", n=clipped)
+    return example.SerializeToString()
+
+
+def convert_txt(image_dir: str, annotation_file: str, output_prefix: str, num_shards: int = 1,
+                class_names_file: Optional[str] = None, num_workers: int = 1, skip_empty: bool = False,
+                progress: bool = True) -> Dict:
+    """Converts a MindSpore-style text list into sharded box-only TFRecords; returns the summary dict.
+
+    Writes the same three kinds of files as coco_converter.convert_coco (shards, label map, summary).
+    Records carry boxes (normalized xmin, ymin, xmax, ymax), class ids as given in the text, is_crowd,
+    areas, and no image/object/mask key. Raises ConversionError for a missing list, image dir or names
+    file; bad lines, images and boxes are counted in the summary.
+    """
+    start = time.monotonic()
+    stats = Stats()
+    entries = parse_txt(annotation_file, stats)
+    if not os.path.isdir(image_dir):
+        raise ConversionError(f"image directory not found: {image_dir}")
+    if class_names_file:
+        names = read_class_names(class_names_file)
+    else:
+        names = {c: f"class_{c}" for c in sorted({b[4] for _, _, boxes in entries for b in boxes})}
+    label_map = [{"id": c, "contiguous_id": i + 1, "name": names[c]} for i, c in enumerate(sorted(names))]
+    ctx = _TxtContext(image_dir, skip_empty, names)
+    finals, worker_stats = coco_converter.write_sharded(
+        entries, functools.partial(_txt_example, ctx), output_prefix, num_shards, num_workers, progress)
+    stats.merge(worker_stats)
+    label_map_path = output_prefix + coco_converter.LABEL_MAP_SUFFIX
+    coco_converter.write_json_atomic(label_map_path, label_map)
+    summary = coco_converter.make_summary(
+        stats, finals, len(entries), time.monotonic() - start,
+        annotation_file=os.path.abspath(annotation_file), image_dir=os.path.abspath(image_dir),
+        include_masks=False, skip_empty=skip_empty, num_workers=num_workers, label_map=label_map_path,
+        num_classes=len(label_map), lines_skipped=stats.by_reason("lines_skipped"))
+    coco_converter.write_json_atomic(output_prefix + coco_converter.SUMMARY_SUFFIX, summary)
+    return summary
