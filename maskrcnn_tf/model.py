@@ -91,6 +91,10 @@ class MaskRCNN(keras.Model):
         self._rcnn_coder = box_ops.BoxCoder(weights=box_ops.RCNN_BOX_WEIGHTS)
         self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_NAMES}
 
+    def build(self, input_shape=None):
+        # Sub-layers build themselves on the first call (build_model runs one), nothing to do here.
+        self.built = True
+
     # ------------------------------------------------------------------------------ inference
 
     def _features(self, images, training):
@@ -178,6 +182,7 @@ class MaskRCNN(keras.Model):
     # ---------------------------------------------------------------------------- train / test
 
     def train_step(self, data):
+        data, _, _ = keras.utils.unpack_x_y_sample_weight(data)  # fit/train_on_batch may wrap x in a tuple
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
             values = self.compute_losses(data, training=True)
@@ -190,6 +195,7 @@ class MaskRCNN(keras.Model):
         return self._track(values)
 
     def test_step(self, data):
+        data, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         return self._track(self.compute_losses(data, training=False))
 
     def _track(self, values):

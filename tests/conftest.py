@@ -20,6 +20,21 @@ def shared_data(name: str) -> pathlib.Path:
     return path
 
 
+def _split_cpu_into_two_logical_devices():
+    """MirroredStrategy tests need 2 devices; this must happen before TensorFlow initialises them."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    except RuntimeError:  # already initialised (e.g. by a plugin): tests that need 2 devices skip
+        pass
+
+
+_split_cpu_into_two_logical_devices()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     np.random.seed(0)
