@@ -1,0 +1,221 @@
+"""Backbone: images [B, H, W, 3] -> {"C2": stride 4, "C3": 8, "C4": 16, "C5": 32}.
+
+Decisions (DESIGN.md is silent on these):
+
+- ResNet-50/101 are `keras.applications` networks (ResNet v1 with the stride in the first 1x1 conv of a
+  block, the layout of the Keras ImageNet weights), built with `include_top=False, weights=None` and an
+  `(None, None, 3)` input, so any batch and any image size divisible by 32 work. C2..C5 are the outputs of
+  the last block of each stage (`conv{n}_blockK_out`).
+- Frozen BatchNorm, as detectron2's FrozenBatchNorm2d: every BatchNormalization layer is
+  `trainable=False` (gamma, beta not trained) and the network is always called with `training=False`
+  (moving statistics are used and never updated), whatever `training` the caller passes. Detection batches
+  are too small for batch statistics.
+- `freeze_at` follows detectron2's FREEZE_AT: stage 1 = stem (`conv1_*`, `pool1_*`), stage n = res_n
+  (`conv{n}_*`); stages 1..freeze_at get `trainable=False`, 0 freezes nothing. Keras propagates
+  `layer.trainable = True` to every sublayer, so the `trainable` setter re-applies the freezing afterwards.
+- `weights`: None (random init), "imagenet" (keras.applications downloads the notop file; needs internet)
+  or a local file loaded with `Model.load_weights`: a Keras 3 `.weights.h5` saved from the same
+  keras.applications network, or the legacy Keras-applications `*_notop.h5` file. Both hold the caffe
+  weights, trained on BGR images minus the BGR mean: on loading, the input-channel axis of the stem conv
+  kernel is reversed so the backbone takes RGB (normalised by config pixel_mean/std, whose defaults are
+  the caffe means in RGB order). conv(rgb, reversed kernel) == conv(bgr, kernel) exactly. Do not pass a
+  file saved from this layer's own (already reversed) network: restore trained models from checkpoints.
+- "tiny": stem (3x3 conv stride 2 + 3x3 max-pool stride 2) and 4 stages of TINY_BLOCKS_PER_STAGE basic
+  residual blocks, widths tiny_width * (1, 2, 4, 8). It trains from scratch, where frozen BN is
+  impossible and BN batch statistics of 2-4 images are noise, so it uses GroupNormalization (batch
+  independent, identical in training and inference, like frozen BN) with gcd(channels, 8) groups, and
+  zero-initialised last norm gamma per block so every block starts as the identity (Goyal et al. 2017).
+  Its layer names mirror keras.applications (`conv{n}_block{k}_...`) so freezing and C-level selection
+  are shared. Not for pretrained weights: "imagenet" raises; a path loads a file saved with
+  `Backbone(name="tiny", ...).network.save_weights(path)`, without any channel reversal.
+- Mixed precision: the network is built under this layer's dtype policy (the global one unless `dtype`
+  is given): variables stay float32, outputs come in the compute dtype (float16 under mixed_float16).
+  Keras' BatchNormalization and GroupNormalization normalise in float32 internally.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+RESNETS = {
+    "resnet50": keras.applications.ResNet50,
+    "resnet101": keras.applications.ResNet101,
+}
+TINY = "tiny"
+BACKBONE_NAMES = tuple(RESNETS) + (TINY,)
+IMAGENET = "imagenet"
+# The stem conv of keras.applications ResNets; its kernel is [7, 7, 3 (BGR), 64].
+STEM_CONV = "conv1_conv"
+INPUT_CHANNEL_AXIS = 2
+# C2..C5: the backbone outputs, stage n at stride 2**n.
+LEVELS = (2, 3, 4, 5)
+NUM_STAGES = 5  # stem + res2..res5
+
+TINY_WIDTH_MULTIPLIERS = (1, 2, 4, 8)  # res2..res5 widths, in units of tiny_width
+TINY_BLOCKS_PER_STAGE = 2
+TINY_NORM_GROUPS = 8
+# PyTorch's GroupNorm epsilon (Keras' default of 1e-3 is tuned for BatchNorm).
+TINY_NORM_EPSILON = 1e-5
+# He (MSRA) normal with fan_out, as detectron2's c2_msra_fill for ResNet convs.
+HE_FAN_OUT = keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
+
+# Stage of a layer from its keras.applications-style name: conv1_* / pool1_* -> 1, conv3_block2_* -> 3.
+_STAGE_PATTERN = re.compile(r"^(?:conv|pool)(\d)_")
+_BLOCK_OUTPUT_PATTERN = r"^conv{stage}_block(\d+)_out$"
+
+
+def _stage_of(layer_name: str) -> Optional[int]:
+    match = _STAGE_PATTERN.match(layer_name)
+    return int(match.group(1)) if match else None
+
+
+def _stage_output(network: keras.Model, stage: int) -> keras.layers.Layer:
+    """The last residual block of `stage` (its output is C_stage)."""
+    pattern = re.compile(_BLOCK_OUTPUT_PATTERN.format(stage=stage))
+    blocks = [(int(m.group(1)), layer) for layer in network.layers if (m := pattern.match(layer.name))]
+    return max(blocks, key=lambda pair: pair[0])[1]
+
+
+def _group_norm(channels: int, name: str, gamma_initializer="ones") -> keras.layers.Layer:
+    return keras.layers.GroupNormalization(
+        groups=math.gcd(channels, TINY_NORM_GROUPS),
+        epsilon=TINY_NORM_EPSILON,
+        gamma_initializer=gamma_initializer,
+        name=name,
+    )
+
+
+def _conv(filters: int, kernel_size: int, strides: int, name: str) -> keras.layers.Layer:
+    # No bias: a norm layer follows every conv.
+    return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
+                               kernel_initializer=HE_FAN_OUT, name=name)
+
+
+def _tiny_basic_block(x, filters: int, strides: int, prefix: str):
+    """Two 3x3 convs with a residual connection (ResNet-18 style block), GroupNorm after each conv."""
+    shortcut = x
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = _conv(filters, 1, strides, f"{prefix}_0_conv")(x)
+        shortcut = _group_norm(filters, f"{prefix}_0_gn")(shortcut)
+    y = _conv(filters, 3, strides, f"{prefix}_1_conv")(x)
+    y = _group_norm(filters, f"{prefix}_1_gn")(y)
+    y = keras.layers.ReLU(name=f"{prefix}_1_relu")(y)
+    y = _conv(filters, 3, 1, f"{prefix}_2_conv")(y)
+    y = _group_norm(filters, f"{prefix}_2_gn", gamma_initializer="zeros")(y)
+    y = keras.layers.Add(name=f"{prefix}_add")([shortcut, y])
+    return keras.layers.ReLU(name=f"{prefix}_out")(y)
+
+
+def _tiny_network(width: int) -> keras.Model:
+    images = keras.Input(shape=(None, None, 3))
+    x = _conv(width, 3, 2, "conv1_conv")(images)  # [B, H/2, W/2, width]
+    x = _group_norm(width, "conv1_gn")(x)
+    x = keras.layers.ReLU(name="conv1_relu")(x)
+    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool1_pool")(x)  # [B, H/4, W/4, width]
+    for stage, multiplier in zip(LEVELS, TINY_WIDTH_MULTIPLIERS):
+        for block in range(1, TINY_BLOCKS_PER_STAGE + 1):
+            # res2 keeps the stem's stride 4; every later stage halves the resolution in its first block.
+            strides = 2 if block == 1 and stage > LEVELS[0] else 1
+            x = _tiny_basic_block(x, width * multiplier, strides, f"conv{stage}_block{block}")
+    return keras.Model(images, x, name=TINY)
+
+
+@keras.saving.register_keras_serializable(package="maskrcnn_tf")
+class Backbone(keras.layers.Layer):
+    """ResNet-50/101 (frozen BN) or a tiny GroupNorm ResNet, returning C2..C5.
+
+    Args (keyword-only):
+      name: "resnet50" | "resnet101" | "tiny"; also the Keras layer name.
+      weights: None | "imagenet" | path of a weights file (see the module docstring).
+      freeze_at: 0 = nothing frozen, 1 = stem, 2 = stem + res2, ... 5 = everything.
+      tiny_width: channels of the tiny backbone's res2 (res3..res5: x2, x4, x8); ignored for ResNets.
+
+    Call: images float [B, H, W, 3], RGB normalised as (rgb - pixel_mean) / pixel_std, H and W divisible
+    by 32 -> dict {"C2": [B, H/4, W/4, C_2], "C3": [B, H/8, W/8, C_3], "C4": [B, H/16, W/16, C_4],
+    "C5": [B, H/32, W/32, C_5]} in the compute dtype. C_n = 256, 512, 1024, 2048 for ResNets and
+    tiny_width * 1, 2, 4, 8 for tiny. `training` is ignored: the backbone always runs in inference mode.
+    """
+
+    def __init__(self, *, name: str = "resnet50", weights: Optional[str] = None, freeze_at: int = 2,
+                 tiny_width: int = 16, **kwargs):
+        if name not in BACKBONE_NAMES:
+            raise ValueError(f"Backbone: name={name!r}; expected one of {', '.join(BACKBONE_NAMES)}")
+        if not 0 <= freeze_at <= NUM_STAGES:
+            raise ValueError(f"Backbone: freeze_at={freeze_at}; expected 0..{NUM_STAGES}")
+        if name == TINY and weights == IMAGENET:
+            raise ValueError("Backbone: the tiny backbone has no ImageNet weights; use weights=None or a path")
+        super().__init__(name=name, **kwargs)
+        self.backbone_name = name
+        # Not `self.weights`: that is Keras' list of variables.
+        self.weights_source = weights
+        self.freeze_at = freeze_at
+        self.tiny_width = tiny_width
+
+        # keras.applications takes no dtype argument: its layers follow the global policy, so build them
+        # under this layer's policy.
+        global_policy = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(self.dtype_policy)
+        try:
+            network = self._build_network()
+        finally:
+            keras.config.set_dtype_policy(global_policy)
+        outputs = {f"C{level}": _stage_output(network, level).output for level in LEVELS}
+        self.network = keras.Model(network.input, outputs, name=f"{name}_features")
+        self._freeze()
+
+    def _build_network(self) -> keras.Model:
+        if self.backbone_name == TINY:
+            network = _tiny_network(self.tiny_width)
+            if self.weights_source is not None:
+                network.load_weights(self.weights_source)
+            return network
+        application = RESNETS[self.backbone_name]
+        # "imagenet": keras.applications downloads the notop file (checking its hash) and loads it.
+        network = application(include_top=False, input_shape=(None, None, 3),
+                              weights=IMAGENET if self.weights_source == IMAGENET else None)
+        if self.weights_source not in (None, IMAGENET):
+            network.load_weights(self.weights_source)
+        if self.weights_source is not None:
+            # caffe BGR -> RGB: conv(rgb, kernel[:, :, ::-1]) == conv(bgr, kernel).
+            kernel = network.get_layer(STEM_CONV).kernel
+            kernel.assign(tf.reverse(kernel, axis=[INPUT_CHANNEL_AXIS]))
+        return network
+
+    def _freeze(self) -> None:
+        for layer in self.network.layers:
+            stage = _stage_of(layer.name)
+            # Frozen BN (ResNets only; the tiny backbone's GroupNorm trains unless its stage is frozen).
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+            if stage is not None and stage <= self.freeze_at:
+                layer.trainable = False
+
+    @property
+    def trainable(self):
+        return keras.layers.Layer.trainable.fget(self)
+
+    @trainable.setter
+    def trainable(self, value):
+        # Keras sets `trainable` on every sublayer: re-freeze BN and the frozen stages afterwards.
+        keras.layers.Layer.trainable.fset(self, value)
+        if "network" in self.__dict__:
+            self._freeze()
+
+    def build(self, input_shape):
+        # The network's variables were created in __init__.
+        self.built = True
+
+    def call(self, images, training=None):
+        del training  # Inference mode always: frozen BN (ResNets); GroupNorm does not depend on it.
+        return self.network(images, training=False)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(name=self.backbone_name, weights=self.weights_source, freeze_at=self.freeze_at,
+                      tiny_width=self.tiny_width)
+        return config

@@ -1,0 +1,85 @@
+"""Mask head (He et al. 2017, FPN variant): RoI features [B, S, 14, 14, C] -> [B, S, 28, 28] mask logits.
+
+num_convs x (3x3 conv + ReLU), a 2x2 stride-2 transposed conv + ReLU, a 1x1 conv to K class-specific
+mask channels, then each RoI keeps the channel of its class (class c -> channel c - 1; no background
+channel). The RoI axis is folded into the batch for the convolutions ([B * S, 14, 14, C]).
+
+Decisions (DESIGN.md is silent on these):
+- Initialisation as detectron2's MaskRCNNConvUpsampleHead: convs and the deconv c2_msra_fill
+  (He normal, fan_out; Keras' fan_out of a Conv2DTranspose kernel [kh, kw, out, in] is kh * kw * in,
+  the same number PyTorch computes for its [in, out, kh, kw] weight), the predictor normal(std 0.001),
+  all biases 0.
+- Class selection is a batched tf.gather over the channel axis (batch_dims=2): no one-hot multiply.
+  Classes <= 0 (background or padding) select channel 0; the loss ignores those RoIs.
+- Mixed precision: convs run in the compute dtype; the selected logits are float32 for the loss.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+UPSAMPLE_FACTOR = 2  # the deconv doubles 14x14 to 28x28
+PREDICTOR_INIT_STD = 0.001  # detectron2 MaskRCNNConvUpsampleHead
+# detectron2 c2_msra_fill: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+MSRA_FILL = keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
+CHANNEL_AXIS = 4  # of the [B, S, M, M, K] mask logits
+
+
+@keras.saving.register_keras_serializable(package="maskrcnn_tf")
+class MaskHead(keras.layers.Layer):
+    """Fully convolutional, class-specific mask predictor.
+
+    Args (keyword-only):
+      num_classes: K foreground classes (mask channels).
+      num_convs: 3x3 conv layers before the upsampling.
+      num_filters: channels of the convs and the deconv.
+
+    Call: (features float [B, S, M, M, C] (M = 14 by default; S, M, C static, B may be dynamic),
+    classes int32 [B, S] in 1..K (0 or -1 allowed: channel of class 1, meaningless)) ->
+    mask logits float32 [B, S, 2M, 2M] for each RoI's class.
+    """
+
+    def __init__(self, *, num_classes: int, num_convs: int = 4, num_filters: int = 256, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.num_convs = num_convs
+        self.num_filters = num_filters
+        self.convs = [
+            keras.layers.Conv2D(num_filters, 3, padding="same", activation="relu", kernel_initializer=MSRA_FILL,
+                                name=f"conv{i + 1}", dtype=self.dtype_policy)
+            for i in range(num_convs)
+        ]
+        self.deconv = keras.layers.Conv2DTranspose(
+            num_filters, UPSAMPLE_FACTOR, strides=UPSAMPLE_FACTOR, activation="relu", kernel_initializer=MSRA_FILL,
+            name="deconv", dtype=self.dtype_policy)
+        self.predictor = keras.layers.Conv2D(
+            num_classes, 1, kernel_initializer=keras.initializers.RandomNormal(stddev=PREDICTOR_INIT_STD),
+            name="predictor", dtype=self.dtype_policy)
+
+    def build(self, features_shape, classes_shape=None):
+        channels = features_shape[-1]
+        for conv in self.convs:
+            conv.build((None, None, None, channels))
+            channels = self.num_filters
+        self.deconv.build((None, None, None, channels))
+        self.predictor.build((None, None, None, self.num_filters))
+        self.built = True
+
+    def call(self, features, classes):
+        _, num_rois, height, width, channels = features.shape
+        x = tf.reshape(features, [-1, height, width, channels])  # [B * S, M, M, C]
+        for conv in self.convs:
+            x = conv(x)  # [B * S, M, M, num_filters]
+        x = self.deconv(x)  # [B * S, 2M, 2M, num_filters]
+        x = self.predictor(x)  # [B * S, 2M, 2M, K]
+        mask_size = UPSAMPLE_FACTOR * height
+        x = tf.reshape(x, [-1, num_rois, mask_size, mask_size, self.num_classes])  # [B, S, 2M, 2M, K]
+        channel = tf.clip_by_value(tf.cast(classes, tf.int32) - 1, 0, self.num_classes - 1)  # [B, S]
+        x = tf.gather(x, channel, axis=CHANNEL_AXIS, batch_dims=2)  # [B, S, 2M, 2M]
+        return keras.ops.cast(x, "float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_classes=self.num_classes, num_convs=self.num_convs, num_filters=self.num_filters)
+        return config

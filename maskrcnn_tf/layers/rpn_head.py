@@ -1,0 +1,67 @@
+"""RPN head (Ren et al. 2015), shared over FPN levels: {"P2".."P6"} -> (objectness, deltas) per level.
+
+One 3x3 conv + ReLU, then two sibling 1x1 convs: A objectness logits (sigmoid, one per anchor; not the
+2-way softmax of the paper, as detectron2) and A * 4 box deltas [dy, dx, dh, dw] per location.
+
+Decisions (DESIGN.md is silent on these):
+- Initialisation as detectron2's StandardRPNHead: normal(std 0.01) kernels, zero biases, all three convs.
+- Channel layout: objectness channel a and delta channels 4a..4a+3 belong to aspect ratio a, so
+  reshape [B, H_l, W_l, A] -> [B, H_l * W_l * A] and [B, H_l, W_l, A * 4] -> [B, H_l * W_l * A, 4] give
+  anchors in the (y, x, ratio) order of ops.anchors.multilevel_anchors.
+- Mixed precision: convs run in the compute dtype; both outputs are cast to float32 so that box decoding
+  and the losses are float32.
+"""
+
+from __future__ import annotations
+
+import keras
+
+BOX_CODE_SIZE = 4  # [dy, dx, dh, dw]
+RPN_INIT_STD = 0.01  # detectron2 StandardRPNHead
+
+
+@keras.saving.register_keras_serializable(package="maskrcnn_tf")
+class RPNHead(keras.layers.Layer):
+    """Region proposal head applied with the same weights to every level.
+
+    Args (keyword-only):
+      num_anchors_per_location: A, anchors per feature-map location (number of aspect ratios).
+      num_filters: channels of the shared 3x3 conv (= FPN channels in detectron2).
+
+    Call: dict {"P2": [B, H_2, W_2, C], ...} (all levels with the same C) -> (scores, deltas) with
+    scores {"P2": float32 [B, H_2, W_2, A] objectness logits, ...} and deltas
+    {"P2": float32 [B, H_2, W_2, A * 4] [dy, dx, dh, dw] per anchor, ...}, same keys as the input.
+    """
+
+    def __init__(self, *, num_anchors_per_location: int = 3, num_filters: int = 256, **kwargs):
+        super().__init__(**kwargs)
+        self.num_anchors_per_location = num_anchors_per_location
+        self.num_filters = num_filters
+        conv_kwargs = dict(padding="same", kernel_initializer=keras.initializers.RandomNormal(stddev=RPN_INIT_STD),
+                           bias_initializer="zeros", dtype=self.dtype_policy)
+        self.conv = keras.layers.Conv2D(num_filters, 3, activation="relu", name="conv", **conv_kwargs)
+        self.objectness = keras.layers.Conv2D(num_anchors_per_location, 1, name="objectness", **conv_kwargs)
+        self.box_deltas = keras.layers.Conv2D(num_anchors_per_location * BOX_CODE_SIZE, 1, name="box_deltas",
+                                              **conv_kwargs)
+
+    def build(self, input_shape):
+        channels = {shape[-1] for shape in input_shape.values()}
+        if len(channels) != 1:
+            raise ValueError(f"RPNHead: all levels need the same channels (shared weights), got {input_shape}")
+        self.conv.build((None, None, None, channels.pop()))
+        self.objectness.build((None, None, None, self.num_filters))
+        self.box_deltas.build((None, None, None, self.num_filters))
+        self.built = True
+
+    def call(self, features):
+        scores, deltas = {}, {}
+        for key, feature in features.items():
+            hidden = self.conv(feature)
+            scores[key] = keras.ops.cast(self.objectness(hidden), "float32")
+            deltas[key] = keras.ops.cast(self.box_deltas(hidden), "float32")
+        return scores, deltas
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_anchors_per_location=self.num_anchors_per_location, num_filters=self.num_filters)
+        return config
