@@ -167,6 +167,9 @@ class Backbone(keras.layers.Layer):
         outputs = {f"C{level}": _stage_output(network, level).output for level in LEVELS}
         self.network = keras.Model(network.input, outputs, name=f"{name}_features")
         self._freeze()
+        # All variables exist now (the functional network is built for any input size), so weights can be
+        # counted, copied or restored before the first call.
+        self.built = True
 
     def _build_network(self) -> keras.Model:
         if self.backbone_name == TINY:
@@ -205,10 +208,6 @@ class Backbone(keras.layers.Layer):
         keras.layers.Layer.trainable.fset(self, value)
         if "network" in self.__dict__:
             self._freeze()
-
-    def build(self, input_shape):
-        # The network's variables were created in __init__.
-        self.built = True
 
     def call(self, images, training=None):
         del training  # Inference mode always: frozen BN (ResNets); GroupNorm does not depend on it.
