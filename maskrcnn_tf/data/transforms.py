@@ -14,10 +14,14 @@ A decoded example (what `pipeline` hands over) is a dict:
   has_masks  bool []
 
 Decisions (DESIGN.md is silent on them):
-- Order: crowd / unknown-class instances out -> flip -> resize (+ scale-jitter crop) -> vanished
-  instances out -> keep the N largest -> crop gt masks -> normalise -> pad. Instances are never
-  gathered before the end: every step narrows a `keep` mask over the record's n instances, so the
-  full-size masks are neither copied nor resized.
+- Order: crowd / unknown-class instances out -> flip -> normalise -> resize (+ scale-jitter crop)
+  -> pad -> vanished instances out -> keep the N largest -> crop gt masks. Instances are never
+  gathered before the end: every step narrows a `keep` mask over the record's n instances. The
+  full-size masks are never flipped, resized or gathered: the crop of each kept instance reads the
+  original mask directly (a flip becomes a mirrored crop box), which is what makes 1024x1024
+  training with ~100 instances cheap.
+- Normalisation happens at the original size, before the resize: bilinear weights sum to 1, so
+  resize((x - mean) / std) equals (resize(x) - mean) / std, on 2-4x fewer pixels.
 - Resize: scale = min(H / h, W / w) * r with r ~ U(scale_range) (r = 1 without jitter), so the long
   side fits the output. The resized size is rounded to whole pixels and the per-axis scale recorded in
   image_info is resized / original (it differs from `scale` by the rounding), so boxes land exactly on
@@ -27,8 +31,8 @@ Decisions (DESIGN.md is silent on them):
 - image_info float32 [4, 2]: original (h, w); valid (h, w) of the output that holds image pixels
   (the rest is padding); scale (y, x) = resized / original; offset (y, x) of the crop window in the
   resized image. Output pixel p maps back to the original as (p + offset) / scale.
-- More than N instances: the N with the largest clipped-box area in the output are kept (ties: lower
-  lower record index wins: top_k is stable), and kept instances stay in record order. The count of dropped
+- More than N instances: the N with the largest clipped-box area in the output are kept (ties: the
+  lower record index wins, top_k is stable), and kept instances stay in record order. The count of dropped
   ones is returned in `stats["num_truncated"]` (pipeline.py turns the stats into process-wide counters
   and a warning naming the image).
 - Class ids: category_ids[i] -> i + 1; a non-crowd instance whose id is not in category_ids is dropped
@@ -36,7 +40,9 @@ Decisions (DESIGN.md is silent on them):
 - Gt mask crops: each kept instance's full-size binary mask is sampled at the Mc x Mc cell centres of
   its output gt box mapped back into the mask's own pixels (half-pixel aligned, i.e. RoIAlign with one
   bilinear sample per cell; samples within half a pixel of the image border clamp to the border pixel,
-  as RoIAlign does), done once per image with `tf.image.crop_and_resize` on the uint8 mask.
+  as RoIAlign does), done once per image with `tf.image.crop_and_resize` on the uint8 mask. After a
+  flip the box is mirrored into the unflipped mask and given with x1 > x2, which crop_and_resize
+  answers with the left-right mirrored crop.
   Cell (i, j) covers [y1 + i * bh / Mc, y1 + (i + 1) * bh / Mc) x (same in x) of the gt box, which is
   how ops/masks.mask_targets reads them. Values are bilinear in [0, 1], not thresholded (mask_targets
   thresholds after its own resampling, so thresholding twice is avoided).
@@ -85,22 +91,21 @@ def map_classes(classes: tf.Tensor, is_crowd: tf.Tensor, category_ids: Sequence[
     return contiguous, keep, _count(is_crowd), _count(~mapped & ~is_crowd)
 
 
-def horizontal_flip(image: tf.Tensor, boxes: tf.Tensor, masks: tf.Tensor):
-    """Mirrors image [h, w, C], boxes float32 [n, 4] (absolute [y1, x1, y2, x2] of this image) and
-    masks [n, hm, wm] (full-image masks at any resolution) left-right."""
+def horizontal_flip(image: tf.Tensor, boxes: tf.Tensor):
+    """Mirrors image [h, w, C] and boxes float32 [n, 4] (absolute [y1, x1, y2, x2] of this image)
+    left-right. Masks are not touched: `crop_masks(..., flipped=True)` reads them mirrored."""
     width = tf.cast(tf.shape(image)[1], boxes.dtype)
     y1, x1, y2, x2 = tf.unstack(boxes, axis=-1)
     flipped = tf.stack([y1, width - x2, y2, width - x1], axis=-1)  # [n, 4]
-    return tf.reverse(image, axis=[1]), flipped, tf.reverse(masks, axis=[2])
+    return tf.reverse(image, axis=[1]), flipped
 
 
-def random_horizontal_flip(image, boxes, masks, probability: float, seed: tf.Tensor):
+def random_horizontal_flip(image, boxes, probability: float, seed: tf.Tensor):
     """`horizontal_flip` with the given probability; seed int [2] for a stateless draw.
-    Returns (image, boxes, masks, flipped bool [])."""
+    Returns (image, boxes, flipped bool [])."""
     flipped = tf.random.stateless_uniform([], seed) < probability
-    image, boxes, masks = tf.cond(flipped, lambda: horizontal_flip(image, boxes, masks),
-                                  lambda: (image, boxes, masks))
-    return image, boxes, masks, flipped
+    image, boxes = tf.cond(flipped, lambda: horizontal_flip(image, boxes), lambda: (image, boxes))
+    return image, boxes, flipped
 
 
 def resize_geometry(image_hw: tf.Tensor, output_size: Tuple[int, int], scale_range: Tuple[float, float],
@@ -170,16 +175,25 @@ def select_largest(boxes: tf.Tensor, keep: tf.Tensor, max_instances: int):
     return indices, valid, num_truncated
 
 
+def _edge_pad(masks: tf.Tensor) -> tf.Tensor:
+    """[n, h, w] -> [n, h + 2, w + 2] repeating the border rows/columns (concat: a plain copy, several
+    times faster than tf.pad's SYMMETRIC mode on uint8)."""
+    masks = tf.concat([masks[:, :1], masks, masks[:, -1:]], axis=1)  # [n, h + 2, w]
+    return tf.concat([masks[:, :, :1], masks, masks[:, :, -1:]], axis=2)  # [n, h + 2, w + 2]
+
+
 def crop_masks(masks: tf.Tensor, boxes: tf.Tensor, indices: tf.Tensor, image_info: tf.Tensor,
-               mask_size: int) -> tf.Tensor:
+               mask_size: int, flipped=False) -> tf.Tensor:
     """Samples each instance's full-size mask inside its output gt box.
 
     Args:
-      masks: uint8 [n, hm, wm] binary full-image masks (any resolution covering the whole image).
+      masks: uint8 [n, hm, wm] binary full-image masks of the UNFLIPPED original image (any resolution
+        covering the whole image).
       boxes: float32 [k, 4] gt boxes in output pixels ([y1, x1, y2, x2]).
       indices: int32 [k] row of `masks` for each box.
       image_info: float32 [4, 2] of this example (maps output pixels back to the original image).
       mask_size: python Mc.
+      flipped: bool [] (or python bool): the output image was mirrored left-right.
     Returns:
       float32 [k, Mc, Mc] in [0, 1]; cell (i, j) is the bilinear mask value at the centre of the
       box's cell (i, j) (see the module docstring).
@@ -192,19 +206,24 @@ def crop_masks(masks: tf.Tensor, boxes: tf.Tensor, indices: tf.Tensor, image_inf
     y1, x1, y2, x2 = tf.unstack(src, axis=-1)
     half_cell_h = 0.5 * (y2 - y1) / mask_size
     half_cell_w = 0.5 * (x2 - x1) / mask_size
+    # Continuous coordinates of the first and last cell centres.
+    first_y, last_y = y1 + half_cell_h, y2 - half_cell_h
+    first_x, last_x = x1 + half_cell_w, x2 - half_cell_w
+    # A mirrored image: the same centres seen in the unflipped mask, first > last (mirrored crop).
+    first_x, last_x = (tf.where(flipped, mask_hw[1] - first_x, first_x),
+                       tf.where(flipped, mask_hw[1] - last_x, last_x))
     # Cell centres within half a pixel of the image border fall outside the pixel centres, where
     # crop_and_resize would return its extrapolation value; RoIAlign clamps them to the border pixel
-    # instead. A 1-pixel edge-replicating pad does the same: a mask touching the border stays 1 there.
-    padded = tf.pad(masks, [[0, 0], [_BORDER, _BORDER], [_BORDER, _BORDER]], mode="SYMMETRIC")  # [n, hm+2, wm+2]
-    # crop_and_resize samples from corner y1n * (size - 1) to y2n * (size - 1) in pixel-index
-    # coordinates (pixel i centred at i); the first/last cell centres are at y1 + half_cell - 0.5 and
-    # y2 - half_cell - 0.5 in those coordinates, + _BORDER in the padded mask (tensorpack's
-    # transform_fpcoor_for_tf idea).
+    # instead. A 1-pixel edge-replicating border does the same: a mask touching the border stays 1.
+    padded = _edge_pad(masks)  # [n, hm + 2, wm + 2]
+    # crop_and_resize samples from corner c1 * (size - 1) to c2 * (size - 1) in pixel-index
+    # coordinates (pixel i centred at i, i.e. continuous - 0.5), + _BORDER in the padded mask
+    # (tensorpack's transform_fpcoor_for_tf idea).
+    shift = _BORDER - 0.5
     denom_h = mask_hw[0] + 2.0 * _BORDER - 1.0
     denom_w = mask_hw[1] + 2.0 * _BORDER - 1.0
-    shift = _BORDER - 0.5
-    norm = tf.stack([(y1 + half_cell_h + shift) / denom_h, (x1 + half_cell_w + shift) / denom_w,
-                     (y2 - half_cell_h + shift) / denom_h, (x2 - half_cell_w + shift) / denom_w], axis=-1)  # [k, 4]
+    norm = tf.stack([(first_y + shift) / denom_h, (first_x + shift) / denom_w,
+                     (last_y + shift) / denom_h, (last_x + shift) / denom_w], axis=-1)  # [k, 4]
     crops = tf.image.crop_and_resize(padded[..., None], norm, indices, [mask_size, mask_size],
                                      method="bilinear", extrapolation_value=0.0)  # [k, Mc, Mc, 1]
     return crops[..., 0]  # [k, Mc, Mc]
@@ -236,11 +255,12 @@ def transform_example(example: Dict[str, tf.Tensor], *, output_size: Tuple[int, 
 
     image, boxes, masks = example["image"], example["boxes"], example["masks"]
     classes, keep, num_crowd, num_unmapped = map_classes(example["classes"], example["is_crowd"], category_ids)
+    flipped = False
     if flip_probability > 0:
-        image, boxes, masks, _ = random_horizontal_flip(image, boxes, masks, flip_probability, flip_seed)
+        image, boxes, flipped = random_horizontal_flip(image, boxes, flip_probability, flip_seed)
 
     image_info = resize_geometry(tf.shape(image)[:2], output_size, scale_range, geometry_seed)
-    image = normalize_image(resize_and_crop_image(image, image_info), pixel_mean, pixel_std)
+    image = resize_and_crop_image(normalize_image(image, pixel_mean, pixel_std), image_info)
     image = tf.image.pad_to_bounding_box(image, 0, 0, height, width)  # [H, W, 3]
 
     boxes = transform_boxes(boxes, image_info)
@@ -255,7 +275,7 @@ def transform_example(example: Dict[str, tf.Tensor], *, output_size: Tuple[int, 
     num_padding = max_instances - num_valid
     gt_boxes = tf.pad(tf.gather(boxes, chosen), [[0, num_padding], [0, 0]], constant_values=-1.0)  # [N, 4]
     gt_classes = tf.pad(tf.gather(classes, chosen), [[0, num_padding]], constant_values=-1)  # [N]
-    crops = crop_masks(masks, gt_boxes[:num_valid], chosen, image_info, mask_size)  # [k, Mc, Mc]
+    crops = crop_masks(masks, gt_boxes[:num_valid], chosen, image_info, mask_size, flipped)  # [k, Mc, Mc]
     gt_masks = tf.pad(crops, [[0, num_padding], [0, 0], [0, 0]])  # [N, Mc, Mc]
     has_masks = tf.cast(example["has_masks"], tf.bool)
     gt_masks = gt_masks * tf.cast(has_masks, tf.float32)

@@ -88,13 +88,12 @@ def _iou(a, b):
     return np.logical_and(a, b).sum() / np.logical_or(a, b).sum()
 
 
-def test_flip_moves_boxes_with_masks():
+def test_flip_moves_boxes_onto_the_flipped_masks():
     image, boxes, masks = _shapes_example()
-    flipped_image, flipped_boxes, flipped_masks = transforms.horizontal_flip(
-        tf.constant(image), tf.constant(boxes, tf.float32), tf.constant(masks))
-    flipped_masks = flipped_masks.numpy()
-    np.testing.assert_array_equal(flipped_masks, masks[:, :, ::-1])
-    for box, mask in zip(flipped_boxes.numpy(), flipped_masks):
+    image[:, :10] = 255  # a marker on the left edge
+    flipped_image, flipped_boxes = transforms.horizontal_flip(tf.constant(image), tf.constant(boxes, tf.float32))
+    assert np.all(flipped_image.numpy()[:, -10:] == 255) and not np.any(flipped_image.numpy()[:, :-10] == 255)
+    for box, mask in zip(flipped_boxes.numpy(), masks[:, :, ::-1]):
         # Box and mask extent were equal before the flip, so they must still agree (brief: within 1 px).
         np.testing.assert_allclose(box, _extent(mask), atol=1.0)
 
@@ -236,3 +235,7 @@ def test_crop_masks_samples_cell_centres_and_clamps_at_the_border():
     crops = transforms.crop_masks(tf.constant(mask), tf.constant([[0, 0, 4, 4]], tf.float32), tf.constant([0]),
                                   image_info, 8).numpy()
     np.testing.assert_allclose(crops[0], np.tile([1, 0.75, 0.25, 0, 0, 0, 0, 0], (8, 1)), atol=1e-6)
+    # Flipped image: the same box now sees the mask mirrored (column 3 set).
+    mirrored = transforms.crop_masks(tf.constant(mask), tf.constant([[0, 0, 4, 4]], tf.float32), tf.constant([0]),
+                                     image_info, 8, flipped=tf.constant(True)).numpy()
+    np.testing.assert_allclose(mirrored[0], crops[0][:, ::-1], atol=1e-6)
