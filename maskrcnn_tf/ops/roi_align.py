@@ -36,7 +36,11 @@ Backends:
   axis) with one batched ``tf.gather``, multiplies by the separable bilinear kernel and sums the
   2 * sampling_ratio taps per bin and axis. Memory: the gathered tensor is
   [B, R, 2n, 2n, C] (4 * sampling_ratio**2 times the output), e.g. 820 MB float32 for B=2, R=512,
-  7 x 7, C=256 - the price of a gather-based XLA kernel.
+  7 x 7, C=256 - the price of a gather-based XLA kernel. The multiply-and-sum form is chosen for
+  XLA, which fuses it into the gather (measured on 2 CPU cores, B=2, R=512, 7 x 7, C=256, 1024 px
+  input, forward only: 0.8 s under XLA vs 1.0 s for crop_and_resize; 3 s without XLA, where
+  crop_and_resize is the faster choice). Coordinates are float32, so on large maps (P2 of a 1024 px input) the two
+  backends differ by ~1e-4 of the feature scale.
 
 Level assignment (FPN paper, eq. 1): k = floor(4 + log2(sqrt(area) / 224)) clamped to [2, 5]. A tiny
 epsilon keeps padding rows (area 0) finite; they go to the lowest level.

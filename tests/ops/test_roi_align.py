@@ -166,17 +166,33 @@ def test_multilevel_matches_numpy_reference():
     np.testing.assert_allclose(outputs["gather"], outputs["crop_and_resize"], atol=TOLERANCE)
 
 
-def test_gather_backend_compiles_with_xla():
+def _output_and_feature_grads(features, boxes, cotangent, backend):
+    with tf.GradientTape() as tape:
+        tape.watch(features)
+        out = multilevel_roi_align(features, boxes, 7, 2, backend)
+        loss = tf.reduce_sum(out * cotangent)
+    return out, tape.gradient(loss, features)
+
+
+def test_gather_backend_compiles_with_xla_and_gradients_agree():
     features, boxes = _multilevel_inputs()
     tf_features = {k: tf.constant(v) for k, v in features.items()}
-
-    @tf.function(jit_compile=True)
-    def compiled(feats, b):
-        return multilevel_roi_align(feats, b, 7, 2, "gather")
-
-    eager = multilevel_roi_align(tf_features, tf.constant(boxes), 7, 2, "gather")
-    np.testing.assert_allclose(compiled(tf_features, tf.constant(boxes)).numpy(), eager.numpy(),
-                               atol=1e-5)
+    # A random cotangent (made outside the compiled function) so every output element matters.
+    cotangent = tf.constant(np.random.default_rng(4).normal(size=(2, 16, 7, 7, 2)).astype(np.float32))
+    compiled = tf.function(
+        lambda f, b, c: _output_and_feature_grads(f, b, c, "gather"), jit_compile=True
+    )
+    out_xla, grads_xla = compiled(tf_features, tf.constant(boxes), cotangent)
+    out_car, grads_car = _output_and_feature_grads(
+        tf_features, tf.constant(boxes), cotangent, "crop_and_resize"
+    )
+    np.testing.assert_allclose(out_xla.numpy(), out_car.numpy(), atol=TOLERANCE)
+    for level in range(2, 6):
+        key = f"P{level}"
+        assert np.all(np.isfinite(grads_xla[key].numpy()))
+        assert np.any(grads_xla[key].numpy() != 0), key  # every level receives boxes
+        np.testing.assert_allclose(grads_xla[key].numpy(), grads_car[key].numpy(), atol=TOLERANCE)
+    assert grads_xla["P6"] is None  # P6 is not a RoIAlign level
 
 
 def test_assign_levels():
