@@ -2,8 +2,8 @@
 
 `build_dataset(file_pattern, config, training, input_context=None)` yields dicts (INTERFACES.md):
   images float32 [B, H, W, 3]; image_info float32 [B, 4, 2]; gt_boxes float32 [B, N, 4];
-  gt_classes int32 [B, N]; gt_masks float32 [B, N, Mc, Mc]; has_masks bool [B];
-  eval only: source_id int64 [B], is_valid bool [B].
+  gt_classes int32 [B, N]; gt_masks float32 [B, N, Mc, Mc]; has_masks int32 [B] (1/0);
+  eval only: source_id int64 [B], is_valid int32 [B] (1/0).
 The per-image geometry is in transforms.py (its docstring states those decisions).
 
 Decisions (DESIGN.md is silent on them):
@@ -288,10 +288,12 @@ def build_dataset(file_pattern, config: config_lib.Config, training: bool,
             example_seed = tf.random.experimental.stateless_fold_in(pipeline_seed, index)  # [2]
             features, stats = transforms.transform_example(example, seed=example_seed, **transform_kwargs)
         with tf.control_dependencies([_record_stats(example["filename"], stats)]):
-            features["has_masks"] = tf.identity(features["has_masks"])
+            # Flags are int32 1/0, not bool: Keras fit under a MirroredStrategy MEAN-reduces a batch
+            # to build the model and fails on bool tensors.
+            features["has_masks"] = tf.cast(features["has_masks"], tf.int32)
         if not training:
             features["source_id"] = _parse_source_id(example)
-            features["is_valid"] = tf.constant(True)
+            features["is_valid"] = tf.constant(1, tf.int32)
         return features
 
     dataset = dataset.enumerate().map(transform, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
@@ -324,5 +326,5 @@ def _eval_dummy(element_spec: Dict[str, tf.TensorSpec], image_size) -> Dict[str,
     # An unscaled full-size image: mapping boxes back through it never divides by zero.
     dummy["image_info"] = tf.stack([size, size, tf.ones([2]), tf.zeros([2])])  # [4, 2]
     dummy["source_id"] = tf.constant(_EVAL_DUMMY_SOURCE_ID, tf.int64)
-    dummy["is_valid"] = tf.constant(False)
+    dummy["is_valid"] = tf.constant(0, tf.int32)
     return dummy

@@ -61,9 +61,9 @@ TRAIN_SPEC = {
     "gt_boxes": ((BATCH, MAX_INSTANCES, 4), np.float32),
     "gt_classes": ((BATCH, MAX_INSTANCES), np.int32),
     "gt_masks": ((BATCH, MAX_INSTANCES, MASK_SIZE, MASK_SIZE), np.float32),
-    "has_masks": ((BATCH,), np.bool_),
+    "has_masks": ((BATCH,), np.int32),
 }
-EVAL_SPEC = {**TRAIN_SPEC, "source_id": ((BATCH,), np.int64), "is_valid": ((BATCH,), np.bool_)}
+EVAL_SPEC = {**TRAIN_SPEC, "source_id": ((BATCH,), np.int64), "is_valid": ((BATCH,), np.int32)}
 
 
 def _check_spec(dataset, spec):

@@ -88,7 +88,7 @@ def make_batch(cfg, instances_per_image, seed=0):
         "gt_boxes": gt_boxes,
         "gt_classes": gt_classes,
         "gt_masks": gt_masks,
-        "has_masks": np.ones([batch], bool),
+        "has_masks": np.ones([batch], np.int32),  # int32, not bool: see INTERFACES (Keras MEAN-reduces batches)
     }
     return data, full_masks
 

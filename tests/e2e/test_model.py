@@ -94,7 +94,7 @@ def test_records_without_masks_skip_the_mask_loss():
     model = _compiled(cfg)
     data, _ = make_batch(cfg, TWO_IMAGES)
     with_masks = model.test_on_batch(data, return_dict=True)
-    data["has_masks"] = np.zeros([2], bool)
+    data["has_masks"] = np.zeros([2], np.int32)
     without = model.test_on_batch(data, return_dict=True)
     assert with_masks["rcnn_mask_loss"] > 0 and without["rcnn_mask_loss"] == 0.0
     assert without["rcnn_cls_loss"] == pytest.approx(with_masks["rcnn_cls_loss"], rel=0.5)
@@ -163,10 +163,15 @@ def test_mirrored_two_replicas_give_the_same_update_as_one_device():
     moved = 0
     for a, b, w0 in zip(single.get_weights(), mirrored.get_weights(), initial):
         update_a, update_b = a - w0, b - w0
-        scale = np.abs(update_a).max()
-        if scale > 0:
+        if np.abs(update_a).max() > 0:
             moved += 1
-            np.testing.assert_allclose(update_b, update_a, atol=1e-5 * scale + 1e-9)
+            # Weights equal to 1e-5 relative (norm of the difference over norm of the weight). The
+            # updates themselves agree to 1%: replicas only change the order of float32 sums (measured
+            # 1e-5 typical, 1e-3 worst, on the mask head's small first-step update), while a wrong loss
+            # normalisation over replicas would be off by 50-100%.
+            if np.abs(w0).max() > 0:  # zero-initialised biases: weight == update, checked below
+                assert np.linalg.norm(b - a) <= 1e-5 * np.linalg.norm(a)
+            assert np.linalg.norm(update_b - update_a) <= 1e-2 * np.linalg.norm(update_a)
     assert moved > 10
 
 
