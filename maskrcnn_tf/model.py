@@ -259,6 +259,7 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
         rpn_box_loss_beta=m.rpn.box_loss_beta,
         rcnn_box_loss_beta=m.roi.box_loss_beta,
         clip_grad_norm=cfg.train.clip_grad_norm,
+        name="mask_rcnn",  # fixed: checkpoints key variables by path (run_dir.py)
         **mask_layers,
     )
     height, width = m.image_size
