@@ -1,0 +1,219 @@
+"""SavedModel export: a tf.Module with serving signatures around the Keras MaskRCNN (DESIGN.md section 4).
+
+Signatures (all outputs are batched, D = cfg.model.detection.max_detections):
+
+    serving_default(images: string [None])            encoded JPEG/PNG/GIF/BMP bytes, any size, any batch
+    image_tensor(images: uint8 [None, None, None, 3]) RGB images of one common size
+    metadata()                                        class names, category ids, config JSON
+
+    -> num_detections        int32   [B]
+       detection_boxes       float32 [B, D, 4]  [y1, x1, y2, x2] ORIGINAL image pixels, clipped to the
+                                                image; rows >= num_detections are -1
+       detection_scores      float32 [B, D]
+       detection_classes     int32   [B, D]     DATASET category ids (cfg.data.category_ids), 0 = padding
+       detection_masks       float32 [B, D, M, M] mask probabilities in the box (M = 28)
+       detection_masks_pasted uint8  [B, D, H, W] 0/1 (only with include_pasted_masks), H, W = the
+                                                largest original size of the batch; 0 outside each
+                                                image's own extent (only for include_mask models)
+
+Decisions:
+- Preprocessing is the evaluation pipeline's, built from the same functions (data/transforms.py):
+  `resize_geometry` without jitter, `normalize_image` then `resize_and_crop_image` (normalise before
+  resize, as the pipeline does), zero padding bottom/right to cfg.model.image_size. So an exported model
+  sees exactly the pixels evaluation sees.
+- Each image is preprocessed on its own inside `tf.map_fn` (images of different sizes in one request
+  become one fixed-size batch); decoding runs on the CPU as in Model Garden's export_base (GPU servers
+  have no JPEG decoder kernels, and it keeps the accelerator free).
+- Bytes that are not an image are caught before decoding by their magic number so the error names the
+  problem ("input i is not a decodable image"); TF's own decoder message would only say "Unknown image
+  file format". Truncated files with a valid header still fail in the decoder with TF's message.
+- Back-mapping inverts the pipeline's resize exactly as evaluation/coco_results.map_boxes_to_original
+  does: (box + offset) / scale, then clip to the original (h, w). Expressed in TF here because the
+  NumPy version cannot run inside the graph.
+- Pasted masks use ops/masks.paste_masks with the back-mapped boxes (no second resampling) and the
+  evaluation threshold (>= 0.5). Pasting runs per image (tf.map_fn) so the float buffer is D x H x W,
+  not B x D x H x W; the uint8 output itself is B x D x H x W, so very large photos need
+  include_pasted_masks=False (then clients paste the 28 x 28 masks themselves).
+- Class names, category ids and the config JSON are returned by a constant `metadata` signature, so a
+  server (or `saved_model_cli`) can show names without any file besides the SavedModel.
+- Keras 3 layers held in Python lists are invisible to TF's object graph (run_dir.py), so the module
+  tracks `model.variables` explicitly (as keras.export.ExportArchive does); the Keras model itself is
+  kept out of the object graph (only the traced functions and the variables are saved).
+"""
+
+import json
+import os
+
+import tensorflow as tf
+
+from maskrcnn_tf import config as config_lib
+from maskrcnn_tf.data import transforms
+from maskrcnn_tf.ops import masks as mask_ops
+
+# A pasted mask pixel is foreground at probability >= this (detectron2 / Model Garden / coco_results).
+MASK_THRESHOLD = 0.5
+# image_info rows (data pipeline contract).
+_ORIGINAL_SIZE, _VALID_SIZE, _SCALE, _OFFSET = 0, 1, 2, 3
+# Leading bytes of the formats tf.io.decode_image reads (JPEG is checked with tf.io.is_jpeg).
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+_PADDING_BOX = -1.0
+NOT_AN_IMAGE = "is not a decodable image (JPEG, PNG, GIF or BMP expected)"
+SIGNATURE_BYTES = "serving_default"
+SIGNATURE_TENSOR = "image_tensor"
+SIGNATURE_METADATA = "metadata"
+
+
+def _is_image(encoded: tf.Tensor) -> tf.Tensor:
+    """bool []: string [] starts like one of the formats tf.io.decode_image reads."""
+    known = [tf.equal(tf.strings.substr(encoded, 0, len(magic)), magic) for magic in _IMAGE_MAGIC]
+    return tf.reduce_any(tf.stack([tf.io.is_jpeg(encoded)] + known))
+
+
+def decode_image(encoded: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """string [] encoded image (index int32 [] for the error message) -> uint8 [h, w, 3] RGB.
+
+    Raises InvalidArgumentError "input <index> is not a decodable image ..." for other bytes.
+    """
+    check = tf.debugging.Assert(_is_image(encoded), [f"{SIGNATURE_BYTES}: input", index, NOT_AN_IMAGE])
+    with tf.control_dependencies([check]):
+        # expand_animations=False: a GIF gives its first frame, so every input is [h, w, 3].
+        image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def preprocess_image(image: tf.Tensor, cfg: config_lib.Config):
+    """uint8 RGB [h, w, 3] -> (float32 [H, W, 3] normalised, resized, zero-padded model input,
+    image_info float32 [4, 2]); H, W = cfg.model.image_size. Same steps as the evaluation pipeline."""
+    height, width = cfg.model.image_size
+    no_jitter = (1.0, 1.0)
+    image_info = transforms.resize_geometry(tf.shape(image)[:2], (height, width), no_jitter,
+                                            seed=tf.zeros([2], tf.int64))
+    normalized = transforms.normalize_image(image, cfg.model.pixel_mean, cfg.model.pixel_std)
+    resized = transforms.resize_and_crop_image(normalized, image_info)  # [valid_h, valid_w, 3]
+    padded = tf.image.pad_to_bounding_box(resized, 0, 0, height, width)  # [H, W, 3]
+    return tf.ensure_shape(padded, [height, width, 3]), image_info
+
+
+def boxes_to_original(boxes: tf.Tensor, image_info: tf.Tensor) -> tf.Tensor:
+    """boxes float32 [B, D, 4] [y1, x1, y2, x2] pixels of the padded model input, image_info [B, 4, 2]
+    -> [B, D, 4] pixels of the original images, clipped to [0, h] x [0, w] (TF twin of
+    evaluation/coco_results.map_boxes_to_original)."""
+    scale = tf.tile(image_info[:, _SCALE], [1, 2])[:, None, :]  # [B, 1, 4] (sy, sx, sy, sx)
+    offset = tf.tile(image_info[:, _OFFSET], [1, 2])[:, None, :]  # [B, 1, 4]
+    upper = tf.tile(image_info[:, _ORIGINAL_SIZE], [1, 2])[:, None, :]  # [B, 1, 4] (h, w, h, w)
+    return tf.clip_by_value((boxes + offset) / scale, 0.0, upper)
+
+
+def _paste_one_image(args, height, width):
+    """(masks [D, M, M], boxes [D, 4] original pixels, original_hw float [2]) -> uint8 [D, H, W]."""
+    masks, boxes, original_hw = args
+    pasted = mask_ops.paste_masks(masks[None], boxes[None], (height, width))[0]  # [D, H, W]
+    binary = pasted >= MASK_THRESHOLD
+    # Pixels beyond this image's own extent (other images of the batch are larger) stay 0.
+    hw = tf.cast(tf.round(original_hw), tf.int32)
+    inside_rows = tf.range(height) < hw[0]  # [H]
+    inside_cols = tf.range(width) < hw[1]  # [W]
+    inside = inside_rows[:, None] & inside_cols[None, :]  # [H, W]
+    return tf.cast(binary & inside[None], tf.uint8)  # [D, H, W]
+
+
+class ServingModule(tf.Module):
+    """The exported object: Keras MaskRCNN + preprocessing + back-mapping, three tf.functions.
+
+    Also used in-process by predictor.Predictor.from_model_dir, so the Keras and the SavedModel paths run
+    the same graph code.
+    """
+
+    def __init__(self, model, cfg: config_lib.Config, include_pasted_masks: bool = True):
+        super().__init__(name="mask_rcnn_serving")
+        config_lib.validate(cfg)
+        self._cfg = cfg
+        self._include_pasted_masks = bool(include_pasted_masks) and cfg.model.include_mask
+        # Hidden from tracking: the functions below capture its variables, which are tracked here.
+        self._model_holder = (lambda: model)
+        self.model_variables = list(model.variables)
+        # Contiguous class c -> dataset id lookup[c]; index 0 (padding) stays 0.
+        category_ids = cfg.data.category_ids or tuple(range(1, cfg.model.num_classes + 1))
+        self._category_lookup = tf.constant((0,) + tuple(category_ids), tf.int32)  # [K + 1]
+        self._metadata = {
+            "class_names": tf.constant(list(cfg.data.class_names) or [str(i) for i in category_ids],
+                                       tf.string),  # [K]
+            "category_ids": tf.constant(category_ids, tf.int32),  # [K]
+            "config_json": tf.constant(json.dumps(config_lib.to_dict(cfg))),
+        }
+
+    # ----------------------------------------------------------------------------- signatures
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    def serve_bytes(self, images):
+        """string [B] encoded images of any sizes -> the output dict of the module docstring."""
+        def decode_and_preprocess(args):
+            encoded, index = args
+            return preprocess_image(decode_image(encoded, index), self._cfg)
+
+        with tf.device("/cpu:0"):
+            indices = tf.range(tf.shape(images)[0])
+            inputs, image_info = tf.map_fn(
+                decode_and_preprocess, (images, indices),
+                fn_output_signature=(tf.TensorSpec(list(self._cfg.model.image_size) + [3], tf.float32),
+                                     tf.TensorSpec([4, 2], tf.float32)))  # [B, H, W, 3], [B, 4, 2]
+        return self._detect(inputs, image_info)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    def serve_tensor(self, images):
+        """uint8 RGB [B, h, w, 3] (one size for the batch) -> the output dict of the module docstring."""
+        inputs, image_info = tf.map_fn(
+            lambda image: preprocess_image(image, self._cfg), images,
+            fn_output_signature=(tf.TensorSpec(list(self._cfg.model.image_size) + [3], tf.float32),
+                                 tf.TensorSpec([4, 2], tf.float32)))  # [B, H, W, 3], [B, 4, 2]
+        return self._detect(inputs, image_info)
+
+    @tf.function(input_signature=[])
+    def metadata(self):
+        """{"class_names": string [K], "category_ids": int32 [K], "config_json": string []}."""
+        return dict(self._metadata)
+
+    # ------------------------------------------------------------------------------- the graph
+
+    def _detect(self, inputs, image_info):
+        outputs = self._model_holder()({"images": inputs, "image_info": image_info}, training=False)
+        num = outputs["num_detections"]  # [B]
+        max_detections = tf.shape(outputs["detection_scores"])[1]
+        is_detection = tf.range(max_detections)[None, :] < num[:, None]  # [B, D]
+        boxes = boxes_to_original(outputs["detection_boxes"], image_info)  # [B, D, 4]
+        boxes = tf.where(is_detection[..., None], boxes, _PADDING_BOX)
+        classes = tf.where(is_detection, outputs["detection_classes"], 0)
+        result = {
+            "num_detections": tf.cast(num, tf.int32),
+            "detection_boxes": boxes,
+            "detection_scores": tf.where(is_detection, outputs["detection_scores"], 0.0),
+            "detection_classes": tf.gather(self._category_lookup, classes),  # [B, D] dataset ids
+        }
+        if "detection_masks" in outputs:
+            masks = tf.where(is_detection[..., None, None], outputs["detection_masks"], 0.0)  # [B, D, M, M]
+            result["detection_masks"] = masks
+            if self._include_pasted_masks:
+                original_hw = image_info[:, _ORIGINAL_SIZE]  # [B, 2]
+                largest = tf.cast(tf.round(tf.reduce_max(original_hw, axis=0)), tf.int32)  # [2]
+                result["detection_masks_pasted"] = tf.map_fn(
+                    lambda args: _paste_one_image(args, largest[0], largest[1]),
+                    (masks, boxes, original_hw),
+                    fn_output_signature=tf.TensorSpec([None, None, None], tf.uint8))  # [B, D, H, W]
+        return result
+
+    def signatures(self) -> dict:
+        return {
+            SIGNATURE_BYTES: self.serve_bytes.get_concrete_function(),
+            SIGNATURE_TENSOR: self.serve_tensor.get_concrete_function(),
+            SIGNATURE_METADATA: self.metadata.get_concrete_function(),
+        }
+
+
+def export_saved_model(model, cfg: config_lib.Config, export_dir: str, include_pasted_masks: bool = True) -> str:
+    """Writes a SavedModel of `model` (a built MaskRCNN of `cfg`) with the signatures of the module
+    docstring into export_dir (created; an existing SavedModel there is overwritten). Returns export_dir.
+    """
+    module = ServingModule(model, cfg, include_pasted_masks=include_pasted_masks)
+    os.makedirs(export_dir, exist_ok=True)
+    tf.saved_model.save(module, export_dir, signatures=module.signatures())
+    return export_dir

@@ -1,0 +1,186 @@
+"""Run a trained model (training run or SavedModel) on image files; draw and save the detections.
+
+`Predictor` wraps either a model directory (Keras model restored from its checkpoint, wrapped in the same
+export.ServingModule the SavedModel is made of, so both paths run identical graph code) or a SavedModel
+written by export.py (loaded with plain `tf.saved_model.load`; its `metadata` signature gives the class
+names). `predict(image)` returns the detections of one RGB image in ORIGINAL pixels.
+
+`predict_files` writes per input image `<stem>.png` (masks, boxes, "name score" labels drawn with
+visualize.draw_detections) and `<stem>.json`:
+
+    {"image": "<input path>", "height": h, "width": w,
+     "detections": [{"bbox": [x, y, w, h],          COCO xywh, original pixels (continuous coordinates)
+                     "category_id": dataset id, "category_name": str, "score": float,
+                     "segmentation": {"size": [h, w], "counts": str}}, ...]}   compressed COCO RLE
+
+so each detection is a COCO result dict without "image_id" (pycocotools.mask.decode reads the mask).
+Only detections scoring >= score_threshold are drawn and written, best first. Images are decoded with
+tf.io.decode_image (the decoder the training pipeline and the serving signature use, so pixel values
+match). An unreadable file is reported on stderr with its path and the reason and skipped; output names
+that collide (same stem in two folders) get a numeric suffix.
+"""
+
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from maskrcnn_tf import export as export_lib
+from maskrcnn_tf import visualize
+from maskrcnn_tf.evaluation.coco_results import encode_masks
+from maskrcnn_tf.ops.masks import paste_masks
+
+DEFAULT_SCORE_THRESHOLD = 0.5
+
+
+class Predictor:
+    """Detections of single RGB images. Build with `from_model_dir` or `from_saved_model`."""
+
+    def __init__(self, detect_fn, category_ids: Sequence[int], class_names: Sequence[str]):
+        """detect_fn: uint8 [1, h, w, 3] tensor -> output dict of export.py's image_tensor signature.
+        category_ids / class_names: K dataset ids and names (contiguous class i + 1 <-> index i)."""
+        self._detect = detect_fn
+        self.category_ids = [int(c) for c in category_ids]
+        self.class_names = [str(n) for n in class_names]
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, checkpoint: Optional[str] = None) -> "Predictor":
+        """Restores the run's config and checkpoint (latest when None); ValueError when there is none."""
+        from maskrcnn_tf import run_dir  # late import: building the model pulls in Keras
+
+        cfg, model = run_dir.restore_model(model_dir, checkpoint)
+        return cls.from_keras_model(model, cfg)
+
+    @classmethod
+    def from_keras_model(cls, model, cfg) -> "Predictor":
+        """Wraps a built MaskRCNN of cfg in the export module (nothing is written)."""
+        module = export_lib.ServingModule(model, cfg, include_pasted_masks=True)
+        meta = module.metadata()
+        return cls(lambda images: module.serve_tensor(images), meta["category_ids"].numpy(),
+                   [n.decode("utf-8") for n in meta["class_names"].numpy()])
+
+    @classmethod
+    def from_saved_model(cls, export_dir: str) -> "Predictor":
+        """Loads a SavedModel written by export.py; ValueError when export_dir is not one."""
+        if not tf.saved_model.contains_saved_model(export_dir):
+            raise ValueError(f"{export_dir!r} is not a SavedModel directory (no saved_model.pb)")
+        loaded = tf.saved_model.load(export_dir)
+        missing = {export_lib.SIGNATURE_TENSOR, export_lib.SIGNATURE_METADATA} - set(loaded.signatures)
+        if missing:
+            raise ValueError(f"{export_dir}: not written by maskrcnn_tf export.py (no signature "
+                             f"{', '.join(sorted(missing))})")
+        meta = loaded.signatures[export_lib.SIGNATURE_METADATA]()
+        detect = loaded.signatures[export_lib.SIGNATURE_TENSOR]
+        predictor = cls(lambda images: detect(images=images), meta["category_ids"].numpy(),
+                        [n.decode("utf-8") for n in meta["class_names"].numpy()])
+        predictor._loaded = loaded  # keep the restored variables alive as long as the predictor
+        return predictor
+
+    def predict(self, image: np.ndarray) -> Dict[str, np.ndarray]:
+        """Detections of one image.
+
+        Args:
+          image: uint8 [h, w, 3] RGB.
+        Returns:
+          numpy dict over the n = num_detections valid detections, best first:
+          "boxes" float32 [n, 4] [y1, x1, y2, x2] original pixels; "scores" float32 [n];
+          "category_ids" int32 [n] dataset category ids; "classes" int32 [n] contiguous 1..K;
+          "masks" uint8 [n, h, w] 0/1 pasted at the original size (absent for box-only models);
+          "mask_probabilities" float32 [n, 28, 28] (absent for box-only models).
+        """
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"predict: expected a uint8 [h, w, 3] RGB image, got {image.dtype} {image.shape}")
+        outputs = {k: v.numpy() for k, v in self._detect(tf.constant(image[None])).items()}
+        n = int(outputs["num_detections"][0])
+        category_ids = outputs["detection_classes"][0, :n].astype(np.int32)
+        lookup = {c: i + 1 for i, c in enumerate(self.category_ids)}
+        result = {
+            "boxes": outputs["detection_boxes"][0, :n].astype(np.float32),
+            "scores": outputs["detection_scores"][0, :n].astype(np.float32),
+            "category_ids": category_ids,
+            "classes": np.array([lookup[int(c)] for c in category_ids], np.int32).reshape(n),
+        }
+        if "detection_masks" in outputs:
+            result["mask_probabilities"] = outputs["detection_masks"][0, :n]
+            if "detection_masks_pasted" in outputs:
+                result["masks"] = outputs["detection_masks_pasted"][0, :n]
+            else:  # exported with --no_pasted_masks: paste here, same rule as the graph
+                pasted = paste_masks(result["mask_probabilities"][None], result["boxes"][None], image.shape[:2])
+                result["masks"] = (np.asarray(pasted)[0] >= export_lib.MASK_THRESHOLD).astype(np.uint8)
+        return result
+
+
+def read_image(path: str) -> np.ndarray:
+    """uint8 [h, w, 3] RGB of an image file; ValueError with the reason when it cannot be read."""
+    try:
+        data = tf.io.read_file(path)
+        return tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False).numpy()
+    except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as e:
+        raise ValueError(f"cannot read file ({e.message.splitlines()[0]})") from e
+    except tf.errors.InvalidArgumentError as e:
+        raise ValueError(f"not a decodable image ({e.message.splitlines()[0]})") from e
+
+
+def detections_to_json(result: Dict[str, np.ndarray], class_names: Sequence[str], score_threshold: float) -> List[dict]:
+    """Predictor.predict output -> list of COCO-style result dicts (module docstring), score >= threshold."""
+    keep = np.flatnonzero(result["scores"] >= score_threshold)
+    rles = encode_masks(result["masks"][keep]) if "masks" in result and keep.size else [None] * keep.size
+    detections = []
+    for i, rle in zip(keep, rles):
+        y1, x1, y2, x2 = (float(v) for v in result["boxes"][i])
+        contiguous = int(result["classes"][i])
+        name = class_names[contiguous - 1] if 1 <= contiguous <= len(class_names) else str(contiguous)
+        detection = {"bbox": [x1, y1, x2 - x1, y2 - y1], "category_id": int(result["category_ids"][i]),
+                     "category_name": name, "score": float(result["scores"][i])}
+        if rle is not None:
+            detection["segmentation"] = rle
+        detections.append(detection)
+    return detections
+
+
+def _unique_stem(path: str, used: set) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0] or "image"
+    candidate, suffix = stem, 1
+    while candidate in used:
+        candidate, suffix = f"{stem}_{suffix}", suffix + 1
+    used.add(candidate)
+    return candidate
+
+
+def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: str,
+                  class_names: Optional[Sequence[str]] = None,
+                  score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> List[str]:
+    """Runs predictor on each image file and writes `<stem>.png` + `<stem>.json` into output_dir.
+
+    class_names: K names (contiguous class i + 1 -> class_names[i]); None = the predictor's own.
+    Returns the written paths (PNG, JSON per successful image, in input order). Unreadable images are
+    reported on stderr ("predict: skipped PATH: reason") and skipped.
+    """
+    class_names = list(predictor.class_names if class_names is None else class_names)
+    os.makedirs(output_dir, exist_ok=True)
+    written, used = [], set()
+    for path in image_paths:
+        try:
+            image = read_image(path)
+        except ValueError as e:
+            print(f"predict: skipped {path}: {e}", file=sys.stderr)
+            continue
+        result = predictor.predict(image)
+        masks = result.get("masks")
+        drawn = visualize.draw_detections(image, result["boxes"], result["classes"], result["scores"],
+                                          masks=masks, class_names=class_names,
+                                          score_threshold=score_threshold)
+        stem = _unique_stem(path, used)
+        png_path = os.path.join(output_dir, stem + ".png")
+        json_path = os.path.join(output_dir, stem + ".json")
+        tf.io.write_file(png_path, tf.io.encode_png(drawn))
+        record = {"image": path, "height": int(image.shape[0]), "width": int(image.shape[1]),
+                  "detections": detections_to_json(result, class_names, score_threshold)}
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        written += [png_path, json_path]
+    return written

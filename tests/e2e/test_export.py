@@ -1,0 +1,201 @@
+"""SavedModel export: reloaded in a fresh process without maskrcnn_tf, it gives the Keras model's detections.
+
+One tiny model (random weights, detection score threshold 0 so it still returns D detections) is exported
+once per module; a subprocess that can only import TensorFlow runs every signature and saves the outputs.
+The Keras side is computed independently here: the evaluation pipeline's transforms, a plain
+`model(...)` call per image, and the NumPy back-mapping of evaluation/coco_results.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maskrcnn_tf import config as config_lib
+from maskrcnn_tf.data import transforms
+from maskrcnn_tf.evaluation.coco_results import map_boxes_to_original
+from maskrcnn_tf.export import NOT_AN_IMAGE, export_saved_model
+from maskrcnn_tf.model import build_model
+from maskrcnn_tf.ops.masks import paste_masks
+from tests.e2e.synthetic import tiny_test_config
+
+# Non-identity label map: contiguous 1, 2, 3 -> dataset ids 3, 7, 9.
+CATEGORY_IDS = (3, 7, 9)
+CLASS_NAMES = ("rectangle", "ellipse", "triangle")
+# Issue 4: "the same detections (to 1e-4) as the Keras model".
+TOLERANCE = 1e-4
+# Two image sizes (both differ from the 128 x 128 model input and from each other's aspect ratio).
+SIZE_A, SIZE_B = (90, 150), (120, 70)
+
+# Runs in a fresh interpreter with cwd=tmp_path and no PYTHONPATH: only TensorFlow is importable.
+FRESH_PROCESS_SCRIPT = textwrap.dedent("""
+    import importlib.abc, json, sys
+    import numpy as np
+
+    class BlockMaskrcnn(importlib.abc.MetaPathFinder):
+        # Even if maskrcnn_tf were pip-installed, the SavedModel must not need it.
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] == "maskrcnn_tf":
+                raise ImportError("blocked: the SavedModel must not need maskrcnn_tf")
+            return None
+
+    sys.meta_path.insert(0, BlockMaskrcnn())
+    try:
+        import maskrcnn_tf  # noqa: F401
+        importable = True
+    except ImportError:
+        importable = False
+    import tensorflow as tf
+
+    export_dir, inputs_path, out_dir = sys.argv[1:4]
+    inputs = np.load(inputs_path)
+    loaded = tf.saved_model.load(export_dir)
+    sig = loaded.signatures
+    np.savez(out_dir + "/tensor.npz", **{k: v.numpy() for k, v in
+             sig["image_tensor"](images=tf.constant(inputs["batch_ac"])).items()})
+    encoded = tf.constant([inputs["png_a"].tobytes(), inputs["png_b"].tobytes()])
+    np.savez(out_dir + "/bytes.npz", **{k: v.numpy() for k, v in sig["serving_default"](images=encoded).items()})
+    try:
+        sig["serving_default"](images=tf.constant([inputs["png_b"].tobytes(), b"%PDF-1.4 not an image"]))
+        error = None
+    except tf.errors.InvalidArgumentError as e:
+        error = e.message
+    meta = sig["metadata"]()
+    meta = {"class_names": [s.decode() for s in meta["class_names"].numpy()],
+            "category_ids": meta["category_ids"].numpy().tolist(),
+            "config_json": meta["config_json"].numpy().decode()}
+    report = {"maskrcnn_tf_importable": importable, "maskrcnn_tf_loaded": "maskrcnn_tf" in sys.modules,
+              "error": error, "metadata": meta, "signatures": sorted(sig)}
+    with open(out_dir + "/report.json", "w") as f:
+        json.dump(report, f)
+""")
+
+
+def _shapes_image(size, seed):
+    """uint8 RGB [h, w, 3]: dark noise with a bright rectangle and ellipse (something to detect)."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    image = rng.integers(0, 40, size=(h, w, 3)).astype(np.uint8)
+    cv2.rectangle(image, (w // 8, h // 6), (w // 2, h // 2), (230, 60, 60), -1)
+    cv2.ellipse(image, (3 * w // 4, 3 * h // 4), (w // 6, h // 8), 0, 0, 360, (60, 230, 60), -1)
+    return image
+
+
+def _keras_detections(model, cfg, image):
+    """Reference for ONE uint8 image: pipeline transforms, model call, NumPy back-mapping and label map."""
+    info = transforms.resize_geometry(tf.shape(image)[:2], cfg.model.image_size, (1.0, 1.0), tf.zeros([2], tf.int64))
+    resized = transforms.resize_and_crop_image(
+        transforms.normalize_image(image, cfg.model.pixel_mean, cfg.model.pixel_std), info)
+    padded = tf.image.pad_to_bounding_box(resized, 0, 0, *cfg.model.image_size)
+    out = model({"images": padded[None], "image_info": info[None]}, training=False)
+    n = int(out["num_detections"][0])
+    lookup = np.array((0,) + CATEGORY_IDS)
+    return {
+        "num": n,
+        "boxes": map_boxes_to_original(out["detection_boxes"][0, :n].numpy(), info.numpy()),
+        "scores": out["detection_scores"][0, :n].numpy(),
+        "classes": lookup[out["detection_classes"][0, :n].numpy()],
+        "masks": out["detection_masks"][0, :n].numpy(),
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = tiny_test_config(**{"model.detection.score_threshold": 0.0, "data.category_ids": CATEGORY_IDS,
+                              "data.class_names": CLASS_NAMES})
+    tf.random.set_seed(1)
+    model = build_model(cfg)
+    export_dir = str(tmp / "saved_model")
+    export_saved_model(model, cfg, export_dir)
+
+    images = {"a": _shapes_image(SIZE_A, 0), "b": _shapes_image(SIZE_B, 1), "c": _shapes_image(SIZE_A, 2)}
+    reference = {name: _keras_detections(model, cfg, image) for name, image in images.items()}
+    np.savez(tmp / "inputs.npz", batch_ac=np.stack([images["a"], images["c"]]),
+             png_a=np.frombuffer(cv2.imencode(".png", images["a"][..., ::-1])[1].tobytes(), np.uint8),
+             png_b=np.frombuffer(cv2.imencode(".png", images["b"][..., ::-1])[1].tobytes(), np.uint8))
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = tmp / "fresh.py"
+    script.write_text(FRESH_PROCESS_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), export_dir, str(tmp / "inputs.npz"), str(tmp)],
+                         cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {
+        "cfg": cfg, "images": images, "reference": reference,
+        "tensor": dict(np.load(tmp / "tensor.npz")), "bytes": dict(np.load(tmp / "bytes.npz")),
+        "report": json.loads((tmp / "report.json").read_text()),
+    }
+
+
+def _assert_same_detections(outputs, b, ref):
+    n = ref["num"]
+    assert n > 0  # score threshold 0: random weights still detect
+    assert int(outputs["num_detections"][b]) == n
+    np.testing.assert_allclose(outputs["detection_scores"][b, :n], ref["scores"], atol=TOLERANCE)
+    np.testing.assert_allclose(outputs["detection_boxes"][b, :n], ref["boxes"], atol=TOLERANCE)
+    np.testing.assert_array_equal(outputs["detection_classes"][b, :n], ref["classes"])
+    np.testing.assert_allclose(outputs["detection_masks"][b, :n], ref["masks"], atol=TOLERANCE)
+    # Padding rows: class 0, boxes -1 (DESIGN.md convention).
+    assert (outputs["detection_classes"][b, n:] == 0).all()
+    assert (outputs["detection_boxes"][b, n:] == -1).all()
+
+
+def test_fresh_process_has_no_maskrcnn_tf_and_all_signatures(exported):
+    report = exported["report"]
+    assert report["maskrcnn_tf_importable"] is False
+    assert report["maskrcnn_tf_loaded"] is False
+    assert report["signatures"] == ["image_tensor", "metadata", "serving_default"]
+
+
+def test_image_tensor_matches_keras(exported):
+    outputs, ref = exported["tensor"], exported["reference"]
+    _assert_same_detections(outputs, 0, ref["a"])
+    _assert_same_detections(outputs, 1, ref["c"])
+    assert outputs["detection_masks_pasted"].shape[2:] == SIZE_A
+
+
+def test_serving_default_two_sizes_in_one_batch_matches_keras(exported):
+    outputs, ref = exported["bytes"], exported["reference"]
+    _assert_same_detections(outputs, 0, ref["a"])
+    _assert_same_detections(outputs, 1, ref["b"])
+    # Boxes are in each image's own original pixels.
+    for b, (h, w) in enumerate([SIZE_A, SIZE_B]):
+        n = int(outputs["num_detections"][b])
+        boxes = outputs["detection_boxes"][b, :n]
+        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= h).all() and (boxes[:, [1, 3]] <= w).all()
+
+
+def test_dataset_category_ids(exported):
+    for outputs in (exported["tensor"], exported["bytes"]):
+        classes = outputs["detection_classes"]
+        valid = np.arange(classes.shape[1])[None] < outputs["num_detections"][:, None]
+        assert set(classes[valid].tolist()) <= set(CATEGORY_IDS)
+    meta = exported["report"]["metadata"]
+    assert meta["class_names"] == list(CLASS_NAMES)
+    assert meta["category_ids"] == list(CATEGORY_IDS)
+    assert config_lib.from_dict(json.loads(meta["config_json"])) == exported["cfg"]
+
+
+def test_pasted_masks_are_thresholded_paste_of_28x28_at_largest_size(exported):
+    outputs = exported["bytes"]
+    pasted = outputs["detection_masks_pasted"]
+    largest = (max(SIZE_A[0], SIZE_B[0]), max(SIZE_A[1], SIZE_B[1]))  # (120, 150)
+    assert pasted.dtype == np.uint8 and pasted.shape[2:] == largest
+    expected = np.asarray(paste_masks(outputs["detection_masks"], outputs["detection_boxes"], largest)) >= 0.5
+    for b, (h, w) in enumerate([SIZE_A, SIZE_B]):
+        expected[b, :, h:, :] = False  # outside this image's own extent
+        expected[b, :, :, w:] = False
+    np.testing.assert_array_equal(pasted, expected.astype(np.uint8))
+    assert pasted.max() == 1  # something was pasted, else the comparison proves little
+
+
+def test_non_image_bytes_give_a_clear_error(exported):
+    error = exported["report"]["error"]
+    assert error is not None and NOT_AN_IMAGE in error
+    assert "input] [1]" in error  # names the offending batch element
