@@ -1,0 +1,91 @@
+"""tf.distribute strategies by name, for train.py (`--strategy`).
+
+    one_device             GPU:0 when there is a GPU, else CPU:0
+    mirrored               every local GPU; on a machine without GPUs every logical CPU device, so a
+                           CPU split into several logical devices (configure_cpu_devices) exercises the
+                           same synchronous data-parallel code path as a multi-GPU machine
+    multi_worker_mirrored  several machines (or processes), described by the TF_CONFIG environment
+                           variable as Kubernetes/Kubeflow and Vertex AI set it
+    tpu                    TPUClusterResolver(tpu=address): "" / None = the local TPU VM, a name or a
+                           grpc:// address otherwise
+
+Decisions: an unknown name, or multi_worker_mirrored without TF_CONFIG, raises ValueError with the
+allowed choices or the missing variable (train.py prints it as a one-line error). The CPU split is done by
+`configure_cpu_devices`, which must run before TensorFlow initialises its devices; train.py calls it
+when the environment variable CPU_DEVICES_ENV (MASKRCNN_TF_CPU_DEVICES) is set, which is how the tests
+get 2 logical CPUs in a subprocess.
+"""
+
+import json
+import os
+
+import tensorflow as tf
+
+STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored", "tpu")
+# Number of logical CPU devices train.py splits the host CPU into (testing aid; unset = 1).
+CPU_DEVICES_ENV = "MASKRCNN_TF_CPU_DEVICES"
+
+
+def configure_cpu_devices(count: int) -> None:
+    """Splits the first physical CPU into `count` logical devices. Must run before TF initialises
+    devices (i.e. before any op runs); RuntimeError otherwise."""
+    if count < 1:
+        raise ValueError(f"{CPU_DEVICES_ENV} must be an integer >= 1, got {count}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+
+
+def configure_cpu_devices_from_env() -> None:
+    """Applies CPU_DEVICES_ENV when it is set (see configure_cpu_devices)."""
+    value = os.environ.get(CPU_DEVICES_ENV)
+    if not value:
+        return
+    try:
+        count = int(value)
+    except ValueError as e:
+        raise ValueError(f"{CPU_DEVICES_ENV} must be an integer, got {value!r}") from e
+    configure_cpu_devices(count)
+
+
+def _tf_config():
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise ValueError("--strategy=multi_worker_mirrored needs the TF_CONFIG environment variable "
+                         '(e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, '
+                         '"task": {"type": "worker", "index": 0}})')
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({e})") from e
+    if not isinstance(config, dict) or "cluster" not in config or "task" not in config:
+        raise ValueError("TF_CONFIG must be a JSON object with 'cluster' and 'task'")
+    return config
+
+
+def get_strategy(name: str, tpu_address: str = None) -> tf.distribute.Strategy:
+    """The tf.distribute.Strategy called `name` (one of STRATEGIES); ValueError for anything else."""
+    if name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if name == "multi_worker_mirrored":
+        _tf_config()  # fail with a clear message before TF tries to build a cluster
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"unknown strategy {name!r}; allowed: {' | '.join(STRATEGIES)}")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True for the process that writes logs, config and checkpoints (worker 0 / the only process)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type is None or task_type == "chief" or (task_type == "worker" and task_id == 0
+                                                         and "chief" not in resolver.cluster_spec().as_dict())

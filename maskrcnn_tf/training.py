@@ -1,0 +1,464 @@
+"""The training loop behind train.py: Keras fit under a tf.distribute strategy, with resume, loss.log,
+TensorBoard, console progress, NaN stop, periodic COCO evaluation and fine-tuning from another run.
+
+`train(cfg, model_dir, train_file_pattern, strategy, ...)` builds the model and optimizer under
+strategy.scope(), feeds strategy.distribute_datasets_from_function(build_dataset(..., input_context)) to
+model.fit, and does everything else in one Keras callback (TrainingMonitor) keyed on the global step
+(optimizer.iterations), never on Keras' epoch counter.
+
+Decisions:
+- Global step = optimizer.iterations (the learning-rate schedule is a function of it, so a resumed run
+  continues at the same rate). Epoch = global step // steps_per_epoch; loss.log and the console show the
+  1-based epoch the step belongs to. fit runs with steps_per_epoch and initial_epoch = step //
+  steps_per_epoch, and the callback stops it at cfg.train.total_steps, so a run resumed in the middle of
+  an epoch needs no special case.
+- Checkpoints: run_dir.make_checkpoint(model, optimizer, epoch=<completed epochs>) managed by a
+  tf.train.CheckpointManager (model_dir/checkpoints, "ckpt-<global step>", keeps
+  cfg.train.keep_checkpoints), saved every cfg.train.checkpoint_every_steps and at the end. TF writes
+  a checkpoint's files first and only then rewrites the small "checkpoint" state file (atomically,
+  write-to-temp + rename), and resume reads that state file: a kill -9 during a save leaves the previous
+  checkpoint as the latest.
+- Resume = run the same command again: the latest checkpoint's model, optimizer (iterations, momenta)
+  and epoch are restored. loss.log lines of steps after that checkpoint (trained by the killed run, and
+  lost with it) are dropped, so the log's step column always increases. The saved config.json must agree
+  with the new one in every model field and in the label map (data.category_ids); other fields (total
+  steps, batch, learning rate) may change and the new values are written.
+- Losses: the model's loss trackers are means since their last reset; the callback resets them at each
+  log, so a loss.log line holds the mean over its logging interval. The total loss is checked every step;
+  a non-finite value stops fit before anything is saved (the step's update already poisoned the
+  weights), and train() raises NonFiniteLossError naming the global step and the non-finite components.
+- --init_checkpoint: variables are matched by checkpoint key (model/<Keras path, "/" escaped>), restored
+  when the shape agrees, left at their fresh initialisation otherwise (the class-specific layers when
+  num_classes differs); both lists are logged. It applies only to a fresh run, never on resume.
+- Multi-worker: every worker trains and takes part in saves (TF's rule); only the chief writes into
+  model_dir (config, loss.log, TensorBoard, checkpoints); other workers save into a scratch directory
+  that is deleted afterwards.
+- Mixed precision: mixed_float16 wraps the optimizer in keras.optimizers.LossScaleOptimizer (the model
+  itself keeps a float32 policy, so Keras would not do it automatically).
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from tensorflow.core.framework import summary_pb2
+
+from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import distribute
+from maskrcnn_tf import run_dir
+from maskrcnn_tf.data import pipeline
+from maskrcnn_tf.data.label_map import load_label_map
+
+# Order and spelling of the MindSpore original's loss.log line.
+LOSS_LOG_NAMES = ("rpn_loss", "rcnn_loss", "rpn_cls_loss", "rpn_reg_loss", "rcnn_cls_loss", "rcnn_reg_loss",
+                  "rcnn_mask_loss", "total_loss")
+_FLOAT = r"(-?(?:\d+\.\d+|nan|inf))"
+LOSS_LINE_PATTERN = re.compile(
+    r"^epoch: (\d+) step: (\d+) ," + ", ".join(rf"{name}: {_FLOAT}" for name in LOSS_LOG_NAMES) + r"$")
+# Fields a resumed run must share with the run that wrote the checkpoint (everything else may change).
+_RESUME_FIXED_FIELDS = ("model", "data.category_ids")
+_CHECKPOINT_NAME = "ckpt"
+_EVAL_METRICS_SHOWN = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a NaN/inf loss; the message names the global step and the components."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def format_loss_line(epoch: int, step: int, losses: Dict[str, float]) -> str:
+    """One loss.log line: `epoch: 1 step: 7393 ,rpn_loss: 0.10626, rcnn_loss: 0.81592, ...` (5 decimals)."""
+    return f"epoch: {epoch} step: {step} ," + ", ".join(f"{n}: {losses[n]:.5f}" for n in LOSS_LOG_NAMES)
+
+
+def parse_loss_line(line: str) -> Optional[Tuple[int, int, Dict[str, float]]]:
+    """(epoch, step, {loss name: value}) of a loss.log line, or None when it does not match the format."""
+    match = LOSS_LINE_PATTERN.match(line.strip())
+    if not match:
+        return None
+    values = [float(v) for v in match.groups()[2:]]
+    return int(match.group(1)), int(match.group(2)), dict(zip(LOSS_LOG_NAMES, values))
+
+
+def steps_per_epoch(num_records: int, global_batch: int) -> int:
+    """Full batches in one pass over the data (the pipeline drops the remainder); at least 1."""
+    return max(1, num_records // global_batch)
+
+
+def apply_label_map(cfg: config_lib.Config, label_map_path: str) -> config_lib.Config:
+    """cfg with model.num_classes, data.category_ids and data.class_names from a converter's label map."""
+    category_ids, class_names = load_label_map(label_map_path)
+    return config_lib.replace(cfg, **{"model.num_classes": len(category_ids), "data.category_ids": category_ids,
+                                      "data.class_names": class_names})
+
+
+def _field(d: dict, dotted: str):
+    for key in dotted.split("."):
+        d = d[key]
+    return d
+
+
+def check_resume_config(saved: config_lib.Config, new: config_lib.Config, model_dir: str) -> List[str]:
+    """ValueError when `new` differs from the saved config in a field a resumed run cannot change;
+    otherwise the list of the (allowed) differences, "field: old -> new"."""
+    old_dict, new_dict = config_lib.to_dict(saved), config_lib.to_dict(new)
+
+    def diff(a, b, prefix):
+        if isinstance(a, dict):
+            return [d for k in a for d in diff(a[k], b[k], f"{prefix}{k}.")]
+        return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+    changes = diff(old_dict, new_dict, "")
+    fixed = [c for c in changes if any(c.startswith(f + ".") or c.startswith(f + ":") for f in _RESUME_FIXED_FIELDS)]
+    if fixed:
+        raise ValueError(f"{model_dir} holds a run with a different model configuration; use another "
+                         f"--model_dir or the same settings ({'; '.join(fixed[:5])}"
+                         f"{'; ...' if len(fixed) > 5 else ''})")
+    return changes
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_run_files(cfg: config_lib.Config, model_dir: str, label_map_path: Optional[str]) -> None:
+    """config.json (resolved config) and label_map.json (copy of the converter's) into model_dir."""
+    _write_text_atomic(os.path.join(model_dir, run_dir.CONFIG_FILE), json.dumps(config_lib.to_dict(cfg), indent=2))
+    if label_map_path:
+        with tf.io.gfile.GFile(label_map_path, "r") as f:
+            _write_text_atomic(os.path.join(model_dir, run_dir.LABEL_MAP_FILE), f.read())
+
+
+def _truncate_loss_log(path: str, last_step: int) -> None:
+    """Drops loss.log lines of steps after `last_step` (trained by an interrupted run, then lost)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line for line in lines if (parse_loss_line(line) or (0, 0, None))[1] <= last_step]
+    if len(kept) != len(lines):
+        _write_text_atomic(path, "".join(kept))
+
+
+def checkpoint_key(variable_path: str) -> str:
+    """Key of a model variable in a run_dir.make_checkpoint checkpoint (as tf.train.list_variables shows)."""
+    # tf.train.Checkpoint escapes "." as ".." and "/" as ".S" in the names of its children.
+    escaped = variable_path.replace(".", "..").replace("/", ".S")
+    return f"model/{escaped}/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint prefix from a prefix, a checkpoints directory or a model directory; ValueError if none."""
+    if tf.io.gfile.exists(path + ".index"):
+        return path
+    for directory in (path, os.path.join(path, run_dir.CHECKPOINT_DIR)):
+        if tf.io.gfile.isdir(directory):
+            latest = tf.train.latest_checkpoint(directory)
+            if latest:
+                return latest
+    raise ValueError(f"--init_checkpoint={path!r}: no checkpoint there (give a ckpt-N prefix, a checkpoints "
+                     "directory or a model directory)")
+
+
+def load_matching_weights(model: keras.Model, checkpoint_path: str) -> Tuple[List[str], List[str]]:
+    """Fine-tuning: assigns every model variable whose checkpoint key exists with the same shape.
+
+    Returns (restored variable paths, skipped "path (reason)" strings); skipped variables keep their
+    current (fresh) values.
+    """
+    checkpoint_path = resolve_checkpoint(checkpoint_path)
+    reader = tf.train.load_checkpoint(checkpoint_path)
+    shapes = reader.get_variable_to_shape_map()
+    restored, skipped = [], []
+    for path, variable in run_dir.variables_by_path(model).items():
+        key = checkpoint_key(path)
+        if key not in shapes:
+            skipped.append(f"{path} (not in checkpoint)")
+        elif tuple(shapes[key]) != tuple(variable.shape):
+            skipped.append(f"{path} (shape {tuple(shapes[key])} in checkpoint, {tuple(variable.shape)} here)")
+        else:
+            variable.assign(reader.get_tensor(key))
+            restored.append(path)
+    if not restored:
+        raise ValueError(f"--init_checkpoint={checkpoint_path}: no variable of this model is in it; "
+                         "is it a maskrcnn_tf training checkpoint?")
+    return restored, skipped
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# TensorBoard's scalar plugin reads summaries tagged with this metadata. Written with the core op
+# tf.summary.write because tf.summary.scalar needs the tensorboard package, which is not a dependency.
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
+
+
+def write_scalar(name: str, value: float, step: int) -> None:
+    """A TensorBoard scalar into the default summary writer."""
+    tf.summary.write(name, tf.constant(value, tf.float32), step=step, metadata=_SCALAR_METADATA)
+
+
+# ------------------------------------------------------------------------------------------ callback
+
+
+class TrainingMonitor(keras.callbacks.Callback):
+    """Per-step work of train(): NaN check, loss.log/TensorBoard/console, checkpoints, evaluation."""
+
+    def __init__(self, *, cfg, model_dir, manager, epoch_variable, steps_per_epoch, chief, evaluate=None,
+                 eval_every_epochs=0, verbose=True):
+        super().__init__()
+        self.cfg = cfg
+        self.total_steps = cfg.train.total_steps
+        self.global_batch = cfg.data.train_batch_size
+        self.manager = manager
+        self.epoch_variable = epoch_variable
+        self.steps_per_epoch = steps_per_epoch
+        self.chief = chief
+        self.evaluate = evaluate
+        self.eval_every_epochs = eval_every_epochs
+        self.verbose = verbose and chief
+        self.loss_log_path = os.path.join(model_dir, run_dir.LOSS_LOG)
+        self.writer = tf.summary.create_file_writer(os.path.join(model_dir, run_dir.TENSORBOARD_DIR, "train")) \
+            if chief else None
+        self.eval_writer = tf.summary.create_file_writer(os.path.join(model_dir, run_dir.TENSORBOARD_DIR, "eval")) \
+            if chief and evaluate else None
+        self.non_finite = None  # (step, [component names]) once a loss is NaN/inf
+        self.last_saved_step = None
+        self.last_eval_step = None
+        self.last_losses = {}
+        self.eval_metrics = {}
+
+    @property
+    def step(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+    def epoch_of(self, step: int) -> int:
+        """1-based epoch the step `step` (1-based) belongs to."""
+        return (max(step, 1) - 1) // self.steps_per_epoch + 1
+
+    def on_train_begin(self, logs=None):
+        self._mark = (time.monotonic(), self.step)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.step
+        total = float(np.asarray(logs["total_loss"]))
+        if not math.isfinite(total):
+            bad = [n for n in LOSS_LOG_NAMES if not math.isfinite(float(np.asarray(logs[n])))]
+            self.non_finite = (step, bad)
+            self.model.stop_training = True  # nothing is saved after this step
+            return
+        if step % self.cfg.train.log_every_steps == 0 or step >= self.total_steps:
+            self._log(step, {n: float(np.asarray(logs[n])) for n in LOSS_LOG_NAMES})
+        if step % self.steps_per_epoch == 0:
+            self.epoch_variable.assign(step // self.steps_per_epoch)
+            epoch = step // self.steps_per_epoch
+            if self.evaluate and self.eval_every_epochs and epoch % self.eval_every_epochs == 0:
+                self.run_evaluation(step)
+        if step % self.cfg.train.checkpoint_every_steps == 0:
+            self.save(step)
+        if step >= self.total_steps:
+            self.model.stop_training = True
+
+    def _log(self, step, losses):
+        for tracker in self.model.metrics:  # next line = mean over the next interval
+            tracker.reset_state()
+        self.last_losses = losses
+        now = time.monotonic()
+        elapsed, steps = now - self._mark[0], step - self._mark[1]
+        self._mark = (now, step)
+        steps_per_second = steps / elapsed if elapsed > 0 else 0.0
+        learning_rate = float(np.asarray(self.model.optimizer.learning_rate))
+        epoch = self.epoch_of(step)
+        if not self.chief:
+            return
+        with open(self.loss_log_path, "a", encoding="utf-8") as f:
+            f.write(format_loss_line(epoch, step, losses) + "\n")
+        with self.writer.as_default(step=step):
+            for name, value in losses.items():
+                write_scalar(f"loss/{name}", value, step)
+            write_scalar("learning_rate", learning_rate, step)
+            write_scalar("steps_per_second", steps_per_second, step)
+        self.writer.flush()
+        if self.verbose:
+            num_epochs = -(-self.total_steps // self.steps_per_epoch)
+            done = step / self.total_steps
+            bar_width = 20
+            bar = "=" * int(done * bar_width) + ">" + "." * (bar_width - int(done * bar_width))
+            eta = (self.total_steps - step) / steps_per_second if steps_per_second > 0 else 0.0
+            print(f"epoch {epoch}/{num_epochs} step {step}/{self.total_steps} [{bar[:bar_width]}] "
+                  f"total_loss {losses['total_loss']:.4f} (rpn {losses['rpn_loss']:.4f}, "
+                  f"rcnn {losses['rcnn_loss']:.4f}, mask {losses['rcnn_mask_loss']:.4f}) lr {learning_rate:.5f} "
+                  f"{steps_per_second:.2f} steps/s {steps_per_second * self.global_batch:.1f} images/s "
+                  f"eta {_format_duration(eta)}", flush=True)
+
+    def save(self, step):
+        if self.non_finite or step == self.last_saved_step:
+            return
+        self.epoch_variable.assign(step // self.steps_per_epoch)
+        path = self.manager.save(checkpoint_number=step)
+        self.last_saved_step = step
+        if self.verbose:
+            print(f"saved checkpoint {path}", flush=True)
+        self._mark = (time.monotonic(), self._mark[1])  # saving time does not count as training speed
+
+    def run_evaluation(self, step):
+        if step == self.last_eval_step or not self.chief:
+            return
+        metrics = self.evaluate()
+        self.last_eval_step = step
+        self.eval_metrics = metrics
+        with self.eval_writer.as_default(step=step):
+            for name, value in metrics.items():
+                write_scalar(name, value, step)
+        self.eval_writer.flush()
+        if self.verbose:
+            shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in _EVAL_METRICS_SHOWN if k in metrics)
+            print(f"evaluation at step {step}: {shown}", flush=True)
+        self._mark = (time.monotonic(), self._mark[1])
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def _build(cfg, strategy):
+    from maskrcnn_tf.model import build_model  # late: pulls in every layer
+    from maskrcnn_tf.optimizer import build_optimizer
+
+    with strategy.scope():
+        model = build_model(cfg)
+        optimizer = build_optimizer(cfg, model)
+        if cfg.train.precision == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)  # slots exist before a restore
+        model.compile(optimizer=optimizer, jit_compile=bool(cfg.train.jit_compile))
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    return model, optimizer, epoch
+
+
+def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: tf.distribute.Strategy, *,
+          label_map_path: Optional[str] = None, init_checkpoint: Optional[str] = None,
+          eval_file_pattern=None, val_json: Optional[str] = None, eval_every_epochs: int = 0,
+          num_steps_per_epoch: Optional[int] = None, verbose: bool = True) -> Dict:
+    """Trains (or resumes training) until cfg.train.total_steps global steps; see the module docstring.
+
+    Args:
+      cfg: the resolved Config (num_classes and the label map already applied, see apply_label_map).
+      model_dir: run directory (run_dir.py layout); created if needed.
+      train_file_pattern: glob (or list of globs) of training TFRecords.
+      strategy: from distribute.get_strategy.
+      label_map_path: converter label map copied to model_dir/label_map.json (optional).
+      init_checkpoint: fine-tune from this checkpoint (prefix, checkpoints dir or model dir) when the run
+        has no checkpoint of its own yet.
+      eval_file_pattern, val_json, eval_every_epochs: COCO evaluation (maskrcnn_tf.evaluation.run) every
+        that many epochs and at the end; off when any of them is missing/0.
+      num_steps_per_epoch: default: count_records(train_file_pattern) // global batch.
+    Returns:
+      {"model", "global_step", "epoch", "losses" (last logged), "eval_metrics" (last evaluation or {}),
+       "restored_from" (checkpoint path or None)}.
+    Raises:
+      ValueError: bad inputs (no records, a model_dir of another configuration, a bad init checkpoint).
+      NonFiniteLossError: a NaN/inf loss; the latest checkpoint is the last good one.
+    """
+    config_lib.validate(cfg)
+    chief = distribute.is_chief(strategy)
+    say = print if (verbose and chief) else (lambda *a, **k: None)
+    os.makedirs(model_dir, exist_ok=True)
+    checkpoint_dir = os.path.join(model_dir, run_dir.CHECKPOINT_DIR)
+    saved_config_path = os.path.join(model_dir, run_dir.CONFIG_FILE)
+    latest = run_dir.latest_checkpoint(model_dir)
+    if latest and os.path.exists(saved_config_path):
+        for change in check_resume_config(run_dir.load_config(model_dir), cfg, model_dir):
+            say(f"resume: config changed {change}")
+    if num_steps_per_epoch is None:
+        num_steps_per_epoch = steps_per_epoch(pipeline.count_records(train_file_pattern), cfg.data.train_batch_size)
+    if chief:
+        write_run_files(cfg, model_dir, label_map_path)
+
+    model, optimizer, epoch_variable = _build(cfg, strategy)
+    checkpoint = run_dir.make_checkpoint(model, optimizer, epoch=epoch_variable)
+    scratch = None
+    if chief:
+        manager_dir = checkpoint_dir
+    else:  # non-chief workers must take part in saving, but into a directory nobody reads
+        scratch = tempfile.mkdtemp(prefix="maskrcnn_tf_worker_")
+        manager_dir = scratch
+    manager = tf.train.CheckpointManager(checkpoint, manager_dir, max_to_keep=cfg.train.keep_checkpoints,
+                                         checkpoint_name=_CHECKPOINT_NAME)
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+        step = int(optimizer.iterations.numpy())
+        say(f"resuming from {latest}: global step {step}, epoch {int(epoch_variable.numpy())}, "
+            f"learning rate {float(np.asarray(optimizer.learning_rate)):.6f}")
+        if init_checkpoint:
+            say(f"--init_checkpoint ignored: the run already has its own checkpoint")
+        if chief:
+            _truncate_loss_log(os.path.join(model_dir, run_dir.LOSS_LOG), step)
+    elif init_checkpoint:
+        restored, skipped = load_matching_weights(model, init_checkpoint)
+        logging.info("init_checkpoint %s: restored %d variables: %s", init_checkpoint, len(restored), restored)
+        logging.info("init_checkpoint %s: kept fresh %d variables: %s", init_checkpoint, len(skipped), skipped)
+        say(f"initialised from {resolve_checkpoint(init_checkpoint)}: {len(restored)} variables restored, "
+            f"{len(skipped)} kept at their fresh initialisation" + (":" if skipped else ""))
+        for line in skipped:
+            say(f"  not restored: {line}")
+    step = int(optimizer.iterations.numpy())
+
+    evaluate = None
+    if eval_file_pattern and val_json and eval_every_epochs:
+        def evaluate():
+            from maskrcnn_tf.evaluation.run import evaluate_model  # late: owned by the evaluation module
+
+            return evaluate_model(model, cfg, eval_file_pattern, val_json,
+                                  output_dir=os.path.join(model_dir, run_dir.EVAL_DIR))
+
+    monitor = TrainingMonitor(cfg=cfg, model_dir=model_dir, manager=manager, epoch_variable=epoch_variable,
+                              steps_per_epoch=num_steps_per_epoch, chief=chief, evaluate=evaluate,
+                              eval_every_epochs=eval_every_epochs, verbose=verbose)
+    total = cfg.train.total_steps
+    try:
+        if step < total:
+            dataset = strategy.distribute_datasets_from_function(
+                lambda context: pipeline.build_dataset(train_file_pattern, cfg, training=True,
+                                                       input_context=context))
+            say(f"training {model_dir}: steps {step} -> {total}, {num_steps_per_epoch} steps per epoch, "
+                f"global batch {cfg.data.train_batch_size}, {strategy.num_replicas_in_sync} replica(s) "
+                f"({type(strategy).__name__})")
+            model.fit(dataset, steps_per_epoch=num_steps_per_epoch, epochs=-(-total // num_steps_per_epoch),
+                      initial_epoch=step // num_steps_per_epoch, callbacks=[monitor], verbose=0)
+        else:
+            say(f"{model_dir}: already trained to step {step} (train.total_steps={total})")
+        if monitor.non_finite:
+            bad_step, names = monitor.non_finite
+            latest = manager.latest_checkpoint if chief else run_dir.latest_checkpoint(model_dir)
+            raise NonFiniteLossError(
+                f"non-finite loss at global step {bad_step}: {', '.join(names)}; training stopped, nothing "
+                f"saved after it (latest checkpoint: {latest or 'none'}). Lower --learning_rate or check "
+                "the data.")
+        step = int(optimizer.iterations.numpy())
+        monitor.save(step)
+        if evaluate and monitor.last_eval_step != step:
+            monitor.run_evaluation(step)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return {"model": model, "global_step": step, "epoch": int(epoch_variable.numpy()),
+            "losses": monitor.last_losses, "eval_metrics": monitor.eval_metrics,
+            "restored_from": latest}

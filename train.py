@@ -1,0 +1,282 @@
+"""Trains Mask R-CNN; with no dataset flags, runs the built-in shapes demo end to end.
+
+  python train.py                                     # demo: data, training, COCO eval, export, pictures
+  python train.py --train_file_pattern='records/train-*' --model_dir=runs/r50 --strategy=mirrored \
+      --eval_file_pattern='records/val-*' --val_json=coco/annotations/instances_val2017.json
+
+Re-running the same command resumes from the latest checkpoint in --model_dir (also after kill -9).
+Settings: --config (preset) plus the override flags below, and --params_override=field=value (dotted
+config field names, JSON values, repeatable) for anything else; the resolved config is written to
+MODEL_DIR/config.json and read back by eval.py, export.py and predict.py.
+Environment: TF_CONFIG for --strategy=multi_worker_mirrored; MASKRCNN_TF_CPU_DEVICES=N splits the CPU
+into N logical devices (so --strategy=mirrored can be tried on a machine without GPUs).
+
+Errors in flags, data or model dir end the program with a one-line `error: ...` message (status 1).
+"""
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging
+
+try:
+    import maskrcnn_tf  # noqa: F401
+except ImportError:  # run from a source checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import distribute
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("train_file_pattern", None, "Glob of training TFRecords (data_prep converters). "
+                    "Not given (and no other dataset flag): run the built-in demo.")
+flags.DEFINE_string("model_dir", None, "Run directory: config, checkpoints, loss.log, TensorBoard logs. "
+                    "Required for training; the demo defaults to ./maskrcnn_demo.")
+flags.DEFINE_string("config", None, f"Preset: {' | '.join(config_lib.PRESETS)} (default coco_r50_fpn_1x; "
+                    "the demo uses tiny).")
+flags.DEFINE_integer("batch_size", None, "Global batch size (all replicas).", lower_bound=1)
+flags.DEFINE_float("num_epochs", None, "Training length in passes over the training records.", lower_bound=0)
+flags.DEFINE_integer("train_steps", None, "Training length in global steps.", lower_bound=1)
+flags.DEFINE_float("learning_rate", None, "Peak learning rate at the global batch (default: the preset's "
+                   "reference rate scaled linearly to the batch).", lower_bound=0)
+flags.DEFINE_string("image_size", None, "Model input HxW, each a multiple of 64, e.g. 512x512.")
+flags.DEFINE_integer("num_classes", None, "Foreground classes (default: from the label map).", lower_bound=1)
+flags.DEFINE_string("label_map", None, "Label map JSON (default: {output_prefix}_label_map.json next to "
+                    "the training records).")
+flags.DEFINE_enum("strategy", "one_device", list(distribute.STRATEGIES), "tf.distribute strategy.")
+flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu (empty = local TPU VM).")
+flags.DEFINE_string("pretrained", None, "Backbone weights: none | imagenet | PATH (default: the preset's).")
+flags.DEFINE_string("init_checkpoint", None, "Fine-tune from another run's checkpoint (ckpt prefix, "
+                    "checkpoints dir or model dir): variables of equal shape are restored, the others "
+                    "(class-specific layers) keep their fresh initialisation.")
+flags.DEFINE_enum("precision", None, list(config_lib.PRECISIONS), "Compute precision (default: the preset's).")
+flags.DEFINE_boolean("jit_compile", None, "XLA-compile the train step (needs the gather RoIAlign backend).")
+flags.DEFINE_string("eval_file_pattern", None, "Glob of evaluation TFRecords.")
+flags.DEFINE_string("val_json", None, "COCO instances JSON of the evaluation images.")
+flags.DEFINE_integer("eval_every_epochs", 1, "COCO evaluation every N epochs (and at the end) when "
+                     "--eval_file_pattern and --val_json are given; 0 = only at the end.", lower_bound=0)
+flags.DEFINE_multi_string("params_override", [], "Any config field: dotted.name=JSON value, e.g. "
+                          "train.checkpoint_every_steps=500 (repeatable; applied after the flags above).")
+
+DEMO_MODEL_DIR = "maskrcnn_demo"
+DEFAULT_PRESET = "coco_r50_fpn_1x"
+DEMO_PRESET = "tiny"
+_SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}\.tfrecord$")
+LABEL_MAP_SUFFIX = "_label_map.json"
+
+# Built-in demo: synthetic shapes, the tiny preset shortened to fit 10 minutes of a 2-core CPU.
+DEMO_NUM_TRAIN = 1200
+DEMO_NUM_VAL = 100
+DEMO_IMAGE_SIZE = 128  # generated images and model input (shapes are 13-45 px)
+DEMO_SEED = 0
+DEMO_NUM_SHARDS = 2
+DEMO_PREDICTION_IMAGES = 4
+DEMO_OVERRIDES = {
+    "model.image_size": (DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE),
+    "model.anchors.sizes": (8, 16, 32, 64, 128),
+    "data.train_batch_size": 4,
+    "train.total_steps": 1500,
+    "train.base_learning_rate": 0.08,  # at reference batch 16: 0.02 at batch 4
+    "train.warmup_steps": 100,
+    "train.checkpoint_every_steps": 500,
+    "train.log_every_steps": 50,
+}
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def parse_image_size(text: str):
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"--image_size={text!r}: expected HxW, e.g. 512x512")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_params_override(items):
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--params_override={item!r}: expected dotted.field=value")
+        name, value = item.split("=", 1)
+        try:
+            overrides[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[name.strip()] = value  # a bare string, e.g. train.schedule=cosine
+    return overrides
+
+
+def find_label_map(file_pattern: str):
+    """{output_prefix}_label_map.json of the converter that wrote the files matching file_pattern."""
+    for path in sorted(glob.glob(file_pattern)):
+        prefix = _SHARD_SUFFIX.sub("", path)
+        if prefix != path and os.path.exists(prefix + LABEL_MAP_SUFFIX):
+            return prefix + LABEL_MAP_SUFFIX
+    return None
+
+
+def resolve_config(preset: str, train_file_pattern: str, label_map_path=None, extra_overrides=None):
+    """(config, label map path, steps per epoch) from the flags; ValueError on bad combinations."""
+    from maskrcnn_tf import training
+    from maskrcnn_tf.data import pipeline
+
+    cfg = config_lib.get_preset(preset)
+    overrides = dict(extra_overrides or {})
+    if FLAGS.batch_size is not None:
+        overrides["data.train_batch_size"] = FLAGS.batch_size
+    if FLAGS.image_size is not None:
+        overrides["model.image_size"] = parse_image_size(FLAGS.image_size)
+    if FLAGS.pretrained is not None:
+        overrides["model.backbone.weights"] = None if FLAGS.pretrained.lower() == "none" else FLAGS.pretrained
+    if FLAGS.precision is not None:
+        overrides["train.precision"] = FLAGS.precision
+    if FLAGS.jit_compile is not None:
+        overrides["train.jit_compile"] = FLAGS.jit_compile
+    overrides.update(parse_params_override(FLAGS.params_override))
+    cfg = config_lib.replace(cfg, **overrides)
+    if FLAGS.learning_rate is not None:  # the peak rate at this run's batch: reference batch = batch
+        cfg = config_lib.replace(cfg, **{"train.base_learning_rate": FLAGS.learning_rate,
+                                         "train.reference_batch_size": cfg.data.train_batch_size})
+
+    label_map_path = label_map_path or FLAGS.label_map or find_label_map(train_file_pattern)
+    if label_map_path:
+        if not os.path.exists(label_map_path):
+            raise ValueError(f"--label_map={label_map_path}: file not found")
+        cfg = training.apply_label_map(cfg, label_map_path)
+        if FLAGS.num_classes is not None and FLAGS.num_classes != cfg.model.num_classes:
+            raise ValueError(f"--num_classes={FLAGS.num_classes} but the label map {label_map_path} has "
+                             f"{cfg.model.num_classes} classes")
+    elif FLAGS.num_classes is not None:
+        cfg = config_lib.replace(cfg, **{"model.num_classes": FLAGS.num_classes, "data.category_ids": (),
+                                         "data.class_names": ()})
+    else:
+        raise ValueError(f"no label map found next to {train_file_pattern!r}; give --label_map or --num_classes")
+
+    num_records = pipeline.count_records(train_file_pattern)
+    steps_per_epoch = training.steps_per_epoch(num_records, cfg.data.train_batch_size)
+    if FLAGS.num_epochs is not None and FLAGS.train_steps is not None:
+        raise ValueError("give --num_epochs or --train_steps, not both")
+    if FLAGS.num_epochs is not None:
+        cfg = config_lib.replace(cfg, **{"train.total_steps": max(1, round(FLAGS.num_epochs * steps_per_epoch))})
+    elif FLAGS.train_steps is not None:
+        cfg = config_lib.replace(cfg, **{"train.total_steps": FLAGS.train_steps})
+    return config_lib.validate(cfg), label_map_path, steps_per_epoch
+
+
+# -------------------------------------------------------------------------------------------- runs
+
+
+def run_training(train_file_pattern, model_dir, preset, label_map_path=None, extra_overrides=None,
+                 eval_file_pattern=None, val_json=None):
+    from maskrcnn_tf import training
+
+    cfg, label_map_path, steps_per_epoch = resolve_config(preset, train_file_pattern, label_map_path,
+                                                          extra_overrides)
+    if val_json and not os.path.exists(val_json):
+        raise ValueError(f"--val_json={val_json}: file not found")
+    strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
+    if (eval_file_pattern is None) != (val_json is None):
+        raise ValueError("evaluation during training needs both --eval_file_pattern and --val_json")
+    # eval_every_epochs=0 still evaluates once at the end: give the monitor a period beyond the run.
+    eval_every = FLAGS.eval_every_epochs or (cfg.train.total_steps // steps_per_epoch + 1)
+    return training.train(cfg, model_dir, train_file_pattern, strategy, label_map_path=label_map_path,
+                          init_checkpoint=FLAGS.init_checkpoint, eval_file_pattern=eval_file_pattern,
+                          val_json=val_json, eval_every_epochs=eval_every if eval_file_pattern else 0,
+                          num_steps_per_epoch=steps_per_epoch)
+
+
+def run_demo():
+    """Shapes data -> records -> tiny model -> COCO eval -> SavedModel -> pictures, all under model_dir."""
+    from maskrcnn_tf.data.coco_converter import convert_coco
+    from maskrcnn_tf.data.shapes import make_shapes_dataset
+
+    start = time.monotonic()
+    model_dir = os.path.abspath(FLAGS.model_dir or DEMO_MODEL_DIR)
+    print(f"demo: everything goes to {model_dir}", flush=True)
+    data_dir = os.path.join(model_dir, "data")
+    records = os.path.join(data_dir, "records")
+    train_prefix, val_prefix = os.path.join(records, "train"), os.path.join(records, "val")
+    shapes_dir = os.path.join(data_dir, "shapes")
+    paths = {"train_images": os.path.join(shapes_dir, "train"), "val_images": os.path.join(shapes_dir, "val"),
+             "train_annotations": os.path.join(shapes_dir, "annotations", "instances_train.json"),
+             "val_annotations": os.path.join(shapes_dir, "annotations", "instances_val.json")}
+    if not os.path.exists(val_prefix + LABEL_MAP_SUFFIX):  # a re-run reuses the data (and resumes)
+        paths = make_shapes_dataset(shapes_dir, DEMO_NUM_TRAIN, DEMO_NUM_VAL, DEMO_IMAGE_SIZE, DEMO_SEED)
+        print(f"demo: shapes images in {shapes_dir} ({DEMO_NUM_TRAIN} train, {DEMO_NUM_VAL} val)", flush=True)
+        os.makedirs(records, exist_ok=True)
+        for split, prefix in (("train", train_prefix), ("val", val_prefix)):
+            convert_coco(paths[f"{split}_images"], paths[f"{split}_annotations"], prefix, DEMO_NUM_SHARDS,
+                         progress=False)
+        print(f"demo: TFRecords in {records}", flush=True)
+    train_pattern = train_prefix + "-*.tfrecord"
+    val_pattern = val_prefix + "-*.tfrecord"
+    overrides = {k: v for k, v in DEMO_OVERRIDES.items()}
+    result = run_training(train_pattern, model_dir, FLAGS.config or DEMO_PRESET, extra_overrides=overrides)
+    model = result["model"]
+    print(f"demo: trained to step {result['global_step']} in {time.monotonic() - start:.0f} s; checkpoints "
+          f"in {os.path.join(model_dir, 'checkpoints')}, losses in {os.path.join(model_dir, 'loss.log')}, "
+          f"TensorBoard: tensorboard --logdir={os.path.join(model_dir, 'logs')}", flush=True)
+
+    from maskrcnn_tf import run_dir
+    from maskrcnn_tf.evaluation.run import evaluate_model
+
+    cfg = run_dir.load_config(model_dir)
+    eval_dir = os.path.join(model_dir, run_dir.EVAL_DIR)
+    metrics = evaluate_model(model, cfg, val_pattern, paths["val_annotations"], output_dir=eval_dir)
+    print(f"demo: held-out shapes ({DEMO_NUM_VAL} images): box AP@[.5:.95] {metrics['bbox/AP']:.3f}, "
+          f"mask AP@[.5:.95] {metrics.get('segm/AP', float('nan')):.3f}; detections and metrics in {eval_dir}",
+          flush=True)
+
+    from maskrcnn_tf.export import export_saved_model
+    from maskrcnn_tf.predictor import Predictor, predict_files
+
+    export_dir = export_saved_model(model, cfg, os.path.join(model_dir, "export"))
+    print(f"demo: SavedModel in {export_dir}", flush=True)
+    images = sorted(glob.glob(os.path.join(paths["val_images"], "*")))[:DEMO_PREDICTION_IMAGES]
+    written = predict_files(Predictor.from_saved_model(export_dir), images, os.path.join(model_dir, "predictions"),
+                            cfg.data.class_names)
+    print(f"demo: predictions drawn on {len(images)} val images: {', '.join(p for p in written if p.endswith('.png'))}",
+          flush=True)
+    print(f"demo: done in {time.monotonic() - start:.0f} s", flush=True)
+    return metrics
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
+    from maskrcnn_tf import training
+
+    dataset_flags = (FLAGS.train_file_pattern, FLAGS.eval_file_pattern, FLAGS.val_json, FLAGS.label_map)
+    try:
+        if not any(dataset_flags):
+            run_demo()
+            return
+        if not FLAGS.train_file_pattern:
+            raise ValueError("--train_file_pattern is required when any other dataset flag is given")
+        if not FLAGS.model_dir:
+            raise ValueError("--model_dir is required")
+        result = run_training(FLAGS.train_file_pattern, FLAGS.model_dir, FLAGS.config or DEFAULT_PRESET,
+                              eval_file_pattern=FLAGS.eval_file_pattern, val_json=FLAGS.val_json)
+        print(f"done: global step {result['global_step']}, model dir {os.path.abspath(FLAGS.model_dir)}", flush=True)
+    except training.NonFiniteLossError as e:
+        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+def _configure_before_tf():
+    """Device setup that must precede TensorFlow's device initialisation (MASKRCNN_TF_CPU_DEVICES)."""
+    try:
+        distribute.configure_cpu_devices_from_env()
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    _configure_before_tf()
+    app.run(main)
