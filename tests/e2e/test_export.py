@@ -22,6 +22,7 @@ from maskrcnn_tf.evaluation.coco_results import map_boxes_to_original
 from maskrcnn_tf.export import NOT_AN_IMAGE, export_saved_model
 from maskrcnn_tf.model import build_model
 from maskrcnn_tf.ops.masks import paste_masks
+from maskrcnn_tf.predictor import Predictor
 from tests.e2e.synthetic import tiny_test_config
 
 # Non-identity label map: contiguous 1, 2, 3 -> dataset ids 3, 7, 9.
@@ -127,7 +128,7 @@ def exported(tmp_path_factory):
                          cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return {
-        "cfg": cfg, "images": images, "reference": reference,
+        "cfg": cfg, "export_dir": export_dir, "images": images, "reference": reference,
         "tensor": dict(np.load(tmp / "tensor.npz")), "bytes": dict(np.load(tmp / "bytes.npz")),
         "report": json.loads((tmp / "report.json").read_text()),
     }
@@ -199,3 +200,13 @@ def test_non_image_bytes_give_a_clear_error(exported):
     error = exported["report"]["error"]
     assert error is not None and NOT_AN_IMAGE in error
     assert "input] [1]" in error  # names the offending batch element
+
+
+def test_predictor_from_saved_model_matches_keras(exported):
+    predictor = Predictor.from_saved_model(exported["export_dir"])
+    assert predictor.class_names == list(CLASS_NAMES) and predictor.category_ids == list(CATEGORY_IDS)
+    result, ref = predictor.predict(exported["images"]["b"]), exported["reference"]["b"]
+    np.testing.assert_allclose(result["boxes"], ref["boxes"], atol=TOLERANCE)
+    np.testing.assert_array_equal(result["category_ids"], ref["classes"])
+    np.testing.assert_array_equal(np.array(CATEGORY_IDS)[result["classes"] - 1], ref["classes"])
+    assert result["masks"].shape == (ref["num"],) + SIZE_B and result["masks"].dtype == np.uint8
