@@ -66,7 +66,7 @@ class MaskRCNN(keras.Model):
 
     def __init__(self, *, backbone, fpn, rpn_head, anchor_labeler, proposal_generator, roi_sampler,
                  box_roi_align, box_head, detection_generator, mask_roi_align=None, mask_head=None,
-                 anchors, max_mask_rois=128, rpn_box_loss_beta=0.0, rcnn_box_loss_beta=0.0,
+                 anchors, image_size, max_mask_rois=128, rpn_box_loss_beta=0.0, rcnn_box_loss_beta=0.0,
                  clip_grad_norm=0.0, **kwargs):
         # The model itself is float32 so its inputs (image_info especially) are never cast to float16.
         super().__init__(dtype="float32", **kwargs)
@@ -85,6 +85,7 @@ class MaskRCNN(keras.Model):
         self.anchors = {level: np.asarray(a, np.float32) for level, a in anchors.items()}  # {"P2": [n, 4]}
         self.flat_anchors = np.concatenate([self.anchors[k] for k in sorted(self.anchors)])  # [A, 4]
         self.max_mask_rois = max_mask_rois
+        self.image_size = tuple(image_size)
         self.rpn_box_loss_beta = rpn_box_loss_beta
         self.rcnn_box_loss_beta = rcnn_box_loss_beta
         self.clip_grad_norm = clip_grad_norm
@@ -117,8 +118,31 @@ class MaskRCNN(keras.Model):
 
     # ---------------------------------------------------------------------------------- losses
 
+    def check_batch(self, data):
+        """ValueError naming the key when a batch does not fit the data contract (static shapes, so
+        this runs once at trace time, not per step)."""
+        required = {"images", "image_info", "gt_boxes", "gt_classes"} | ({"gt_masks"} if self.include_mask else set())
+        missing = required - set(data)
+        if missing:
+            raise ValueError(f"batch: missing {sorted(missing)}; got keys {sorted(data)}")
+        height, width = self.image_size
+        shapes = {k: tuple(tf.TensorShape(v.shape).as_list()) for k, v in data.items()}
+        if shapes["images"][1:] != (height, width, 3):
+            raise ValueError(f"batch: images has shape {shapes['images']}; the model expects [B, {height}, {width}, 3]")
+        expected = {"image_info": (4, 2), "gt_boxes": (None, 4), "gt_classes": (None,)}
+        if self.include_mask:
+            expected["gt_masks"] = (None, None, None)
+        num_instances = shapes["gt_boxes"][1]
+        for key, tail in expected.items():
+            shape = shapes[key]
+            if len(shape) != len(tail) + 1 or any(t is not None and s != t for s, t in zip(shape[1:], tail)):
+                raise ValueError(f"batch: {key} has shape {shape}; expected [B, {', '.join(str(t or 'N') for t in tail)}]")
+            if key.startswith("gt_") and shape[1] != num_instances:
+                raise ValueError(f"batch: {key} has {shape[1]} instances per image but gt_boxes has {num_instances}")
+
     def compute_losses(self, data, training=True):
         """The training losses of one (per-replica) batch; see losses.py for the normalizers."""
+        self.check_batch(data)
         images, image_info = data["images"], data["image_info"]
         gt_boxes, gt_classes = data["gt_boxes"], tf.cast(data["gt_classes"], tf.int32)
         num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -255,6 +279,7 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
             name="detection_generator", **box_math),
         anchors=anchor_ops.multilevel_anchors(m.image_size, m.anchors.sizes, m.anchors.aspect_ratios,
                                               min_level=config_lib.MIN_LEVEL, max_level=config_lib.MAX_LEVEL),
+        image_size=m.image_size,
         max_mask_rois=m.roi.max_mask_rois,
         rpn_box_loss_beta=m.rpn.box_loss_beta,
         rcnn_box_loss_beta=m.roi.box_loss_beta,

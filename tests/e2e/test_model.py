@@ -183,3 +183,20 @@ def test_mirrored_two_replicas_give_the_same_update_as_one_device():
 def test_bad_config_fails_at_build_time_with_the_field_name(field, value, message):
     with pytest.raises(ValueError, match=message):
         build_model(config_lib.replace(tiny_test_config(), **{field: value}))
+
+
+@pytest.mark.parametrize("key,shape,message", [
+    ("images", (2, 96, 128, 3), r"images has shape \(2, 96, 128, 3\); the model expects \[B, 128, 128, 3\]"),
+    ("gt_classes", (2, 5), "gt_classes has 5 instances per image but gt_boxes has 4"),
+    ("gt_boxes", (2, 4, 5), r"gt_boxes has shape \(2, 4, 5\)"),
+])
+def test_batch_that_breaks_the_contract_names_the_key(key, shape, message):
+    cfg = tiny_test_config()
+    model = build_model(cfg)
+    data, _ = make_batch(cfg, TWO_IMAGES)
+    data[key] = np.zeros(shape, data[key].dtype)
+    with pytest.raises(ValueError, match=message):
+        model.compute_losses(data)
+    del data["gt_masks"]
+    with pytest.raises(ValueError, match="missing"):
+        model.compute_losses(data)
