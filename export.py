@@ -10,15 +10,15 @@ and exit status 1.
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Model directory written by train.py (config.json, checkpoints/).")
 flags.DEFINE_string("checkpoint", None, "Checkpoint path prefix (e.g. MODEL_DIR/checkpoints/ckpt-1000); "
                     "default: the latest checkpoint of model_dir.")
 flags.DEFINE_string("export_dir", None, "Where the SavedModel is written (created).")
-flags.DEFINE_bool("pasted_masks", True, "Also output masks pasted at the original image size "
-                  "(uint8 [B, D, H, W]); --no_pasted_masks for very large images.")
+flags.DEFINE_bool("no_pasted_masks", False, "Leave out detection_masks_pasted (uint8 [B, D, H, W] at the "
+                  "original image size; large for big photos): clients paste the 28x28 masks themselves.")
 flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 # Longest error message printed; restore errors can list hundreds of variable paths.
@@ -38,7 +38,7 @@ def run() -> None:
     cfg, model = run_dir.restore_model(FLAGS.model_dir, FLAGS.checkpoint)
     checkpoint = FLAGS.checkpoint or run_dir.latest_checkpoint(FLAGS.model_dir)
     start = time.perf_counter()
-    export_saved_model(model, cfg, FLAGS.export_dir, include_pasted_masks=FLAGS.pasted_masks)
+    export_saved_model(model, cfg, FLAGS.export_dir, include_pasted_masks=not FLAGS.no_pasted_masks)
     print(f"export: {checkpoint} -> {FLAGS.export_dir} ({time.perf_counter() - start:.1f} s); signatures "
           "serving_default (encoded images), image_tensor (uint8 images), metadata", flush=True)
 
@@ -48,6 +48,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import tensorflow as tf
 
+    # SavedModel writing logs every captured variable at INFO through absl; keep the console readable.
+    logging.set_verbosity(logging.WARNING)
     try:
         run()
     except (ValueError, OSError, tf.errors.OpError) as e:

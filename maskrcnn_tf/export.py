@@ -2,7 +2,8 @@
 
 Signatures (all outputs are batched, D = cfg.model.detection.max_detections):
 
-    serving_default(images: string [None])            encoded JPEG/PNG/GIF/BMP bytes, any size, any batch
+    serving_default(images: string [None])            encoded image bytes (what tf.io.decode_image
+                                                      reads: JPEG, PNG, GIF, BMP, WebP, JPEG XL), any size
     image_tensor(images: uint8 [None, None, None, 3]) RGB images of one common size
     metadata()                                        class names, category ids, config JSON
 
@@ -36,6 +37,8 @@ Decisions:
   include_pasted_masks=False (then clients paste the 28 x 28 masks themselves).
 - Class names, category ids and the config JSON are returned by a constant `metadata` signature, so a
   server (or `saved_model_cli`) can show names without any file besides the SavedModel.
+- The graph has no Python control flow on tensors, so the functions are traced with autograph=False
+  (faster tracing, no AutoGraph conversion warnings).
 - Keras 3 layers held in Python lists are invisible to TF's object graph (run_dir.py), so the module
   tracks `model.variables` explicitly (as keras.export.ExportArchive does); the Keras model itself is
   kept out of the object graph (only the traced functions and the variables are saved).
@@ -54,10 +57,13 @@ from maskrcnn_tf.ops import masks as mask_ops
 MASK_THRESHOLD = 0.5
 # image_info rows (data pipeline contract).
 _ORIGINAL_SIZE, _VALID_SIZE, _SCALE, _OFFSET = 0, 1, 2, 3
-# Leading bytes of the formats tf.io.decode_image reads (JPEG is checked with tf.io.is_jpeg).
-_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+# Leading bytes of the formats tf.io.decode_image reads besides JPEG (checked with tf.io.is_jpeg):
+# PNG, GIF, BMP, JPEG XL (bare codestream and ISO container). WebP is "RIFF" + size + "WEBP" (_is_image).
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"\xff\x0a",
+                b"\x00\x00\x00\x0cJXL \x0d\x0a\x87\x0a")
+_WEBP_RIFF, _WEBP_TAG, _WEBP_TAG_OFFSET = b"RIFF", b"WEBP", 8
 _PADDING_BOX = -1.0
-NOT_AN_IMAGE = "is not a decodable image (JPEG, PNG, GIF or BMP expected)"
+NOT_AN_IMAGE = "is not a decodable image (JPEG, PNG, GIF, BMP, WebP or JPEG XL expected)"
 SIGNATURE_BYTES = "serving_default"
 SIGNATURE_TENSOR = "image_tensor"
 SIGNATURE_METADATA = "metadata"
@@ -66,7 +72,11 @@ SIGNATURE_METADATA = "metadata"
 def _is_image(encoded: tf.Tensor) -> tf.Tensor:
     """bool []: string [] starts like one of the formats tf.io.decode_image reads."""
     known = [tf.equal(tf.strings.substr(encoded, 0, len(magic)), magic) for magic in _IMAGE_MAGIC]
-    return tf.reduce_any(tf.stack([tf.io.is_jpeg(encoded)] + known))
+    # substr fails when the start lies beyond the string: pad short inputs before reading at an offset.
+    padded = tf.strings.join([encoded, b"\0" * (_WEBP_TAG_OFFSET + len(_WEBP_TAG))])
+    webp = (tf.equal(tf.strings.substr(encoded, 0, len(_WEBP_RIFF)), _WEBP_RIFF)
+            & tf.equal(tf.strings.substr(padded, _WEBP_TAG_OFFSET, len(_WEBP_TAG)), _WEBP_TAG))
+    return tf.reduce_any(tf.stack([tf.io.is_jpeg(encoded), webp] + known))
 
 
 def decode_image(encoded: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
@@ -144,12 +154,12 @@ class ServingModule(tf.Module):
         # One tf.function with a fixed signature shared by both serving signatures: the Keras model is
         # traced (and stored in the SavedModel) once, not once per signature, which halves export time.
         height, width = cfg.model.image_size
-        self._detect_fn = tf.function(self._detect, input_signature=[
+        self._detect_fn = tf.function(self._detect, autograph=False, input_signature=[
             tf.TensorSpec([None, height, width, 3], tf.float32), tf.TensorSpec([None, 4, 2], tf.float32)])
 
     # ----------------------------------------------------------------------------- signatures
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")], autograph=False)
     def serve_bytes(self, images):
         """string [B] encoded images of any sizes -> the output dict of the module docstring."""
         def decode_and_preprocess(args):
@@ -164,7 +174,8 @@ class ServingModule(tf.Module):
                                      tf.TensorSpec([4, 2], tf.float32)))  # [B, H, W, 3], [B, 4, 2]
         return self._detect_fn(inputs, image_info)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
+                 autograph=False)
     def serve_tensor(self, images):
         """uint8 RGB [B, h, w, 3] (one size for the batch) -> the output dict of the module docstring."""
         inputs, image_info = tf.map_fn(
@@ -173,7 +184,7 @@ class ServingModule(tf.Module):
                                  tf.TensorSpec([4, 2], tf.float32)))  # [B, H, W, 3], [B, 4, 2]
         return self._detect_fn(inputs, image_info)
 
-    @tf.function(input_signature=[])
+    @tf.function(input_signature=[], autograph=False)
     def metadata(self):
         """{"class_names": string [K], "category_ids": int32 [K], "config_json": string []}."""
         return dict(self._metadata)

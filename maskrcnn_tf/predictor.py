@@ -22,6 +22,7 @@ that collide (same stem in two folders) get a numeric suffix.
 
 import json
 import os
+import re
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -116,13 +117,20 @@ class Predictor:
 
 def read_image(path: str) -> np.ndarray:
     """uint8 [h, w, 3] RGB of an image file; ValueError with the reason when it cannot be read."""
+    if not tf.io.gfile.exists(path):
+        raise ValueError("file not found")
+    if tf.io.gfile.isdir(path):
+        raise ValueError("is a directory")
     try:
         data = tf.io.read_file(path)
+    except tf.errors.OpError as e:  # e.g. permission denied
+        raise ValueError(f"cannot read file ({type(e).__name__})") from e
+    try:
         return tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False).numpy()
-    except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as e:
-        raise ValueError(f"cannot read file ({e.message.splitlines()[0]})") from e
     except tf.errors.InvalidArgumentError as e:
-        raise ValueError(f"not a decodable image ({e.message.splitlines()[0]})") from e
+        # Keep TF's reason, without the kernel name in {{...}} and the op suffix " [Op:...]".
+        reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", e.message.splitlines()[0])
+        raise ValueError(f"not a decodable image ({reason})") from e
 
 
 def detections_to_json(result: Dict[str, np.ndarray], class_names: Sequence[str], score_threshold: float) -> List[dict]:
