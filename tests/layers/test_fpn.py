@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from maskrcnn_tf.layers.fpn import FPN
+from tests.layers.numpy_reference import conv2d_same
 
 IMAGE_SIZE = 64
 BATCH = 2
@@ -19,30 +20,17 @@ def _c_features(batch=BATCH):
             .astype(np.float32) for key, ch in C_CHANNELS.items()}
 
 
-def _conv2d_same(x, kernel, bias):
-    """float64 stride-1 'same' convolution (cross-correlation, as TF), x [N, H, W, Ci], kernel [k, k, Ci, Co]."""
-    k = kernel.shape[0]
-    pad = k // 2
-    height, width = x.shape[1:3]
-    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    out = np.zeros(x.shape[:3] + (kernel.shape[3],))
-    for dy in range(k):
-        for dx in range(k):
-            out += padded[:, dy:dy + height, dx:dx + width, :] @ kernel[dy, dx]
-    return out + bias
-
-
 def _fpn_oracle(layer, features):
     """Lin et al. 2017 section 3 with detectron2's P6 = 1x1 max-pool stride 2 of P5, in float64."""
     weights = {w.path.split("/")[-2] + "/" + w.name: np.asarray(w.numpy(), np.float64) for w in layer.weights}
     outputs, top_down = {}, None
     for level in (5, 4, 3, 2):
-        lateral = _conv2d_same(features[f"C{level}"].astype(np.float64), weights[f"lateral_P{level}/kernel"],
+        lateral = conv2d_same(features[f"C{level}"].astype(np.float64), weights[f"lateral_P{level}/kernel"],
                                weights[f"lateral_P{level}/bias"])
         if top_down is not None:
             lateral = lateral + top_down.repeat(2, axis=1).repeat(2, axis=2)
         top_down = lateral
-        outputs[f"P{level}"] = _conv2d_same(lateral, weights[f"output_P{level}/kernel"],
+        outputs[f"P{level}"] = conv2d_same(lateral, weights[f"output_P{level}/kernel"],
                                             weights[f"output_P{level}/bias"])
     outputs["P6"] = outputs["P5"][:, ::2, ::2, :]
     return outputs

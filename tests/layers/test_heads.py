@@ -8,6 +8,7 @@ import tensorflow as tf
 from maskrcnn_tf.layers.box_head import BoxHead
 from maskrcnn_tf.layers.mask_head import MaskHead
 from maskrcnn_tf.layers.rpn_head import RPNHead
+from tests.layers.numpy_reference import conv2d_same
 
 BATCH = 2
 NUM_ROIS = 3  # S
@@ -17,19 +18,6 @@ NUM_CLASSES = 4  # K
 
 def _rng(seed=0):
     return np.random.default_rng(seed)
-
-
-def _conv2d_same(x, kernel, bias):
-    """float64 stride-1 'same' convolution (cross-correlation, as TF), x [N, H, W, Ci], kernel [k, k, Ci, Co]."""
-    k = kernel.shape[0]
-    pad = k // 2
-    height, width = x.shape[1:3]
-    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    out = np.zeros(x.shape[:3] + (kernel.shape[3],))
-    for dy in range(k):
-        for dx in range(k):
-            out += padded[:, dy:dy + height, dx:dx + width, :] @ kernel[dy, dx]
-    return out + bias
 
 
 def _deconv2x2_stride2(x, kernel, bias):
@@ -106,10 +94,10 @@ def test_rpn_head_matches_numpy_oracle_on_every_level():
     w = _weights(layer)
     assert sorted(scores) == sorted(deltas) == sorted(features)
     for key, feature in features.items():
-        hidden = _relu(_conv2d_same(feature.astype(np.float64), w["conv/kernel"], w["conv/bias"]))
+        hidden = _relu(conv2d_same(feature.astype(np.float64), w["conv/kernel"], w["conv/bias"]))
         # Same weights for every level (one set of variables).
-        expected_scores = _conv2d_same(hidden, w["objectness/kernel"], w["objectness/bias"])
-        expected_deltas = _conv2d_same(hidden, w["box_deltas/kernel"], w["box_deltas/bias"])
+        expected_scores = conv2d_same(hidden, w["objectness/kernel"], w["objectness/bias"])
+        expected_deltas = conv2d_same(hidden, w["box_deltas/kernel"], w["box_deltas/bias"])
         assert scores[key].shape == feature.shape[:3] + (num_anchors,)
         assert deltas[key].shape == feature.shape[:3] + (num_anchors * 4,)
         np.testing.assert_allclose(scores[key].numpy(), expected_scores, rtol=1e-4, atol=1e-4)
@@ -219,9 +207,9 @@ def test_mask_head_matches_numpy_oracle():
     w = _weights(layer)
     x = features.astype(np.float64).reshape(BATCH * NUM_ROIS, MASK_IN, MASK_IN, CHANNELS)
     for conv in ("conv1", "conv2"):
-        x = _relu(_conv2d_same(x, w[f"{conv}/kernel"], w[f"{conv}/bias"]))
+        x = _relu(conv2d_same(x, w[f"{conv}/kernel"], w[f"{conv}/bias"]))
     x = _relu(_deconv2x2_stride2(x, w["deconv/kernel"], w["deconv/bias"]))
-    x = _conv2d_same(x, w["predictor/kernel"], w["predictor/bias"])  # [B * S, 2M, 2M, K]
+    x = conv2d_same(x, w["predictor/kernel"], w["predictor/bias"])  # [B * S, 2M, 2M, K]
     x = x.reshape(BATCH, NUM_ROIS, 2 * MASK_IN, 2 * MASK_IN, NUM_CLASSES)
     b, s = np.meshgrid(np.arange(BATCH), np.arange(NUM_ROIS), indexing="ij")
     expected = x[b, s, :, :, _expected_channel(CLASSES)]  # [B, S, 2M, 2M]
