@@ -56,7 +56,7 @@ from maskrcnn_tf.ops import masks as mask_ops
 # A pasted mask pixel is foreground at probability >= this (detectron2 / Model Garden / coco_results).
 MASK_THRESHOLD = 0.5
 # image_info rows (data pipeline contract).
-_ORIGINAL_SIZE, _VALID_SIZE, _SCALE, _OFFSET = 0, 1, 2, 3
+_ORIGINAL_SIZE, _SCALE, _OFFSET = 0, 2, 3
 # Leading bytes of the formats tf.io.decode_image reads besides JPEG (checked with tf.io.is_jpeg):
 # PNG, GIF, BMP, JPEG XL (bare codestream and ISO container). WebP is "RIFF" + size + "WEBP" (_is_image).
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"\xff\x0a",
