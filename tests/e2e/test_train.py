@@ -1,0 +1,302 @@
+"""train.py as people run it (subprocesses): loss.log format, resume after kill -9, NaN stop, mirrored and
+multi-worker strategies, fine-tuning from an 80-class run into a 1-class run; plus the in-process pieces
+(loss line format, resume config check, checkpoint keys, strategies by name)."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import distribute, run_dir, training
+from tests.conftest import REPO_ROOT, shared_data
+
+TRAIN_PY = str(REPO_ROOT / "train.py")
+# The tiny preset shrunk as tests/e2e/synthetic.tiny_test_config (a step takes ~1 s on 2 cores).
+SMALL_MODEL = [
+    "--config=tiny", "--image_size=128x128", "--batch_size=2",
+    "--params_override=model.fpn_num_filters=32", "--params_override=model.rpn_num_filters=32",
+    "--params_override=model.rpn.batch_size_per_image=64", "--params_override=model.rpn.pre_nms_top_k_train=128",
+    "--params_override=model.rpn.post_nms_top_k_train=48", "--params_override=model.rpn.pre_nms_top_k_test=128",
+    "--params_override=model.rpn.post_nms_top_k_test=48", "--params_override=model.roi.num_samples=32",
+    "--params_override=model.roi.max_mask_rois=8", "--params_override=model.heads.fc_dim=64",
+    "--params_override=model.heads.mask_num_filters=32", "--params_override=data.max_instances=8",
+    "--params_override=data.gt_mask_size=28", "--params_override=data.shuffle_buffer=8",
+]
+COCO_STEPS = 10  # the reference run; the resume test kills a copy after its first checkpoint
+COCO_IMAGES = 8
+PROCESS_TIMEOUT = 300
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env.pop("TF_CONFIG", None)
+    env.pop(distribute.CPU_DEVICES_ENV, None)
+    env.update(extra)
+    return env
+
+
+def run_train(args, env=None, check=True):
+    proc = subprocess.run([sys.executable, TRAIN_PY, *args], capture_output=True, text=True,
+                          env=env or _env(), timeout=PROCESS_TIMEOUT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def loss_log_steps(model_dir):
+    with open(os.path.join(model_dir, run_dir.LOSS_LOG), encoding="utf-8") as f:
+        parsed = [training.parse_loss_line(line) for line in f]
+    assert all(p is not None for p in parsed), "a loss.log line does not match the original's format"
+    return [step for _, step, _ in parsed]
+
+
+def checkpoint_steps(model_dir):
+    directory = os.path.join(model_dir, run_dir.CHECKPOINT_DIR)
+    state = tf.train.get_checkpoint_state(directory)
+    return [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths] if state else []
+
+
+def _convert(image_dir, annotation_file, prefix, num_shards, max_images=None):
+    from maskrcnn_tf.data.coco_converter import convert_coco
+
+    convert_coco(str(image_dir), str(annotation_file), prefix, num_shards, max_images=max_images, progress=False)
+    return prefix + "-*.tfrecord"
+
+
+@pytest.fixture(scope="module")
+def coco_records(tmp_path_factory):
+    root = shared_data("coco_tiny")
+    prefix = str(tmp_path_factory.mktemp("coco_records") / "train")
+    # 2 shards: the multi-worker test needs one per worker.
+    return _convert(root / "train2017", root / "annotations" / "instances_train2017.json", prefix, 2, COCO_IMAGES)
+
+
+def coco_args(records, model_dir, steps=COCO_STEPS, *extra):
+    return [f"--train_file_pattern={records}", f"--model_dir={model_dir}", f"--train_steps={steps}",
+            *SMALL_MODEL, "--params_override=train.checkpoint_every_steps=2",
+            "--params_override=train.log_every_steps=1", "--params_override=train.warmup_steps=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def coco_run(coco_records, tmp_path_factory):
+    """An uninterrupted 80-class run on COCO images: the reference for resume and the fine-tuning source."""
+    model_dir = str(tmp_path_factory.mktemp("coco_run"))
+    proc = run_train(coco_args(coco_records, model_dir))
+    return model_dir, proc
+
+
+# ------------------------------------------------------------------------------------ in-process
+
+
+def test_loss_line_has_the_originals_format_and_round_trips():
+    losses = {name: 0.1 * (i + 1) for i, name in enumerate(training.LOSS_LOG_NAMES)}
+    line = training.format_loss_line(1, 7393, losses)
+    # The MindSpore original's line, with its odd " ," after the step.
+    assert line.startswith("epoch: 1 step: 7393 ,rpn_loss: 0.10000, rcnn_loss: 0.20000, rpn_cls_loss: 0.30000")
+    assert line.endswith("rcnn_mask_loss: 0.70000, total_loss: 0.80000")
+    epoch, step, parsed = training.parse_loss_line(line)
+    assert (epoch, step) == (1, 7393) and parsed == pytest.approx(losses)
+    assert training.parse_loss_line("epoch: 1 step: 3, total_loss: 1.0") is None
+
+
+def test_resume_config_check_refuses_model_changes_and_allows_schedule_changes():
+    saved = config_lib.tiny()
+    longer = config_lib.replace(saved, **{"train.total_steps": 5000, "data.train_batch_size": 8})
+    assert sorted(training.check_resume_config(saved, longer, "DIR")) == [
+        "data.train_batch_size: 4 -> 8", "train.total_steps: 1000 -> 5000"]
+    with pytest.raises(ValueError, match="model.num_classes"):
+        training.check_resume_config(saved, config_lib.replace(saved, **{"model.num_classes": 5}), "DIR")
+    with pytest.raises(ValueError, match="data.category_ids"):
+        training.check_resume_config(saved, config_lib.replace(saved, **{"data.category_ids": (1, 2, 4)}), "DIR")
+
+
+def test_get_strategy_by_name_and_clear_errors(monkeypatch):
+    assert isinstance(distribute.get_strategy("one_device"), tf.distribute.OneDeviceStrategy)
+    mirrored = distribute.get_strategy("mirrored")
+    # tests/conftest.py splits the CPU into 2 logical devices; a CPU-only mirrored run uses all of them.
+    assert mirrored.num_replicas_in_sync == len(tf.config.list_logical_devices("CPU"))
+    with pytest.raises(ValueError, match="one_device | mirrored"):
+        distribute.get_strategy("horovod")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        distribute.get_strategy("multi_worker_mirrored")
+
+
+# ------------------------------------------------------------------------------------ processes
+
+
+def test_train_on_coco_writes_run_dir_and_loss_log(coco_run, coco_records):
+    model_dir, proc = coco_run
+    # One line per step (log_every_steps=1), global steps 1..COCO_STEPS, all in epoch 1 or later.
+    assert loss_log_steps(model_dir) == list(range(1, COCO_STEPS + 1))
+    # 8 records / batch 2 = 4 steps per epoch: step 5 is the first of epoch 2.
+    with open(os.path.join(model_dir, run_dir.LOSS_LOG)) as f:
+        epochs = [training.parse_loss_line(line)[0] for line in f]
+    assert epochs == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
+    cfg = run_dir.load_config(model_dir)
+    with open(os.path.join(model_dir, run_dir.LABEL_MAP_FILE)) as f:
+        label_map = json.load(f)
+    assert cfg.model.num_classes == len(label_map) == len(cfg.data.category_ids) == len(cfg.data.class_names)
+    assert cfg.data.category_ids == tuple(e["id"] for e in sorted(label_map, key=lambda e: e["contiguous_id"]))
+    assert cfg.model.image_size == (128, 128) and cfg.train.total_steps == COCO_STEPS
+    # keep_checkpoints of the tiny preset (5) of the checkpoints every 2 steps.
+    assert checkpoint_steps(model_dir) == [2, 4, 6, 8, 10]
+    assert os.listdir(os.path.join(model_dir, run_dir.TENSORBOARD_DIR, "train"))
+    assert re.search(r"steps/s [\d.]+ images/s", proc.stdout)
+    assert f"done: global step {COCO_STEPS}" in proc.stdout
+
+
+def test_resume_after_kill_9_ends_at_the_same_step_and_never_goes_back(coco_run, coco_records, tmp_path):
+    reference_dir, _ = coco_run
+    model_dir = str(tmp_path / "killed")
+    args = coco_args(coco_records, model_dir)
+    process = subprocess.Popen([sys.executable, TRAIN_PY, *args], env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    state_file = os.path.join(model_dir, run_dir.CHECKPOINT_DIR, "checkpoint")
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    while not os.path.exists(state_file) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(checkpoint_steps(model_dir))
+    assert 2 <= killed_at < COCO_STEPS
+
+    proc = run_train(args)
+    match = re.search(r"resuming from \S+: global step (\d+), epoch (\d+)", proc.stdout)
+    assert match, proc.stdout
+    resumed_step = int(match.group(1))
+    assert resumed_step >= killed_at  # nothing before the last checkpoint is lost
+    assert int(match.group(2)) == resumed_step // 4  # completed epochs at 4 steps per epoch
+    steps = loss_log_steps(model_dir)
+    assert steps == loss_log_steps(reference_dir) == list(range(1, COCO_STEPS + 1))  # no step twice, none back
+    assert max(checkpoint_steps(model_dir)) == max(checkpoint_steps(reference_dir)) == COCO_STEPS
+
+    # The same directory with another model configuration is refused in one line (before building).
+    changed = run_train(args + ["--image_size=192x192"], check=False)
+    assert changed.returncode == 1 and "Traceback" not in changed.stderr
+    assert "different model configuration" in changed.stderr and "model.image_size" in changed.stderr
+
+
+def test_nan_loss_stops_with_step_and_component_and_keeps_the_last_checkpoint(coco_records, tmp_path):
+    model_dir = str(tmp_path / "nan")
+    # Peak rate 1e8 after a 3-step warmup from 1e-10 x peak: the first steps train at a sane rate
+    # (0.01), then the update explodes the weights and a later loss is inf/NaN.
+    args = [f"--train_file_pattern={coco_records}", f"--model_dir={model_dir}", "--train_steps=12", *SMALL_MODEL,
+            "--learning_rate=1e8", "--params_override=train.warmup_steps=3",
+            "--params_override=train.warmup_factor=1e-10", "--params_override=train.checkpoint_every_steps=1",
+            "--params_override=train.log_every_steps=1"]
+    proc = run_train(args, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    match = re.search(r"error: non-finite loss at global step (\d+): ([a-z_, ]+);", proc.stderr)
+    assert match, proc.stderr[-2000:]
+    bad_step, components = int(match.group(1)), match.group(2).split(", ")
+    assert "total_loss" in components and set(components) <= set(training.LOSS_LOG_NAMES)
+    saved = checkpoint_steps(model_dir)
+    assert saved and max(saved) == bad_step - 1  # every good step saved, nothing after the bad one
+    assert all(step < bad_step for step in loss_log_steps(model_dir))
+    from maskrcnn_tf.model import build_model
+
+    cfg = run_dir.load_config(model_dir)
+    run_dir.restore_weights(build_model(cfg), run_dir.latest_checkpoint(model_dir))  # complete, loadable
+
+
+def test_mirrored_on_two_logical_cpus(coco_records, tmp_path):
+    model_dir = str(tmp_path / "mirrored")
+    proc = run_train([f"--train_file_pattern={coco_records}", f"--model_dir={model_dir}", "--train_steps=2",
+                      *SMALL_MODEL, "--strategy=mirrored", "--params_override=train.log_every_steps=1"],
+                     env=_env(**{distribute.CPU_DEVICES_ENV: "2"}))
+    assert "2 replica(s) (MirroredStrategy)" in proc.stdout
+    assert loss_log_steps(model_dir) == [1, 2] and checkpoint_steps(model_dir) == [2]
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multi_worker_mirrored_two_local_workers(coco_records, tmp_path):
+    model_dir = str(tmp_path / "multi_worker")
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    args = [f"--train_file_pattern={coco_records}", f"--model_dir={model_dir}", "--train_steps=3", *SMALL_MODEL,
+            "--strategy=multi_worker_mirrored", "--params_override=train.log_every_steps=1"]
+    processes = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen([sys.executable, TRAIN_PY, *args], env=_env(TF_CONFIG=tf_config),
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=PROCESS_TIMEOUT) for p in processes]
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "2 replica(s) (MultiWorkerMirroredStrategy)" in outputs[0][0]
+    assert "done: global step 3" in outputs[1][0]  # the other worker ran to the end as well
+    assert loss_log_steps(model_dir) == [1, 2, 3] and checkpoint_steps(model_dir) == [3]  # chief only
+
+
+@pytest.fixture(scope="module")
+def pothole_records(tmp_path_factory):
+    root = shared_data("potholes")
+    prefix = str(tmp_path_factory.mktemp("pothole_records") / "valid")
+    return _convert(root / "valid", root / "valid" / "_annotations.coco.json", prefix, 1, COCO_IMAGES)
+
+
+def test_fine_tune_80_class_checkpoint_into_1_class_run(coco_run, pothole_records, tmp_path):
+    from maskrcnn_tf.model import build_model
+
+    source_dir, _ = coco_run
+    source_cfg = run_dir.load_config(source_dir)
+    assert source_cfg.model.num_classes == 80
+    target_dir = str(tmp_path / "potholes")
+    args = [f"--train_file_pattern={pothole_records}", f"--model_dir={target_dir}", "--train_steps=2",
+            *SMALL_MODEL, f"--init_checkpoint={source_dir}", "--params_override=train.log_every_steps=1"]
+    proc = run_train(args)
+    assert re.search(r"\d+ variables restored, 6 kept at their fresh initialisation", proc.stdout)
+    not_restored = sorted(re.findall(r"not restored: (\S+)", proc.stdout))
+    # Exactly the class-specific layers (kernel and bias each; keys seen with tf.train.list_variables):
+    # box classifier [64, 81] -> [64, 2], box regressor [64, 324] -> [64, 8], mask predictor 80 -> 1.
+    assert not_restored == sorted(f"mask_rcnn/{layer}/{kind}" for kind in ("kernel", "bias") for layer in
+                                  ("box_head/classifier", "box_head/box_regressor", "mask_head/predictor"))
+    assert loss_log_steps(target_dir) == [1, 2]
+    target_cfg = run_dir.load_config(target_dir)
+    assert target_cfg.model.num_classes == 1 and target_cfg.data.class_names == ("pothole",)
+
+    # In process: after loading (before any step), shared weights equal the source's.
+    model = build_model(target_cfg)
+    restored, skipped = training.load_matching_weights(model, source_dir)
+    reader = tf.train.load_checkpoint(run_dir.latest_checkpoint(source_dir))
+    by_path = run_dir.variables_by_path(model)
+    for stage in ("backbone", "fpn", "rpn_head"):
+        variables = getattr(model, stage).variables
+        assert variables and all(v.path in restored for v in variables), stage
+        for v in variables:
+            np.testing.assert_array_equal(v.numpy(), reader.get_tensor(training.checkpoint_key(v.path)))
+    skipped_paths = {s.split(" ")[0] for s in skipped}
+    class_specific = [p for p, v in by_path.items() if p in skipped_paths]
+    assert len(class_specific) == 6
+    for path in class_specific:
+        source_shape = reader.get_variable_to_shape_map()[training.checkpoint_key(path)]
+        assert tuple(by_path[path].shape) != tuple(source_shape)  # 1-class shape, not the 80-class one
+
+
+def test_wrong_flags_give_one_line_errors(tmp_path):
+    bad_size = run_train(["--train_file_pattern=/nonexistent/x-*", f"--model_dir={tmp_path}", "--image_size=12"],
+                         check=False)
+    no_files = run_train(["--train_file_pattern=/nonexistent/x-*", f"--model_dir={tmp_path}", "--num_classes=2"],
+                         check=False)
+    for proc, message in ((bad_size, "--image_size='12': expected HxW"), (no_files, "no files match")):
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert message in proc.stderr.strip().splitlines()[-1]
