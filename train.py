@@ -15,6 +15,7 @@ Errors in flags, data or model dir end the program with a one-line `error: ...` 
 """
 import glob
 import json
+import logging as pylogging
 import os
 import re
 import sys
@@ -85,7 +86,7 @@ DEMO_OVERRIDES = {
     "model.rpn_num_filters": 32,
     "model.heads.fc_dim": 128,
     "model.heads.mask_num_filters": 32,
-    "model.roi.num_samples": 32,
+    "model.roi.num_samples": 64,
     "model.roi.max_mask_rois": 16,
     "model.rpn.pre_nms_top_k_train": 128,
     "model.rpn.post_nms_top_k_train": 64,
@@ -95,6 +96,7 @@ DEMO_OVERRIDES = {
     "data.gt_mask_size": 56,
     "train.total_steps": 1500,
     "train.base_learning_rate": 0.16,  # at reference batch 16: peak 0.04 at batch 4
+    "train.schedule": "cosine",
     "train.warmup_steps": 100,
     "train.checkpoint_every_steps": 500,
     "train.log_every_steps": 50,
@@ -260,6 +262,8 @@ def run_demo():
 
 
 def main(argv):
+    # TF's own INFO lines (e.g. one per checkpoint save) would drown the progress lines.
+    pylogging.getLogger("tensorflow").setLevel(pylogging.WARNING)
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
     from maskrcnn_tf import training

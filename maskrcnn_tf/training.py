@@ -44,6 +44,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import keras
@@ -350,6 +351,16 @@ def _build(cfg, strategy):
         optimizer.build(model.trainable_variables)  # slots exist before a restore
         model.compile(optimizer=optimizer, jit_compile=bool(cfg.train.jit_compile))
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    # Keras' fit under a strategy first MEAN-reduces one input batch over the replicas to build the model
+    # symbolically; MultiWorkerMirroredStrategy cannot reduce a dict batch ("unsupported type dict").
+    # Model and optimizer are already built here, so that step would do nothing: skip it (instance only).
+    assert model.built and optimizer.built
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # Keras reduces step outputs over workers with strategy.reduce("MEAN", v, axis=0), which fails on
+        # the scalar losses ("Invalid reduction dimension 0"); a [1] shape reduces to the same mean.
+        train_step = model.train_step
+        model.train_step = lambda data: {k: tf.reshape(v, [1]) for k, v in train_step(data).items()}  # [1]
     return model, optimizer, epoch
 
 
@@ -441,8 +452,10 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
             say(f"training {model_dir}: steps {step} -> {total}, {num_steps_per_epoch} steps per epoch, "
                 f"global batch {cfg.data.train_batch_size}, {strategy.num_replicas_in_sync} replica(s) "
                 f"({type(strategy).__name__})")
-            model.fit(dataset, steps_per_epoch=num_steps_per_epoch, epochs=-(-total // num_steps_per_epoch),
-                      initial_epoch=step // num_steps_per_epoch, callbacks=[monitor], verbose=0)
+            with warnings.catch_warnings():  # Keras warns that a tf.data input ignores fit's shuffle=True
+                warnings.filterwarnings("ignore", message=".*shuffle=True.*")
+                model.fit(dataset, steps_per_epoch=num_steps_per_epoch, epochs=-(-total // num_steps_per_epoch),
+                          initial_epoch=step // num_steps_per_epoch, callbacks=[monitor], verbose=0)
         else:
             say(f"{model_dir}: already trained to step {step} (train.total_steps={total})")
         if monitor.non_finite:

@@ -242,7 +242,7 @@ def test_multi_worker_mirrored_two_local_workers(coco_records, tmp_path):
     outputs = [p.communicate(timeout=PROCESS_TIMEOUT) for p in processes]
     for p, (out, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-3000:]
-    assert "2 replica(s) (MultiWorkerMirroredStrategy)" in outputs[0][0]
+    assert "2 replica(s) (CollectiveAllReduceStrategy)" in outputs[0][0]  # MWMS class name
     assert "done: global step 3" in outputs[1][0]  # the other worker ran to the end as well
     assert loss_log_steps(model_dir) == [1, 2, 3] and checkpoint_steps(model_dir) == [3]  # chief only
 
