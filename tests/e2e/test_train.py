@@ -149,11 +149,20 @@ def test_train_on_coco_writes_run_dir_and_loss_log(coco_run, coco_records):
     assert cfg.model.image_size == (128, 128) and cfg.train.total_steps == COCO_STEPS
     # keep_checkpoints of the tiny preset (5) of the checkpoints every 2 steps.
     assert checkpoint_steps(model_dir) == [2, 4, 6, 8, 10]
-    assert os.listdir(os.path.join(model_dir, run_dir.TENSORBOARD_DIR, "train"))
+    # TensorBoard scalars (written without the tensorboard package): one per logged step and tag.
+    scalars = {}
+    for path in tf.io.gfile.glob(os.path.join(model_dir, run_dir.TENSORBOARD_DIR, "train", "events.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                assert value.metadata.plugin_data.plugin_name == "scalars"
+                scalars.setdefault(value.tag, []).append(event.step)
+    assert scalars["loss/total_loss"] == scalars["learning_rate"] == list(range(1, COCO_STEPS + 1))
+    assert {f"loss/{name}" for name in training.LOSS_LOG_NAMES} <= set(scalars)
     assert re.search(r"steps/s [\d.]+ images/s", proc.stdout)
     assert f"done: global step {COCO_STEPS}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_ends_at_the_same_step_and_never_goes_back(coco_run, coco_records, tmp_path):
     reference_dir, _ = coco_run
     model_dir = str(tmp_path / "killed")
@@ -186,6 +195,7 @@ def test_resume_after_kill_9_ends_at_the_same_step_and_never_goes_back(coco_run,
     assert "different model configuration" in changed.stderr and "model.image_size" in changed.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_component_and_keeps_the_last_checkpoint(coco_records, tmp_path):
     model_dir = str(tmp_path / "nan")
     # Peak rate 1e8 after a 3-step warmup from 1e-10 x peak: the first steps train at a sane rate
@@ -209,6 +219,7 @@ def test_nan_loss_stops_with_step_and_component_and_keeps_the_last_checkpoint(co
     run_dir.restore_weights(build_model(cfg), run_dir.latest_checkpoint(model_dir))  # complete, loadable
 
 
+@pytest.mark.slow
 def test_mirrored_on_two_logical_cpus(coco_records, tmp_path):
     model_dir = str(tmp_path / "mirrored")
     proc = run_train([f"--train_file_pattern={coco_records}", f"--model_dir={model_dir}", "--train_steps=2",
