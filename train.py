@@ -93,7 +93,6 @@ DEMO_OVERRIDES = {
     "model.rpn.pre_nms_top_k_test": 128,
     "model.rpn.post_nms_top_k_test": 64,
     "data.train_batch_size": 4,
-    "data.gt_mask_size": 56,
     "train.total_steps": 1500,
     "train.base_learning_rate": 0.16,  # at reference batch 16: peak 0.04 at batch 4
     "train.schedule": "cosine",
@@ -230,8 +229,7 @@ def run_demo():
         print(f"demo: TFRecords in {records}", flush=True)
     train_pattern = train_prefix + "-*.tfrecord"
     val_pattern = val_prefix + "-*.tfrecord"
-    overrides = {k: v for k, v in DEMO_OVERRIDES.items()}
-    result = run_training(train_pattern, model_dir, FLAGS.config or DEMO_PRESET, extra_overrides=overrides)
+    result = run_training(train_pattern, model_dir, FLAGS.config or DEMO_PRESET, extra_overrides=DEMO_OVERRIDES)
     model = result["model"]
     print(f"demo: trained to step {result['global_step']} in {time.monotonic() - start:.0f} s; checkpoints "
           f"in {os.path.join(model_dir, 'checkpoints')}, losses in {os.path.join(model_dir, 'loss.log')}, "
