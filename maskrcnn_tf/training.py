@@ -45,7 +45,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import keras
 import numpy as np
@@ -419,7 +419,7 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
         say(f"resuming from {latest}: global step {step}, epoch {int(epoch_variable.numpy())}, "
             f"learning rate {float(np.asarray(optimizer.learning_rate)):.6f}")
         if init_checkpoint:
-            say(f"--init_checkpoint ignored: the run already has its own checkpoint")
+            say("--init_checkpoint ignored: the run already has its own checkpoint")
         if chief:
             _truncate_loss_log(os.path.join(model_dir, run_dir.LOSS_LOG), step)
     elif init_checkpoint:
