@@ -311,3 +311,40 @@ def test_wrong_flags_give_one_line_errors(tmp_path):
     for proc, message in ((bad_size, "--image_size='12': expected HxW"), (no_files, "no files match")):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert message in proc.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------ the whole chain on real COCO images
+
+
+def _run_program(script, *args):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / script), *args], capture_output=True, text=True,
+                          env=_env(), timeout=PROCESS_TIMEOUT)
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_coco_chain_train_eval_export_predict(coco_run, tmp_path):
+    """The programs people run, one after the other on real COCO images (coco_tiny): the run trained by
+    train.py (coco_run) is evaluated, exported and used to draw predictions."""
+    model_dir, _ = coco_run
+    root = shared_data("coco_tiny")
+    val_json = root / "annotations" / "instances_val2017.json"
+    val_records = _convert(root / "val2017", val_json, str(tmp_path / "val"), 1, max_images=4)
+
+    proc = _run_program("eval.py", f"--model_dir={model_dir}", f"--eval_file_pattern={val_records}",
+                        f"--val_json={val_json}")
+    # pycocotools' first table line, printed once for bbox and once for segm (or zeros if nothing found).
+    table_line = " Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]"
+    assert proc.stdout.count(table_line) == 2 or "no detections" in proc.stdout + proc.stderr
+    metrics = json.load(open(os.path.join(model_dir, run_dir.EVAL_DIR, "metrics.json")))
+    assert "segm/AP" in metrics["metrics"] and os.path.exists(os.path.join(model_dir, run_dir.EVAL_DIR, "detections.json"))
+
+    export_dir = str(tmp_path / "export")
+    _run_program("export.py", f"--model_dir={model_dir}", f"--export_dir={export_dir}")
+    assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
+
+    image = sorted((root / "val2017").iterdir())[0]
+    out_dir = tmp_path / "predictions"
+    _run_program("predict.py", f"--saved_model={export_dir}", f"--image={image}", f"--output_dir={out_dir}")
+    assert (out_dir / (image.stem + ".png")).exists() and (out_dir / (image.stem + ".json")).exists()
