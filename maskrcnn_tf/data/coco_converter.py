@@ -26,13 +26,19 @@ Decisions (DESIGN.md is silent on them):
   multi-part polygon are removed and the rest kept ("polygon_parts_dropped"). Polygons are filtered
   before pycocotools sees them because frPyObjects reads a list whose first entry has 4 numbers as
   boxes, not polygons. Crowd instances (uncompressed RLE in COCO) are kept with is_crowd = 1.
-- A mask is exactly pycocotools' annToMask of the annotation (frPyObjects + merge + decode) at the true
-  image size, PNG-encoded by schema.encode_png_mask. The box is the JSON's bbox (clipped), not the mask's
-  extent, and "area" is the JSON's area (mask or box area when missing), as Model Garden does.
+- A mask is exactly pycocotools' annToMask of the annotation (frPyObjects + merge for polygons) at the
+  true image size, written as an 8-bit 0/1 PNG straight from its run lengths (rle_png.py: the cost
+  follows the instance's box, not the image). Run lengths that do not cover the image exactly are
+  "malformed_rle". The box is the JSON's bbox (clipped), not the mask's extent, and "area" is the
+  JSON's area (mask or box area when missing), as Model Garden does.
+- The annotation file is streamed once into a compact index (coco_json.py: per annotation its image
+  id and where its text is in the file); each worker re-reads the annotations of the image it writes.
+  Memory stays flat as the dataset grows (no json.load of the whole file), and grouping annotations by
+  image is one stable sort, not a lookup per image.
 - Images: the first --max_images in the JSON's "images" order. Image k goes to shard k % num_shards, and
   worker w writes shards w, w + num_workers, ..., so the shard contents do not depend on the worker
   count. Each worker streams: one example in memory at a time.
-- Workers are processes started with "fork" where the platform has it (the parsed JSON is shared
+- Workers are processes started with "fork" where the platform has it (the index is shared
   copy-on-write; workers use only protobuf, TFRecordWriter, OpenCV and pycocotools, never TF ops, which
   are not fork-safe), "spawn" elsewhere. A worker whose parent dies stops after its current image.
 - Atomic output: shards are written as "<final name>.tmp-<pid>" and renamed only after every shard is
@@ -58,7 +64,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from maskrcnn_tf.data import schema
+from maskrcnn_tf.data import coco_json, rle_png, schema
 
 SHARD_NAME = "{prefix}-{index:05d}-of-{count:05d}.tfrecord"
 LABEL_MAP_SUFFIX = "_label_map.json"
@@ -385,27 +391,26 @@ def make_summary(stats: Stats, finals: List[str], num_inputs: int, seconds: floa
 # COCO
 
 
-def load_coco_json(annotation_file: str) -> Dict:
-    """Loads and checks the top level of a COCO instances JSON; ConversionError with a clear message."""
+def load_coco_index(annotation_file: str) -> coco_json.CocoIndex:
+    """Indexes a COCO instances JSON (coco_json.py) and checks its top level; ConversionError with a
+    clear message when the file is missing, unreadable, not JSON or not an instances file."""
     if not os.path.isfile(annotation_file):
         raise ConversionError(f"annotation file not found: {annotation_file}")
     try:
-        with open(annotation_file, "rb") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        index = coco_json.index_coco_json(annotation_file)
+    except coco_json.TopLevelNotObject:
+        raise ConversionError(f"{annotation_file}: top level is not a JSON object") from None
+    except (OSError, ValueError) as e:  # JSON errors and UnicodeDecodeError are ValueErrors
         raise ConversionError(f"cannot read annotation file {annotation_file}: {e}") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{annotation_file}: top level is not a JSON object")
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
+    for key, present in (("images", index.has_images_list), ("categories", index.has_categories_list)):
+        if not present:
             raise ConversionError(f"{annotation_file}: no '{key}' list (is this a COCO instances file?)")
-    if not isinstance(data.get("annotations", []), list):
+    if index.annotations_present and not index.annotations_is_list:
         raise ConversionError(f"{annotation_file}: 'annotations' is not a list")
-    return data
+    return index
 
 
-def build_label_map(categories: Sequence[Dict], annotations: Sequence[Dict]) -> List[Dict]:
-    """[{"id", "contiguous_id", "name"}] sorted by dataset id; see the module docstring for the rule."""
+def _label_map(categories: Sequence[Dict], used: set) -> List[Dict]:
     cats = []
     for c in categories:
         if not isinstance(c, dict) or not isinstance(c.get("id"), int) or "name" not in c:
@@ -414,7 +419,6 @@ def build_label_map(categories: Sequence[Dict], annotations: Sequence[Dict]) -> 
     ids = [c["id"] for c in cats]
     if len(set(ids)) != len(ids):
         raise ConversionError(f"duplicate category ids in 'categories': {sorted(ids)}")
-    used = {a.get("category_id") for a in annotations if isinstance(a, dict)}
 
     def is_unused_parent(c):
         others_super = {o.get("supercategory") for o in cats if o is not c}
@@ -424,12 +428,51 @@ def build_label_map(categories: Sequence[Dict], annotations: Sequence[Dict]) -> 
     return [{"id": c["id"], "contiguous_id": i + 1, "name": str(c["name"])} for i, c in enumerate(kept)]
 
 
-@dataclasses.dataclass(frozen=True)
+def build_label_map(categories: Sequence[Dict], annotations: Sequence[Dict]) -> List[Dict]:
+    """[{"id", "contiguous_id", "name"}] sorted by dataset id; see the module docstring for the rule."""
+    return _label_map(categories, {a.get("category_id") for a in annotations if isinstance(a, dict)})
+
+
+def _int_key(value) -> Optional[int]:
+    """value as an int64 lookup key when it is a JSON integer (or an integral float), else None."""
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    if type(value) is int and coco_json.INT64_MIN < value <= coco_json.INT64_MAX:
+        return value
+    return None
+
+
+def _lookup(index: coco_json.CocoIndex, table: Dict) -> np.ndarray:
+    """int64 [A]: table[image_id] of each indexed annotation (table values >= 0), -1 where absent.
+    Matches ids by value, as a dict lookup on the parsed JSON would."""
+    ids = index.annotation_image_ids  # [A]
+    found = np.full(ids.shape, -1, np.int64)  # [A]
+    pairs = [(key, value) for key, value in ((_int_key(k), v) for k, v in table.items()) if key is not None]
+    if pairs and ids.size:
+        keys = np.array([k for k, _ in pairs], np.int64)  # [I]
+        values = np.array([v for _, v in pairs], np.int64)  # [I]
+        order = np.argsort(keys)
+        keys, values = keys[order], values[order]
+        at = np.minimum(np.searchsorted(keys, ids), keys.size - 1)  # [A]
+        hit = keys[at] == ids
+        found[hit] = values[at[hit]]
+    for i, image_id in index.non_int_image_ids.items():
+        try:
+            found[i] = table.get(image_id, -1)
+        except TypeError:  # an unhashable image_id (list, object) matches no image
+            found[i] = -1
+    return found
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class _CocoContext:
     image_dir: str
     include_masks: bool
     skip_empty: bool
     names: Dict[int, str]  # dataset category id -> name (label map)
+    annotation_file: str
+    offsets: np.ndarray  # int64 [A'] byte offset of each annotation, grouped by image (units index it)
+    lengths: np.ndarray  # int64 [A'] its length in bytes
 
 
 def _finite_floats(values) -> Optional[List[float]]:
@@ -440,9 +483,10 @@ def _finite_floats(values) -> Optional[List[float]]:
     return out if all(math.isfinite(v) for v in out) else None
 
 
-def segmentation_to_mask(segmentation, height: int, width: int, stats: Stats, where: str):
-    """COCO segmentation (polygons, uncompressed or compressed RLE) -> (uint8 [H, W] mask, None) or
-    (None, drop reason). The mask equals pycocotools' annToMask for valid input."""
+def segmentation_to_counts(segmentation, height: int, width: int, stats: Stats, where: str):
+    """COCO segmentation (polygons, uncompressed or compressed RLE) -> (int64 [m] run lengths, None) or
+    (None, drop reason). The runs (rle_png.rle_counts format: column-major, 0-runs first) describe
+    exactly pycocotools' annToMask of the annotation for valid input."""
     from pycocotools import mask as mask_utils
 
     if isinstance(segmentation, list):
@@ -456,33 +500,34 @@ def segmentation_to_mask(segmentation, height: int, width: int, stats: Stats, wh
         if len(polygons) < len(segmentation):
             stats.count("polygon_parts_dropped", f"{where}: {len(segmentation) - len(polygons)} part(s)",
                         n=len(segmentation) - len(polygons))
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        counts = rle_png.rle_counts(mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))["counts"])
     elif isinstance(segmentation, dict):
         size, counts = segmentation.get("size"), segmentation.get("counts")
         if not (isinstance(size, (list, tuple)) and len(size) == 2):
             return None, "malformed_rle"
-        if [int(size[0]), int(size[1])] != [height, width]:
-            return None, "rle_size_mismatch"
         try:
+            if [int(size[0]), int(size[1])] != [height, width]:
+                return None, "rle_size_mismatch"
             if isinstance(counts, list):  # uncompressed RLE (COCO crowd regions)
-                rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+                counts = np.asarray(counts)
+                if counts.ndim != 1 or counts.dtype.kind not in "iu":
+                    return None, "malformed_rle"
+                counts = counts.astype(np.int64)
             elif isinstance(counts, (str, bytes)):
-                rle = {"size": [height, width], "counts": counts}
+                counts = rle_png.rle_counts(counts)
             else:
                 return None, "malformed_rle"
-            mask = mask_utils.decode(rle)
-        except Exception:  # pycocotools raises bare Exceptions/ValueErrors/TypeErrors on bad counts
+            rle_png.check_counts(counts, height, width)
+        except (TypeError, ValueError, OverflowError):
             return None, "malformed_rle"
-        return (mask, None) if mask.any() else (None, "empty_mask")
     else:
         return None, "missing_segmentation"
-    mask = mask_utils.decode(rle)
-    return (mask, None) if mask.any() else (None, "empty_mask")
+    return (counts, None) if counts[1::2].any() else (None, "empty_mask")
 
 
 def _coco_example(ctx: _CocoContext, unit, stats: Stats) -> Optional[bytes]:
-    """One image entry and its annotations -> serialized tf.train.Example, or None (counted)."""
-    image, anns = unit
+    """One image entry and its annotations' byte spans -> serialized tf.train.Example, or None (counted)."""
+    image, first, last = unit
     name = image["file_name"]
     try:
         img = read_image_file(os.path.join(ctx.image_dir, name))
@@ -493,6 +538,7 @@ def _coco_example(ctx: _CocoContext, unit, stats: Stats) -> Optional[bytes]:
     if (image.get("height"), image.get("width")) != (h, w):
         stats.count("images_size_mismatch",
                     f"{name}: JSON says {image.get('height')}x{image.get('width')}, file is {h}x{w}")
+    anns = coco_json.read_annotations(ctx.annotation_file, ctx.offsets[first:last], ctx.lengths[first:last])
     boxes, labels, texts, crowd, areas, masks = [], [], [], [], [], []
     clipped = 0
     for ann in anns:
@@ -500,7 +546,7 @@ def _coco_example(ctx: _CocoContext, unit, stats: Stats) -> Optional[bytes]:
         reason = None
         category = ann.get("category_id")
         bbox = _finite_floats(ann.get("bbox")) if isinstance(ann.get("bbox"), (list, tuple)) else None
-        if category not in ctx.names:
+        if not isinstance(category, (int, float, str)) or category not in ctx.names:
             reason = "unknown_category"
         elif bbox is None or len(bbox) != 4:
             reason = "malformed_bbox"
@@ -511,23 +557,23 @@ def _coco_example(ctx: _CocoContext, unit, stats: Stats) -> Optional[bytes]:
             (x1, y1, x2, y2), was_clipped = clip_box(x, y, x + bw, y + bh, h, w)
             if x2 <= x1 or y2 <= y1:
                 reason = "box_outside_image"
-        mask = None
+        counts = None
         if reason is None and ctx.include_masks:
-            mask, reason = segmentation_to_mask(ann.get("segmentation"), h, w, stats, where)
+            counts, reason = segmentation_to_counts(ann.get("segmentation"), h, w, stats, where)
         if reason is not None:
             stats.count("instances_dropped:" + reason, f"{where}: bbox {ann.get('bbox')}")
             continue
         clipped += was_clipped
         area = _finite_floats([ann.get("area")])
         if area is None or area[0] <= 0:
-            area = [float(mask.sum()) if mask is not None else (x2 - x1) * (y2 - y1)]
+            area = [float(counts[1::2].sum()) if counts is not None else (x2 - x1) * (y2 - y1)]
         boxes.append((x1 / w, y1 / h, x2 / w, y2 / h))
         labels.append(category)
         texts.append(ctx.names[category])
         crowd.append(1 if ann.get("iscrowd") else 0)
         areas.append(area[0])
-        if mask is not None:
-            masks.append(schema.encode_png_mask(mask))
+        if counts is not None:
+            masks.append(rle_png.encode_png_from_counts(counts, h, w))
     if ctx.skip_empty and not boxes:
         stats.count("images_skipped:no_instances", name)
         return None
@@ -554,18 +600,24 @@ def convert_coco(image_dir: str, annotation_file: str, output_prefix: str, num_s
     a missing or unreadable annotation file or bad arguments; bad images and annotations are counted.
     """
     start = time.monotonic()
-    data = load_coco_json(annotation_file)
+    annotation_file = os.path.abspath(annotation_file)
+    index = load_coco_index(annotation_file)
     if not os.path.isdir(image_dir):
         raise ConversionError(f"image directory not found: {image_dir}")
-    annotations = data.get("annotations", [])
-    label_map = build_label_map(data["categories"], annotations)
+    label_map = _label_map(index.categories, index.used_category_ids)
     stats = Stats()
 
     images, seen = [], set()
-    for entry in data["images"]:
+    for entry in index.images:
         if not (isinstance(entry, dict) and isinstance(entry.get("file_name"), str) and "id" in entry):
             stats.count("images_skipped:malformed_image_entry", repr(entry)[:200])
-        elif entry["id"] in seen:
+            continue
+        try:
+            duplicate = entry["id"] in seen
+        except TypeError:  # an unhashable id (list, object)
+            stats.count("images_skipped:malformed_image_entry", repr(entry)[:200])
+            continue
+        if duplicate:
             stats.count("images_skipped:duplicate_image_id", f"{entry['file_name']}: id {entry['id']}")
         elif not is_safe_relative_path(entry["file_name"]):
             stats.count("images_skipped:path_outside_image_dir", entry["file_name"])
@@ -574,17 +626,31 @@ def convert_coco(image_dir: str, annotation_file: str, output_prefix: str, num_s
             images.append(entry)
     if max_images is not None:
         images = images[:max(0, max_images)]
-    by_image = {entry["id"]: [] for entry in images}
-    for ann in annotations:
-        if not isinstance(ann, dict) or "image_id" not in ann:
-            stats.count("instances_dropped:malformed_annotation", repr(ann)[:200])
-        elif ann["image_id"] in by_image:
-            by_image[ann["image_id"]].append(ann)
-        elif ann["image_id"] not in seen:  # images cut by max_images are not an error
-            stats.count("instances_dropped:unknown_image", f"annotation {ann.get('id')}: image_id "
-                                                           f"{ann['image_id']}")
-    units = [(entry, by_image[entry["id"]]) for entry in images]
-    ctx = _CocoContext(image_dir, include_masks, skip_empty, {c["id"]: c["name"] for c in label_map})
+
+    for message in index.malformed_annotations:
+        stats.count("instances_dropped:malformed_annotation", message)
+    extra = index.num_malformed_annotations - len(index.malformed_annotations)
+    if extra:
+        stats.count("instances_dropped:malformed_annotation", n=extra)
+    # Group the annotations by image without a per-image search: a stable sort by image position.
+    position = _lookup(index, {image_id: i for i, image_id in enumerate(e["id"] for e in images)})  # [A]
+    unknown = np.flatnonzero((position < 0) & (_lookup(index, dict.fromkeys(seen, 0)) < 0))  # images cut
+    if unknown.size:  # by max_images are not an error
+        shown = unknown[:MAX_EXAMPLES_PER_REASON]
+        for i, ann in zip(shown, coco_json.read_annotations(annotation_file, index.annotation_offsets[shown],
+                                                              index.annotation_lengths[shown])):
+            stats.count("instances_dropped:unknown_image",
+                        f"annotation {ann.get('id')}: image_id {ann['image_id']}")
+        if unknown.size > shown.size:
+            stats.count("instances_dropped:unknown_image", n=unknown.size - shown.size)
+    order = np.argsort(position, kind="stable")  # [A] file order within each image
+    order = order[np.searchsorted(position[order], 0):]  # drop the -1s
+    bounds = np.searchsorted(position[order], np.arange(len(images) + 1))  # [images + 1]
+    units = [(entry, int(bounds[i]), int(bounds[i + 1])) for i, entry in enumerate(images)]
+    ctx = _CocoContext(image_dir, include_masks, skip_empty, {c["id"]: c["name"] for c in label_map},
+                       annotation_file, index.annotation_offsets[order], index.annotation_lengths[order])
+    num_images_in_file = len(index.images)
+    del index, position, order  # only the per-image spans are needed from here on
     finals, worker_stats = write_sharded(units, functools.partial(_coco_example, ctx), output_prefix,
                                          num_shards, num_workers, progress)
     stats.merge(worker_stats)
@@ -592,10 +658,10 @@ def convert_coco(image_dir: str, annotation_file: str, output_prefix: str, num_s
     write_json_atomic(label_map_path, label_map)
     summary = make_summary(
         stats, finals, len(units), time.monotonic() - start,
-        annotation_file=os.path.abspath(annotation_file), image_dir=os.path.abspath(image_dir),
+        annotation_file=annotation_file, image_dir=os.path.abspath(image_dir),
         include_masks=include_masks, skip_empty=skip_empty, num_workers=num_workers,
         label_map=label_map_path, num_classes=len(label_map),
-        images_in_annotation_file=len(data["images"]))
+        images_in_annotation_file=num_images_in_file)
     summary["polygon_parts_dropped"] = stats.counts["polygon_parts_dropped"]
     write_json_atomic(output_prefix + SUMMARY_SUFFIX, summary)
     return summary

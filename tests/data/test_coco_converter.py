@@ -199,3 +199,57 @@ def test_killed_conversion_leaves_no_final_names(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # our own process group, should anything be left
         except ProcessLookupError:
             pass
+
+
+def test_rle_segmentations_are_checked_and_annotation_order_does_not_matter(tmp_path):
+    # Annotations in reverse file order (no longer grouped by image), plus planted RLEs: a valid compressed
+    # string and an uncompressed list (kept, masks equal pycocotools' decode), and three whose run lengths
+    # do not cover the image or are not integers (dropped as malformed_rle; pycocotools would decode them
+    # past its buffer).
+    from pycocotools import mask as mask_utils
+
+    root = shared_data("coco_val2017_10")
+    data = json.load(open(root / COCO10_JSON))
+    image = data["images"][0]
+    h, w = image["height"], image["width"]
+    block = np.zeros((h, w), np.uint8)
+    block[10:40, 20:90] = 1
+    compressed = mask_utils.encode(np.asfortranarray(block))
+    compressed["counts"] = compressed["counts"].decode("ascii")
+    # Column-major runs of the same block: 20 columns and 10 rows of 0s, then 70 x (30 1s, h - 30 0s).
+    uncompressed = [h * 20 + 10] + [30, h - 30] * 69 + [30, h * w - (h * 20 + 10) - 70 * 30 - 69 * (h - 30)]
+    base = dict(image_id=image["id"], category_id=1, iscrowd=0, area=2100.0, bbox=[20, 10, 70, 30])
+    planted = [
+        dict(base, id=-1, segmentation=compressed),
+        dict(base, id=-2, iscrowd=1, segmentation={"size": [h, w], "counts": uncompressed}),
+        dict(base, id=-3, segmentation={"size": [h, w], "counts": uncompressed[:-1]}),  # short by a run
+        dict(base, id=-4, segmentation={"size": [h, w], "counts": [float(c) for c in uncompressed]}),
+        dict(base, id=-5, segmentation={"size": [h, w], "counts": compressed["counts"] + "1"}),
+    ]
+    data["annotations"] = planted + data["annotations"][::-1]
+    ann_file = tmp_path / "rle.json"
+    ann_file.write_text(json.dumps(data))
+    prefix = str(tmp_path / "out" / "rle")
+    summary = coco_converter.convert_coco(str(root / "images"), str(ann_file), prefix, num_shards=3,
+                                          progress=False)
+    assert summary["instances_dropped"] == {"malformed_rle": 3}
+    assert summary["instances_written"] == 77 + 2
+    records = read_records(prefix)
+    for image_id, rec in records.items():
+        anns = [a for a in data["annotations"] if a["image_id"] == image_id and a["id"] not in (-3, -4, -5)]
+        assert rec["labels"].tolist() == [a["category_id"] for a in anns]  # file order within the image
+    first = records[image["id"]]
+    for k in (0, 1):  # the two valid planted RLEs come first in the file
+        decoded = cv2.imdecode(np.frombuffer(first["png_masks"][k], np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(decoded, block)
+    assert first["is_crowd"][:2].tolist() == [0, 1]
+
+
+def test_max_images_cut_is_not_an_unknown_image(coco10, tmp_path):
+    root, _, _ = coco10
+    prefix = str(tmp_path / "cut")
+    summary = coco_converter.convert_coco(str(root / "images"), str(root / COCO10_JSON), prefix, num_shards=1,
+                                          max_images=3, progress=False)
+    assert summary["images_written"] == 3 and summary["instances_dropped"] == {}
+    first_three = [im["id"] for im in json.load(open(root / COCO10_JSON))["images"][:3]]
+    assert sorted(read_records(prefix)) == sorted(first_three)
