@@ -158,15 +158,14 @@ def encode_png_from_counts(counts: np.ndarray, height: int, width: int) -> bytes
         y1 = y0 + block.shape[1]
         rows = np.zeros((y1 - y0, row_bytes), np.uint8)  # [bh, W + 1]
         rows[:, 1 + x0:1 + x0 + block.shape[0]] = block.T
-        data = rows.tobytes()
         compressor = zlib.compressobj(_COMPRESS_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS, 9, zlib.Z_RLE)
-        middle = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        middle = compressor.compress(rows) + compressor.flush(zlib.Z_SYNC_FLUSH)  # rows: C-contiguous buffer
     if y0:
         parts.append(_zero_rows_deflate(width, y0))
         adler = _adler32_of_zeros(adler, y0 * row_bytes)
     if y1 > y0:
         parts.append(middle)
-        adler = zlib.adler32(data, adler)
+        adler = zlib.adler32(rows, adler)
     if height > y1:
         parts.append(_zero_rows_deflate(width, height - y1))
         adler = _adler32_of_zeros(adler, (height - y1) * row_bytes)
