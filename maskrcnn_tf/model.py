@@ -15,6 +15,14 @@ rcnn_cls_loss, rcnn_reg_loss, rcnn_mask_loss, rcnn_loss, total_loss.
 
 Distribution: each loss is a local sum divided by a normalizer of the global batch (losses.py), and
 Keras sums gradients over replicas, so N replicas equal one replica with the same global batch.
+Padding trimmed per batch (outside XLA): gt are padded to N = data.max_instances (100) and the mask
+loss has room for max_mask_rois (128) foreground RoIs per image, but a COCO batch holds ~7 instances per
+image and often far fewer foreground RoIs. Unless shapes must be static (`static_shapes`, a jit_compile'd
+train step, a TPU strategy), compute_losses (a) gives the anchor labeler only the first n gt columns, n =
+the batch's largest instance count, so the [B, A, N] anchor IoU (A = 261,888 at 1024) shrinks N/n times,
+and (b) runs the mask RoIAlign, head, targets and loss on the batch's largest foreground count instead of
+max_mask_rois. Both only drop rows and columns that cannot contribute (padding never matches, non-
+foreground rows weigh 0), so losses and gradients are those of the static path (tested).
 Mixed precision: the backbone and heads compute in the global policy's dtype; everything that handles
 boxes (anchor labeling, proposals, sampling, RoIAlign's box math, detection) and all losses are float32.
 """
@@ -51,6 +59,12 @@ def _sum_over_replicas(value):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
+def _num_used_columns(valid):
+    """1 + the last column index where `valid` [B, N] bool is true in any row (at least 1): int32 scalar."""
+    column_numbers = tf.range(1, tf.shape(valid)[1] + 1)  # [N]
+    return tf.maximum(tf.reduce_max(tf.where(valid, column_numbers[None], 0)), 1)
+
+
 def _flatten_levels(outputs, last_dim=None):
     """{"P2": [B, H_l, W_l, A * d], ...} -> [B, sum_l H_l * W_l * A(, d)] in the anchors' order."""
     flat = []
@@ -67,6 +81,7 @@ class MaskRCNN(keras.Model):
     def __init__(self, *, backbone, fpn, rpn_head, anchor_labeler, proposal_generator, roi_sampler,
                  box_roi_align, box_head, detection_generator, mask_roi_align=None, mask_head=None,
                  anchors, image_size, max_mask_rois=128, rpn_box_loss_beta=0.0, rcnn_box_loss_beta=0.0,
+                 static_shapes=False,
                  clip_grad_norm=0.0, **kwargs):
         # The model itself is float32 so its inputs (image_info especially) are never cast to float16.
         super().__init__(dtype="float32", **kwargs)
@@ -89,6 +104,7 @@ class MaskRCNN(keras.Model):
         self.rpn_box_loss_beta = rpn_box_loss_beta
         self.rcnn_box_loss_beta = rcnn_box_loss_beta
         self.clip_grad_norm = clip_grad_norm
+        self.static_shapes = static_shapes
         self._rcnn_coder = box_ops.BoxCoder(weights=box_ops.RCNN_BOX_WEIGHTS)
         self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_NAMES}
 
@@ -117,6 +133,11 @@ class MaskRCNN(keras.Model):
         return detections
 
     # ---------------------------------------------------------------------------------- losses
+
+    def _trims_padding(self) -> bool:
+        """False where every shape must be static: XLA (jit_compile) and TPUs (module docstring)."""
+        on_tpu = isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy)
+        return not (self.static_shapes or self.jit_compile or on_tpu)
 
     def check_batch(self, data):
         """ValueError naming the key when a batch does not fit the data contract (static shapes, so
@@ -149,7 +170,11 @@ class MaskRCNN(keras.Model):
         global_images = tf.cast(tf.shape(images)[0] * num_replicas, tf.float32)
 
         pyramid, rpn_scores, rpn_deltas = self._features(images, training)
-        rpn_targets = self.anchor_labeler(tf.constant(self.flat_anchors), gt_boxes, gt_classes)
+        labeled_boxes, labeled_classes = gt_boxes, gt_classes
+        if self._trims_padding():
+            num_columns = _num_used_columns(gt_classes >= 0)
+            labeled_boxes, labeled_classes = gt_boxes[:, :num_columns], gt_classes[:, :num_columns]
+        rpn_targets = self.anchor_labeler(tf.constant(self.flat_anchors), labeled_boxes, labeled_classes)
         rpn_normalizer = global_images * self.anchor_labeler.batch_size_per_image
         rpn_cls = losses.rpn_objectness_loss(
             _flatten_levels(rpn_scores), rpn_targets["objectness"], rpn_targets["sampled"], rpn_normalizer)
@@ -186,6 +211,9 @@ class MaskRCNN(keras.Model):
         """Mask loss on the first max_mask_rois foreground RoIs of each image (static count)."""
         foreground = samples["is_foreground"]
         num_mask_rois = min(self.max_mask_rois, int(foreground.shape[1]))
+        if self._trims_padding():
+            most_foreground = tf.reduce_max(tf.reduce_sum(tf.cast(foreground, tf.int32), axis=1))
+            num_mask_rois = tf.clip_by_value(most_foreground, 1, num_mask_rois)
         # top_k keeps equal values in index order, so this takes the first foreground slots.
         _, index = tf.math.top_k(tf.cast(foreground, tf.int32), k=num_mask_rois)  # [B, Sm]
         rois = tf.gather(samples["rois"], index, batch_dims=1)  # [B, Sm, 4]

@@ -35,7 +35,7 @@ class MaskHead(keras.layers.Layer):
       num_convs: 3x3 conv layers before the upsampling.
       num_filters: channels of the convs and the deconv.
 
-    Call: (features float [B, S, M, M, C] (M = 14 by default; S, M, C static, B may be dynamic),
+    Call: (features float [B, S, M, M, C] (M = 14 by default; M, C static, B and S may be dynamic),
     classes int32 [B, S] in 1..K (0 or -1 allowed: channel of class 1, meaningless)) ->
     mask logits float32 [B, S, 2M, 2M] for each RoI's class.
     """
@@ -67,14 +67,15 @@ class MaskHead(keras.layers.Layer):
         self.built = True
 
     def call(self, features, classes):
-        _, num_rois, height, width, channels = features.shape
+        _, _, height, width, channels = features.shape  # M, M, C static; B, S may be dynamic
+        batch, num_rois = tf.shape(features)[0], tf.shape(features)[1]
         x = tf.reshape(features, [-1, height, width, channels])  # [B * S, M, M, C]
         for conv in self.convs:
             x = conv(x)  # [B * S, M, M, num_filters]
         x = self.deconv(x)  # [B * S, 2M, 2M, num_filters]
         x = self.predictor(x)  # [B * S, 2M, 2M, K]
         mask_size = UPSAMPLE_FACTOR * height
-        x = tf.reshape(x, [-1, num_rois, mask_size, mask_size, self.num_classes])  # [B, S, 2M, 2M, K]
+        x = tf.reshape(x, [batch, num_rois, mask_size, mask_size, self.num_classes])  # [B, S, 2M, 2M, K]
         channel = tf.clip_by_value(tf.cast(classes, tf.int32) - 1, 0, self.num_classes - 1)  # [B, S]
         x = tf.gather(x, channel, axis=CHANNEL_AXIS, batch_dims=2)  # [B, S, 2M, 2M]
         return keras.ops.cast(x, "float32")

@@ -134,11 +134,43 @@ def test_gather_train_step_under_jit_matches_plain_graph():
     plain = build_model(cfg)
     jitted = build_model(cfg)
     jitted.set_weights(plain.get_weights())
+    jitted.static_shapes = True  # XLA needs static shapes; compile(jit_compile=True) would say so itself
     step = lambda model: tf.function(model.compute_losses, jit_compile=model is jitted)  # noqa: E731
     reference = {k: float(v) for k, v in step(plain)(data).items()}
     compiled = {k: float(v) for k, v in step(jitted)(data).items()}
     for name in LOSS_NAMES:
         assert compiled[name] == pytest.approx(reference[name], rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.parametrize("backend", ["crop_and_resize", "gather"])
+def test_trimmed_padding_gives_the_losses_and_gradients_of_static_shapes(backend):
+    # 2 instances per image padded to N = 8, and at most 4 foreground RoIs per image get a mask loss of
+    # room 64: the trimmed path drops 6 gt columns and ~60 mask rows, which must not change anything.
+    cfg = exhaustive_sampling_config(**{"model.roi.roi_align_backend": backend, "data.max_instances": 8})
+    data, _ = make_batch(cfg, TWO_IMAGES)
+    assert data["gt_classes"].shape == (2, 8)
+    trimmed = build_model(cfg)
+    static = build_model(cfg)
+    static.set_weights(trimmed.get_weights())
+    static.static_shapes = True
+    assert trimmed._trims_padding() and not static._trims_padding()
+
+    def losses_and_gradients(model):
+        @tf.function
+        def step(batch):
+            with tf.GradientTape() as tape:
+                values = model.compute_losses(batch)
+            return values, tape.gradient(values["total_loss"], model.trainable_variables)
+        values, gradients = step(data)
+        return {k: float(v) for k, v in values.items()}, [g.numpy() for g in gradients]
+
+    trimmed_losses, trimmed_gradients = losses_and_gradients(trimmed)
+    static_losses, static_gradients = losses_and_gradients(static)
+    assert static_losses["rcnn_mask_loss"] > 0 and static_losses["rpn_reg_loss"] > 0
+    for name in LOSS_NAMES:
+        assert trimmed_losses[name] == pytest.approx(static_losses[name], rel=1e-5, abs=1e-7), name
+    for a, b in zip(trimmed_gradients, static_gradients):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(b).max()))
 
 
 def test_mirrored_two_replicas_give_the_same_update_as_one_device():

@@ -125,6 +125,33 @@ def test_resnet50_frozen_bn_under_gradient_step(resnet50):
         resnet50.set_weights(snapshot)
 
 
+def test_resnet50_folded_batchnorm_equals_the_keras_network_with_gradients(resnet50):
+    # The default call folds each conv + frozen BN into one convolution; fold_batchnorm=False runs the
+    # Keras network layer by layer. Same function: outputs and the gradients of every trainable weight.
+    images = tf.constant(_rgb_images(2, 64) - CAFFE_MEAN_RGB)
+
+    def outputs_and_gradients():
+        with tf.GradientTape() as tape:
+            outputs = resnet50(images)
+            loss = sum(tf.reduce_mean(tf.square(v)) for v in outputs.values())
+        return outputs, tape.gradient(loss, resnet50.trainable_weights)
+
+    assert resnet50.fold_batchnorm
+    folded, folded_gradients = outputs_and_gradients()
+    resnet50.fold_batchnorm = False
+    try:
+        plain, plain_gradients = outputs_and_gradients()
+    finally:
+        resnet50.fold_batchnorm = True
+    for key in plain:
+        scale = np.abs(plain[key].numpy()).max()
+        np.testing.assert_allclose(folded[key].numpy(), plain[key].numpy(), rtol=1e-4, atol=1e-4 * scale)
+    assert len(folded_gradients) == len(resnet50.trainable_weights) == 84
+    for a, b in zip(folded_gradients, plain_gradients):
+        b = b.numpy()
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-3, atol=1e-4 * np.abs(b).max())
+
+
 def test_resnet50_layer_contract_and_legacy_h5_file(resnet50_reference, resnet50):
     _, path, legacy_path = resnet50_reference
     config = resnet50.get_config()
