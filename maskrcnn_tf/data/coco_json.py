@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 1 << 20  # text read per step: the index's memory is ~2 chunks + ~30 bytes per annotation
 MAX_KEPT_REPRS = 5  # examples of malformed annotations kept for the summary
 IMAGE_KEYS = ("id", "file_name", "height", "width")
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
