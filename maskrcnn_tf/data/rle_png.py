@@ -6,14 +6,17 @@ real COCO images: decode writes H*W bytes in Fortran order, the encoder transpos
 row and deflates ~300 KB of mostly zeros, all for an instance that covers ~2% of the image.
 
 Decisions:
-- Output: an 8-bit grayscale PNG holding 0/1, byte for byte what cv2/PIL/TF decoders read back as the
-  same array as before (tests compare against pycocotools' annToMask). A 1-bit (bilevel) PNG would be
-  8x smaller to deflate, but every decoder (TF, OpenCV, PIL) expands 1-bit gray to 0/255: Model Garden's
-  decoder casts the PNG to float without thresholding and crops it bilinearly, so 0/255 masks would
-  change its training targets. Measured and rejected for that reason.
+- Output: an 8-bit grayscale PNG holding 0/1, which OpenCV, PIL and TF decode to exactly pycocotools'
+  annToMask (the tests check it). A 1-bit (bilevel) gray PNG would be 8x smaller to deflate, but TF
+  and OpenCV expand 1-bit gray to 0/255, and Model Garden's decoder casts the PNG to float without
+  thresholding before its bilinear crop, so 0/255 masks would change its training targets. A 1-bit
+  palette PNG (palette 0 -> 0, 1 -> 1) does decode to 0/1 in TF, but TF decoded it slower than the
+  8-bit one (3.1 vs 2.3 ms per COCO mask, palette expansion) and OpenCV reads it as 3 channels.
+  Both measured and rejected.
 - Work is proportional to the instance's box, not the image: the RLE counts (column-major runs) are
-  parsed with NumPy, the box's columns x rows block is filled from them, and only the rows the mask
-  touches are deflated (zlib level 1, Z_RLE: the same size as OpenCV's default output, ~3x faster).
+  parsed (rle_counts), the box's columns x rows block is filled from them with NumPy, and only the
+  rows the mask touches are deflated (zlib level 1, Z_RLE; on coco_tiny the PNGs are about half the
+  size of OpenCV's default output, and TF decodes them ~1.5x faster: every row is unfiltered).
   Runs of all-zero rows above and below come from a per-(width, 2^k rows) cache of deflate segments
   (independent raw-deflate streams ending in a sync flush are byte aligned and never refer back to
   earlier data, so they concatenate into one valid stream); the Adler-32 of zero bytes is computed in
