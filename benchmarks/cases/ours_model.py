@@ -23,13 +23,15 @@ Decisions:
   data contract of DESIGN.md section 4.
 - Threads: intra-op parallelism = --threads (2, as torch.set_num_threads on the peer side); inter-op
   left at TF's default unless --inter_threads is given.
-- FLOP count (`infer`, --count_flops, default on): every Conv2D / Conv2DTranspose / Dense of the model
-  is wrapped for one extra trace of the same function, recording the static shapes each call sees:
-  conv 2*N*Ho*Wo*Cin*Cout*kh*kw, transposed conv 2*N*Hi*Wi*Cin*Cout*kh*kw, dense 2*rows*in*out, where
-  N and rows include the RoI count (1000 box RoIs, 100 mask RoIs) because the heads fold RoIs into the
-  batch. Stages: the layer that owns the op (backbone, fpn, rpn_head, box_head, mask_head), plus
-  paste_masks' two matmuls (2*D*H*M*M + 2*D*H*M*W). Biases, BatchNorm, ReLU, RoIAlign, NMS and
-  other elementwise work are not counted (a few GFLOPs at most). --profile_flops adds TF's own graph
+- FLOP count (`infer`, --count_flops, default on): one extra trace of the same function (no compute);
+  every conv / matmul op of the graph is counted from its static shapes: conv 2*N*Ho*Wo*Cin*Cout*kh*kw,
+  transposed conv (Conv2DBackpropInput) 2*N*Hi*Wi*Cin*Cout*kh*kw, matmul 2*rows*in*out, where N and
+  rows include the RoI count (1000 box RoIs, 100 mask RoIs) because the heads fold RoIs into the batch.
+  The graph, not the Keras layer calls, because the backbone's folded-BN path calls tf.nn.conv2d on
+  folded kernels instead of its Keras Conv2D layers: the graph counts whatever the model really runs.
+  Stage = the model layer whose name scope holds the op (backbone, fpn, rpn_head, box_head,
+  mask_head), plus paste_masks (its two matmuls, 2*D*H*M*M + 2*D*H*M*W). Biases, ReLU, RoIAlign, NMS
+  and other elementwise work are not counted (a few GFLOPs). --profile_flops adds TF's own graph
   count (tf.compat.v1.profiler float_operation) as a cross-check.
 """
 
@@ -107,59 +109,76 @@ def counts(cfg) -> dict:
 
 # ------------------------------------------------------------------------------------ FLOP count
 
+# Graph ops that carry the multiply-adds, and the contracted length of each output element.
+CONV_OPS = ("Conv2D", "DepthwiseConv2dNative", "Conv2DBackpropInput")
+MATMUL_OPS = ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
+PASTE_SCOPE = "paste_masks"
 
-def _layer_flops(layer, input_shape, output_shape) -> int:
-    import keras
+
+def _op_flops(op) -> int:
+    """2 x (output elements) x (multiply-adds per output element) of one conv / matmul op, from static
+    shapes; raises ValueError when a shape is unknown."""
+
+    def dims(shape):
+        values = shape.as_list()
+        if values is None or any(v is None for v in values):
+            raise ValueError(f"{op.type} {op.name}: shape {shape} not static")
+        return values
 
     def prod(values):
         total = 1
         for v in values:
-            total *= int(v)
+            total *= v
         return total
 
-    if isinstance(layer, keras.layers.Dense):
-        return 2 * prod(input_shape[:-1]) * int(input_shape[-1]) * layer.units
-    kh, kw = layer.kernel_size
-    groups = getattr(layer, "groups", 1) or 1
-    if isinstance(layer, keras.layers.Conv2DTranspose):
-        # Each input pixel scatters a kh x kw x Cout patch.
-        return 2 * prod(input_shape[:-1]) * int(input_shape[-1]) * layer.filters * kh * kw
-    # Conv2D: each output pixel is a kh x kw x Cin/groups dot product per output channel.
-    return 2 * prod(output_shape[:-1]) * int(input_shape[-1]) // groups * layer.filters * kh * kw
+    if op.type == "Conv2DBackpropInput":  # transposed conv: inputs (sizes, filter, out_backprop)
+        kh, kw, c_out, _ = dims(op.inputs[1].shape)  # filter [kh, kw, C_out, C_in] of the transposed conv
+        return 2 * prod(dims(op.inputs[2].shape)) * kh * kw * c_out  # each input pixel x its kh*kw*C_out patch
+    if op.type in CONV_OPS:
+        kh, kw, c_in = dims(op.inputs[1].shape)[:3]  # filter [kh, kw, C_in, C_out(/multiplier)]
+        per_output = kh * kw * (1 if op.type == "DepthwiseConv2dNative" else c_in)
+        return 2 * prod(dims(op.outputs[0].shape)) * per_output
+    a = dims(op.inputs[0].shape)
+    transposed = op.get_attr("transpose_a") if op.type == "MatMul" else op.get_attr("adj_x")
+    k = a[-2] if transposed else a[-1]
+    return 2 * prod(dims(op.outputs[0].shape)) * k
 
 
-def count_flops(model, fn, inputs, paste_shape) -> dict:
-    """FLOPs of one call of `fn(inputs)` per stage, from the static shapes seen by each layer call.
+def _stage_of(op_name: str, stage_by_layer: dict) -> str:
+    # Keras 3 calls layers inside tf.name_scope(layer.name), uniquified with "_<n>" per trace.
+    for part in op_name.split("/")[:-1]:
+        base = part.rsplit("_", 1)[0] if part.rsplit("_", 1)[-1].isdigit() else part
+        for name in (part, base):
+            if name in stage_by_layer:
+                return stage_by_layer[name]
+    return "other"
 
-    paste_shape: (D, H, W, M) when fn pastes masks, else None. Returns {stage: flops}.
+
+def count_flops(model, fn, inputs) -> dict:
+    """FLOPs of one call of `fn(inputs)` per stage, from the static shapes of the traced graph's
+    conv and matmul ops (no compute, no profiler). Returns {stage: flops, "uncounted_ops": [...]}.
+
+    Stages: the model layer whose name scope holds the op (backbone, fpn, rpn_head, box_head,
+    mask_head), "paste_masks" (fn's name scope of that name), "other". Ops inside nested functions
+    (while loops of NMS) are listed in "uncounted_ops" when they could hold convs/matmuls.
     """
-    import keras
     import tensorflow as tf
 
-    stages = {"backbone": model.backbone, "fpn": model.fpn, "rpn_head": model.rpn_head,
-              "box_head": model.box_head, "mask_head": model.mask_head}
-    totals = {name: 0 for name in stages}
-    wrapped = []
-    for stage, parent in stages.items():
-        for layer in parent._flatten_layers(include_self=False, recursive=True):
-            if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose, keras.layers.Dense)):
-                continue
-
-            def counting_call(x, *a, _layer=layer, _call=layer.call, _stage=stage, **k):
-                y = _call(x, *a, **k)
-                totals[_stage] += _layer_flops(_layer, tuple(x.shape), tuple(y.shape))
-                return y
-
-            layer.call = counting_call
-            wrapped.append(layer)
-    try:
-        tf.function(fn).get_concrete_function(inputs)  # tracing only: static shapes, no compute
-    finally:
-        for layer in wrapped:
-            del layer.call  # back to the class method
-    if paste_shape:
-        d, h, w, m = paste_shape
-        totals["paste_masks"] = 2 * d * h * m * m + 2 * d * h * m * w  # rows, then columns (ops.masks)
+    stage_by_layer = {model.backbone.name: "backbone", model.fpn.name: "fpn", model.rpn_head.name: "rpn_head",
+                      model.box_head.name: "box_head", PASTE_SCOPE: PASTE_SCOPE}
+    if model.mask_head is not None:
+        stage_by_layer[model.mask_head.name] = "mask_head"
+    totals = {name: 0 for name in ("backbone", "fpn", "rpn_head", "box_head", "mask_head", PASTE_SCOPE, "other")}
+    uncounted = set()
+    graph = tf.function(fn).get_concrete_function(inputs).graph  # tracing only: static shapes
+    for op in graph.get_operations():
+        if op.type in CONV_OPS + MATMUL_OPS:
+            totals[_stage_of(op.name, stage_by_layer)] += _op_flops(op)
+        elif op.type in ("While", "StatelessWhile", "If", "StatelessIf", "PartitionedCall",
+                         "StatefulPartitionedCall"):
+            uncounted.add(op.type)
+    totals = {k: v for k, v in totals.items() if v or k != "other"}
+    totals["uncounted_ops"] = sorted(uncounted)
     return totals
 
 
@@ -193,8 +212,9 @@ def run_infer(args):
     def forward(x):
         outputs = model(x, training=False)
         if args.paste_masks:
-            outputs["pasted_masks"] = paste_masks(outputs["detection_masks"], outputs["detection_boxes"],
-                                                  (size, size))  # [1, D, H, W]
+            with tf.name_scope(PASTE_SCOPE):  # names its ops for the FLOP count
+                outputs["pasted_masks"] = paste_masks(outputs["detection_masks"], outputs["detection_boxes"],
+                                                      (size, size))  # [1, D, H, W]
         return outputs
 
     step = tf.function(forward, jit_compile=args.jit_compile)
@@ -210,8 +230,8 @@ def run_infer(args):
     del outputs
     fields = {}
     if args.count_flops:
-        paste_shape = (max_detections, size, size, cfg.model.heads.mask_size) if args.paste_masks else None
-        stage_flops = count_flops(model, forward, inputs, paste_shape)
+        stage_flops = count_flops(model, forward, inputs)
+        fields["flops_uncounted_control_flow"] = stage_flops.pop("uncounted_ops")
         fields["gflops"] = round(sum(stage_flops.values()) / 1e9, 2)
         fields["gflops_by_stage"] = {k: round(v / 1e9, 2) for k, v in stage_flops.items()}
         fields["effective_gflop_per_s"] = round(fields["gflops"] / float(np.median(runs)), 2)
