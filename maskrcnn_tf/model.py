@@ -81,8 +81,7 @@ class MaskRCNN(keras.Model):
     def __init__(self, *, backbone, fpn, rpn_head, anchor_labeler, proposal_generator, roi_sampler,
                  box_roi_align, box_head, detection_generator, mask_roi_align=None, mask_head=None,
                  anchors, image_size, max_mask_rois=128, rpn_box_loss_beta=0.0, rcnn_box_loss_beta=0.0,
-                 static_shapes=False,
-                 clip_grad_norm=0.0, **kwargs):
+                 clip_grad_norm=0.0, static_shapes=False, **kwargs):
         # The model itself is float32 so its inputs (image_info especially) are never cast to float16.
         super().__init__(dtype="float32", **kwargs)
         self.backbone = backbone
@@ -208,7 +207,8 @@ class MaskRCNN(keras.Model):
         return values
 
     def _mask_loss(self, data, pyramid, samples):
-        """Mask loss on the first max_mask_rois foreground RoIs of each image (static count)."""
+        """Mask loss on the first max_mask_rois foreground RoIs of each image (a static count, or the
+        batch's largest foreground count when padding is trimmed)."""
         foreground = samples["is_foreground"]
         num_mask_rois = min(self.max_mask_rois, int(foreground.shape[1]))
         if self._trims_padding():

@@ -159,3 +159,25 @@ def versions(*packages: str) -> dict:
         except metadata.PackageNotFoundError:
             found[name] = None
     return found
+
+
+def convert_record(side: str, small: dict, large: dict, small_run: dict, large_runs: list, versions: dict,
+                   num_shards: int, **extra) -> dict:
+    """The `convert` case's JSON record of either side: images/s at the large size (median over runs),
+    memory at both sizes (the converter's own peak, not this driver's) and the growth between them."""
+    import statistics
+
+    import _harness
+
+    peak_large = max(r["peak_rss_mb"] for r in large_runs)
+    record = _harness.record(
+        "convert", side, "images_per_s", [r["images_per_s"] for r in large_runs], None, versions,
+        images=large["images"], instances=large["instances"], json_mb=large["json_mb"],
+        images_small=small["images"], json_mb_small=small["json_mb"],
+        images_per_s_small=small_run["images_per_s"],
+        wall_s=statistics.median(r["wall_s"] for r in large_runs),
+        peak_rss_mb_small=small_run["peak_rss_mb"], peak_rss_mb_large=peak_large,
+        rss_growth_mb=round(peak_large - small_run["peak_rss_mb"], 1),
+        workers=1, num_shards=num_shards, masks=True, **extra)
+    record["peak_rss_mb"] = peak_large  # the converter's, not this driver's
+    return record

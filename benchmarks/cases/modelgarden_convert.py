@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 
@@ -67,18 +66,7 @@ def main():
         small_run = convert(small, out_dir)
         large_runs = [convert(large, out_dir) for _ in range(max(1, args.repeats))]
         versions = _coco_bench.versions("tf-models-official", "tensorflow", "numpy", "pycocotools", "pillow")
-        peak_large = max(r["peak_rss_mb"] for r in large_runs)
-        record = _harness.record(
-            "convert", SIDE, "images_per_s", [r["images_per_s"] for r in large_runs], None, versions,
-            images=large["images"], instances=large["instances"], json_mb=large["json_mb"],
-            images_small=small["images"], json_mb_small=small["json_mb"],
-            images_per_s_small=small_run["images_per_s"],
-            wall_s=statistics.median(r["wall_s"] for r in large_runs),
-            peak_rss_mb_small=small_run["peak_rss_mb"], peak_rss_mb_large=peak_large,
-            rss_growth_mb=round(peak_large - small_run["peak_rss_mb"], 1),
-            workers=1, num_shards=NUM_SHARDS, masks=True)
-        record["peak_rss_mb"] = peak_large  # the converter's, not this driver's
-        _harness.emit(record)
+        _harness.emit(_coco_bench.convert_record(SIDE, small, large, small_run, large_runs, versions, NUM_SHARDS))
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

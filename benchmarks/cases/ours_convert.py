@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 
@@ -65,20 +64,10 @@ def main():
         large_runs = [convert(large, out_dir, 1) for _ in range(max(1, args.repeats))]
         more = {w: convert(large, out_dir, w) for w in sorted({int(w) for w in args.workers.split(",")} - {1})}
         versions = _coco_bench.versions("tensorflow", "numpy", "pycocotools", "opencv-python-headless")
-        peak_large = max(r["peak_rss_mb"] for r in large_runs)
-        record = _harness.record(
-            "convert", SIDE, "images_per_s", [r["images_per_s"] for r in large_runs], None, versions,
-            images=large["images"], instances=large["instances"], json_mb=large["json_mb"],
-            images_small=small["images"], json_mb_small=small["json_mb"],
-            images_per_s_small=small_run["images_per_s"],
-            wall_s=statistics.median(r["wall_s"] for r in large_runs),
-            peak_rss_mb_small=small_run["peak_rss_mb"], peak_rss_mb_large=peak_large,
-            rss_growth_mb=round(peak_large - small_run["peak_rss_mb"], 1),
+        _harness.emit(_coco_bench.convert_record(
+            SIDE, small, large, small_run, large_runs, versions, NUM_SHARDS,
             **{f"images_per_s_{w}workers": r["images_per_s"] for w, r in more.items()},
-            **{f"peak_tree_rss_mb_{w}workers": r["peak_tree_rss_mb"] for w, r in more.items()},
-            workers=1, num_shards=NUM_SHARDS, masks=True)
-        record["peak_rss_mb"] = peak_large  # the converter's, not this driver's
-        _harness.emit(record)
+            **{f"peak_tree_rss_mb_{w}workers": r["peak_tree_rss_mb"] for w, r in more.items()}))
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
