@@ -67,6 +67,20 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+# The model cases (ours/torchvision/modelgarden _model.py) and their default timed calls.
+MODEL_CASE_REPEATS = {"infer": 5, "train": 3}
+
+
+def parse_model_case_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parses a model case's flags: --case must be infer or train; --repeats defaults per case."""
+    args = parser.parse_args()
+    if args.case not in MODEL_CASE_REPEATS:
+        parser.error(f"--case must be one of {sorted(MODEL_CASE_REPEATS)}")
+    if args.repeats is None:
+        args.repeats = MODEL_CASE_REPEATS[args.case]
+    return args
+
+
 def peak_rss_mb() -> float:
     # Linux reports ru_maxrss in KiB.
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)

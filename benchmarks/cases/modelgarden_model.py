@@ -44,7 +44,6 @@ import _harness as harness  # noqa: E402
 
 SIDE = "modelgarden"
 EXPERIMENT = "maskrcnn_resnetfpn_coco"
-DEFAULT_REPEATS = {"infer": 5, "train": 3}
 BASE_LR, REFERENCE_BATCH = 0.02, 16  # the same linear scaling as ours (irrelevant for speed)
 STEM_AND_RES2 = ("conv2d", "batch_normalization", "activation", "max_pooling2d",
                  "bottleneck_block", "bottleneck_block_1", "bottleneck_block_2", "block_group_l2")
@@ -53,12 +52,7 @@ STEM_AND_RES2 = ("conv2d", "batch_normalization", "activation", "max_pooling2d",
 def parse_args():
     parser = harness.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--box_head", choices=("2fc", "experiment"), default="2fc")
-    args = parser.parse_args()
-    if args.case not in DEFAULT_REPEATS:
-        parser.error(f"--case must be one of {sorted(DEFAULT_REPEATS)}")
-    if args.repeats is None:
-        args.repeats = DEFAULT_REPEATS[args.case]
-    return args
+    return harness.parse_model_case_args(parser)
 
 
 def experiment(args):

@@ -45,7 +45,6 @@ import _harness as harness  # noqa: E402
 
 SIDE = "ours"
 CONFIG = "coco_r50_fpn_1x"
-DEFAULT_REPEATS = {"infer": 5, "train": 3}
 
 
 def _bool(text: str) -> bool:
@@ -68,12 +67,7 @@ def parse_args():
                         help="also count FLOPs with tf.compat.v1.profiler (slow: re-traces the graph)")
     parser.add_argument("--max_instances", type=int, default=None, help="gt padding N (default: preset's)")
     parser.add_argument("--inter_threads", type=int, default=0, help="inter-op threads (0 = TF default)")
-    args = parser.parse_args()
-    if args.case not in DEFAULT_REPEATS:
-        parser.error(f"--case must be one of {sorted(DEFAULT_REPEATS)}")
-    if args.repeats is None:
-        args.repeats = DEFAULT_REPEATS[args.case]
-    return args
+    return harness.parse_model_case_args(parser)
 
 
 def build_config(args, batch_size):

@@ -42,7 +42,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as harness  # noqa: E402
 
 SIDE = "torchvision"
-DEFAULT_REPEATS = {"infer": 5, "train": 3}
 # Counts shared with maskrcnn_tf's coco_r50_fpn_1x preset.
 COUNTS = dict(
     rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000,
@@ -60,12 +59,7 @@ def parse_args():
     parser.add_argument("--candidates", type=int, default=1000,
                         help="infer: also time with the score threshold raised so that this many (RoI, class) "
                              "candidates enter NMS, as ours' detection pre_nms_top_k (0 = off)")
-    args = parser.parse_args()
-    if args.case not in DEFAULT_REPEATS:
-        parser.error(f"--case must be one of {sorted(DEFAULT_REPEATS)}")
-    if args.repeats is None:
-        args.repeats = DEFAULT_REPEATS[args.case]
-    return args
+    return harness.parse_model_case_args(parser)
 
 
 def check_no_resize(model, images, size):
