@@ -30,7 +30,8 @@ def test_overfits_two_images_and_then_finds_every_instance():
     data, full_masks = make_batch(cfg, TWO_IMAGES)
     history = model.fit(tf.data.Dataset.from_tensors(data).repeat(), steps_per_epoch=STEPS // 10,
                         epochs=10, verbose=0).history["total_loss"]
-    assert history[-1] < history[0] / 4, history
+    # Epoch means (40 steps each): measured last/first 0.17-0.25 over 6 runs; a stalled run stays near 0.9.
+    assert history[-1] < history[0] / 3, history
 
     out = {k: v.numpy() for k, v in model(data, training=False).items()}
     height, width = cfg.model.image_size
