@@ -77,7 +77,6 @@ HE_FAN_OUT = keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distr
 # Stage of a layer from its keras.applications-style name: conv1_* / pool1_* -> 1, conv3_block2_* -> 3.
 _STAGE_PATTERN = re.compile(r"^(?:conv|pool)(\d)_")
 _BLOCK_OUTPUT_PATTERN = r"^conv{stage}_block(\d+)_out$"
-_BLOCK_NUMBER = re.compile(r"^conv\d_block(\d+)_out$")
 
 
 def _stage_of(layer_name: str) -> Optional[int]:
@@ -102,24 +101,25 @@ def _folded_conv_bn(layers, prefix: str, x, relu: bool):
     return tf.nn.relu(y) if relu else y
 
 
-def _folded_resnet(layers, images, num_blocks):
+def _folded_resnet(layers, images):
     """The keras.applications ResNet (v1: stride in the first 1x1 conv of a block) with folded frozen BN.
 
-    layers: {name: layer} of the Keras network; images [B, H, W, 3]; num_blocks {stage: blocks}.
+    layers: {name: layer} of the Keras network; images [B, H, W, 3].
     Returns {"C2".."C5"} like the network.
     """
     x = _folded_conv_bn(layers, "conv1", layers["conv1_pad"](images), relu=True)  # [B, H/2, W/2, 64]
     x = layers["pool1_pool"](layers["pool1_pad"](x))  # [B, H/4, W/4, 64]
     features = {}
     for stage in LEVELS:
-        for block in range(1, num_blocks[stage] + 1):
-            prefix = f"conv{stage}_block{block}"
+        block = 1
+        while (prefix := f"conv{stage}_block{block}") + "_out" in layers:  # 3, 4, 6 (or 23), 3 blocks
             shortcut = (_folded_conv_bn(layers, f"{prefix}_0", x, relu=False)
                         if f"{prefix}_0_conv" in layers else x)
             y = _folded_conv_bn(layers, f"{prefix}_1", x, relu=True)
             y = _folded_conv_bn(layers, f"{prefix}_2", y, relu=True)
             y = _folded_conv_bn(layers, f"{prefix}_3", y, relu=False)
             x = tf.nn.relu(shortcut + y)
+            block += 1
         features[f"C{stage}"] = x
     return features
 
@@ -258,10 +258,7 @@ class Backbone(keras.layers.Layer):
         del training  # Inference mode always: frozen BN (ResNets); GroupNorm does not depend on it.
         if self.fold_batchnorm and self.backbone_name != TINY:
             # Looked up at trace time (not stored: Keras would track a dict of layers as sublayers).
-            layers = {layer.name: layer for layer in self.network.layers}
-            num_blocks = {stage: int(_BLOCK_NUMBER.match(_stage_output(self.network, stage).name).group(1))
-                          for stage in LEVELS}
-            return _folded_resnet(layers, images, num_blocks)
+            return _folded_resnet({layer.name: layer for layer in self.network.layers}, images)
         return self.network(images, training=False)
 
     def get_config(self):
