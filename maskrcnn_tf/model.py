@@ -243,7 +243,13 @@ class MaskRCNN(keras.Model):
         gradients = tape.gradient(scaled_loss, variables)
         if self.clip_grad_norm > 0:
             gradients, _ = tf.clip_by_global_norm(gradients, self.clip_grad_norm)
-        self.optimizer.apply_gradients(zip(gradients, variables))
+        # Every optimizer op waits for the whole backward pass. Otherwise the graph runs the parts that need
+        # no gradient (decoupled weight decay w * wd * lr, momentum m * 0.9) during the backward pass,
+        # and their temporaries plus copies of weights whose forward reads the backward still holds
+        # added ~320 MB at the peak of the R50 step (memory profile, 1024x1024, batch 2). The updates
+        # themselves take ~0.1 s.
+        with tf.control_dependencies([g for g in gradients if g is not None]):
+            self.optimizer.apply_gradients(zip(gradients, variables))
         return self._track(values)
 
     def test_step(self, data):

@@ -38,6 +38,12 @@ Decisions (DESIGN.md is silent on these):
   through the product, so training is the same function; the variables, their paths and checkpoints are
   the Keras network's. Outputs equal the layer-by-layer network to float32 rounding (tests: 1e-4).
   `fold_batchnorm=False` runs the Keras network (the plain path the tests compare against).
+- Recomputed activations (`recompute=True`, the default; folded ResNets in training only): each trainable
+  stage (above freeze_at) runs under `tf.recompute_grad`, so the backward pass keeps only the stage
+  outputs (C3..C5, which the FPN needs anyway) and recomputes the blocks' inner activations, one stage
+  at a time. R50 at 1024x1024, batch 2, freeze_at 2: ~630 MB less at the training step's memory peak
+  for one more forward pass of res3..res5 (~2.7 s of a ~25 s CPU step); the numbers are in
+  benchmarks/README.md. Gradients are the same function (tests: equal to float32 rounding).
 - Mixed precision: the network is built under this layer's dtype policy (the global one unless `dtype`
   is given): variables stay float32, outputs come in the compute dtype (float16 under mixed_float16).
   Keras' BatchNormalization and GroupNormalization normalise in float32 internally.
@@ -101,25 +107,30 @@ def _folded_conv_bn(layers, prefix: str, x, relu: bool):
     return tf.nn.relu(y) if relu else y
 
 
-def _folded_resnet(layers, images):
+def _folded_resnet(layers, images, recompute_stages=()):
     """The keras.applications ResNet (v1: stride in the first 1x1 conv of a block) with folded frozen BN.
 
-    layers: {name: layer} of the Keras network; images [B, H, W, 3].
+    layers: {name: layer} of the Keras network; images [B, H, W, 3]; recompute_stages: stages (3 = res3)
+    run under tf.recompute_grad (their inner activations are recomputed in the backward pass).
     Returns {"C2".."C5"} like the network.
     """
     x = _folded_conv_bn(layers, "conv1", layers["conv1_pad"](images), relu=True)  # [B, H/2, W/2, 64]
     x = layers["pool1_pool"](layers["pool1_pad"](x))  # [B, H/4, W/4, 64]
     features = {}
     for stage in LEVELS:
-        block = 1
-        while (prefix := f"conv{stage}_block{block}") + "_out" in layers:  # 3, 4, 6 (or 23), 3 blocks
-            shortcut = (_folded_conv_bn(layers, f"{prefix}_0", x, relu=False)
-                        if f"{prefix}_0_conv" in layers else x)
-            y = _folded_conv_bn(layers, f"{prefix}_1", x, relu=True)
-            y = _folded_conv_bn(layers, f"{prefix}_2", y, relu=True)
-            y = _folded_conv_bn(layers, f"{prefix}_3", y, relu=False)
-            x = tf.nn.relu(shortcut + y)
-            block += 1
+        def run_stage(x, stage=stage):
+            block = 1
+            while (prefix := f"conv{stage}_block{block}") + "_out" in layers:  # 3, 4, 6 (or 23), 3 blocks
+                shortcut = (_folded_conv_bn(layers, f"{prefix}_0", x, relu=False)
+                            if f"{prefix}_0_conv" in layers else x)
+                y = _folded_conv_bn(layers, f"{prefix}_1", x, relu=True)
+                y = _folded_conv_bn(layers, f"{prefix}_2", y, relu=True)
+                y = _folded_conv_bn(layers, f"{prefix}_3", y, relu=False)
+                x = tf.nn.relu(shortcut + y)
+                block += 1
+            return x
+
+        x = (tf.recompute_grad(run_stage) if stage in recompute_stages else run_stage)(x)
         features[f"C{stage}"] = x
     return features
 
@@ -178,15 +189,18 @@ class Backbone(keras.layers.Layer):
       freeze_at: 0 = nothing frozen, 1 = stem, 2 = stem + res2, ... 5 = everything.
       tiny_width: channels of the tiny backbone's res2 (res3..res5: x2, x4, x8); ignored for ResNets.
       fold_batchnorm: ResNets only: run conv + frozen BN as one convolution (module docstring).
+      recompute: folded ResNets, training only: recompute the trainable stages' activations in the
+        backward pass instead of keeping them (module docstring).
 
     Call: images float [B, H, W, 3], RGB normalised as (rgb - pixel_mean) / pixel_std, H and W divisible
     by 32 -> dict {"C2": [B, H/4, W/4, C_2], "C3": [B, H/8, W/8, C_3], "C4": [B, H/16, W/16, C_4],
     "C5": [B, H/32, W/32, C_5]} in the compute dtype. C_n = 256, 512, 1024, 2048 for ResNets and
-    tiny_width * 1, 2, 4, 8 for tiny. `training` is ignored: the backbone always runs in inference mode.
+    tiny_width * 1, 2, 4, 8 for tiny. The network always runs in inference mode (frozen BN); `training`
+    only decides whether `recompute` applies.
     """
 
     def __init__(self, *, name: str = "resnet50", weights: Optional[str] = None, freeze_at: int = 2,
-                 tiny_width: int = 16, fold_batchnorm: bool = True, **kwargs):
+                 tiny_width: int = 16, fold_batchnorm: bool = True, recompute: bool = True, **kwargs):
         if name not in BACKBONE_NAMES:
             raise ValueError(f"Backbone: name={name!r}; expected one of {', '.join(BACKBONE_NAMES)}")
         if not 0 <= freeze_at <= NUM_STAGES:
@@ -200,6 +214,7 @@ class Backbone(keras.layers.Layer):
         self.freeze_at = freeze_at
         self.tiny_width = tiny_width
         self.fold_batchnorm = fold_batchnorm
+        self.recompute = recompute
 
         # keras.applications takes no dtype argument: its layers follow the global policy, so build them
         # under this layer's policy.
@@ -255,14 +270,16 @@ class Backbone(keras.layers.Layer):
             self._freeze()
 
     def call(self, images, training=None):
-        del training  # Inference mode always: frozen BN (ResNets); GroupNorm does not depend on it.
+        # Inference mode always: frozen BN (ResNets); GroupNorm does not depend on it.
         if self.fold_batchnorm and self.backbone_name != TINY:
+            recompute_stages = range(self.freeze_at + 1, NUM_STAGES + 1) if training and self.recompute else ()
             # Looked up at trace time (not stored: Keras would track a dict of layers as sublayers).
-            return _folded_resnet({layer.name: layer for layer in self.network.layers}, images)
+            return _folded_resnet({layer.name: layer for layer in self.network.layers}, images,
+                                  tuple(recompute_stages))
         return self.network(images, training=False)
 
     def get_config(self):
         config = super().get_config()
         config.update(name=self.backbone_name, weights=self.weights_source, freeze_at=self.freeze_at,
-                      tiny_width=self.tiny_width, fold_batchnorm=self.fold_batchnorm)
+                      tiny_width=self.tiny_width, fold_batchnorm=self.fold_batchnorm, recompute=self.recompute)
         return config

@@ -9,6 +9,8 @@ Decisions (DESIGN.md is silent on these):
   biases 0.
 - Input C_l must be exactly twice the size of C_{l+1} (image size divisible by 2**5; config requires
   divisibility by 64), so the upsampled top-down map needs no cropping.
+- The 3x3 output convs are BandedConv2D: Conv2D whose kernel gradient is computed in row bands in
+  training (576 MB less peak memory on P2 at 1024 px; layers/banded_conv.py).
 - Mixed precision: outputs stay in the compute dtype (they are features, not logits); RoIAlign and the
   heads consume them in that dtype.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
+
+from maskrcnn_tf.layers.banded_conv import BandedConv2D
 
 # The backbone's deepest level: FPN levels above it are subsampled, not computed from C levels.
 BACKBONE_MAX_LEVEL = 5
@@ -63,7 +67,7 @@ class FPN(keras.layers.Layer):
             for level in self.backbone_levels
         ]
         self.output_convs = [
-            keras.layers.Conv2D(num_filters, 3, name=f"output_P{level}", **conv_kwargs)
+            BandedConv2D(num_filters, 3, name=f"output_P{level}", **conv_kwargs)
             for level in self.backbone_levels
         ]
 

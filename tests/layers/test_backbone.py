@@ -152,6 +152,39 @@ def test_resnet50_folded_batchnorm_equals_the_keras_network_with_gradients(resne
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-3, atol=1e-4 * np.abs(b).max())
 
 
+def test_resnet50_recomputed_stages_give_the_same_gradients(resnet50):
+    # recompute=True (default) runs res3..res5 (above freeze_at=2) under tf.recompute_grad in training:
+    # same outputs and gradients, and the backward pass holds a second forward of those stages (more
+    # Conv2D ops in the traced graph: the 13 blocks of res3..res5 have 3 convs each plus 3 shortcuts).
+    images = tf.constant(_rgb_images(2, 64) - CAFFE_MEAN_RGB)
+
+    def run():
+        @tf.function
+        def outputs_and_gradients(images):
+            with tf.GradientTape() as tape:
+                outputs = resnet50(images, training=True)
+                loss = sum(tf.reduce_mean(tf.square(v)) for v in outputs.values())
+            return outputs, tape.gradient(loss, resnet50.trainable_weights)
+
+        graph = outputs_and_gradients.get_concrete_function(images).graph
+        num_convs = sum(op.type == "Conv2D" for op in graph.get_operations())
+        return outputs_and_gradients(images), num_convs
+
+    assert resnet50.recompute and resnet50.freeze_at == 2
+    (recomputed, recomputed_gradients), recomputed_convs = run()
+    resnet50.recompute = False
+    try:
+        (kept, kept_gradients), kept_convs = run()
+    finally:
+        resnet50.recompute = True
+    assert recomputed_convs - kept_convs == 13 * 3 + 3
+    for key in kept:
+        np.testing.assert_allclose(recomputed[key].numpy(), kept[key].numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(recomputed_gradients, kept_gradients):
+        b = b.numpy()
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
 def test_resnet50_layer_contract_and_legacy_h5_file(resnet50_reference, resnet50):
     _, path, legacy_path = resnet50_reference
     config = resnet50.get_config()
