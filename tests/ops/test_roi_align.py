@@ -227,7 +227,12 @@ def test_gradients_flow_into_features():
         grads[backend] = grad
         with tf.GradientTape() as tape:
             loss_all = tf.reduce_sum(roi_align(features, boxes, output_size, 2, backend))
-        assert np.all(np.isfinite(tape.gradient(loss_all, features).numpy())), backend
+        grads[backend, "all"] = tape.gradient(loss_all, features).numpy()
+        assert np.all(np.isfinite(grads[backend, "all"])), backend
+    # The border-crossing box samples the padding of the crop_and_resize backend, whose gradient folds
+    # the border back onto the edge pixels; the gather backend clamps indices instead (independent code).
+    assert np.any(grads["gather", "all"][0, 0] != grads["gather"][0, 0])  # the border box reaches row 0
+    np.testing.assert_allclose(grads["crop_and_resize", "all"], grads["gather", "all"], atol=1e-5)
     grad = grads["gather"]
     # Every bin's bilinear weights sum to 1 for an interior box, so d(sum)/d(features) sums to
     # S * S per channel (linearity of RoIAlign).
@@ -256,3 +261,28 @@ def test_half_precision_features(dtype, backend):
 def test_rejects_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         roi_align(tf.zeros([1, 4, 4, 1]), tf.zeros([1, 1, 4]), 2, 2, backend="bilinear")
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 1, 4, 2), (1, 3, 1, 1)])
+def test_symmetric_pad_gradient_equals_mirror_pad_grad(shape):
+    # The crop_and_resize backend pads with a custom gradient (border rows/columns scattered onto the
+    # edge pixels, no MirrorPadGrad temporary); it must equal TensorFlow's own SYMMETRIC pad gradient,
+    # including corners and maps one pixel high or wide (where both borders land on the same pixel).
+    from maskrcnn_tf.ops.roi_align import _pad_symmetric
+
+    rng = np.random.default_rng(sum(shape))
+    x = tf.constant(rng.normal(size=shape), tf.float32)
+    upstream = tf.constant(rng.normal(size=(shape[0], shape[1] + 2, shape[2] + 2, shape[3])), tf.float32)
+
+    @tf.function
+    def gradients(x):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            ours = _pad_symmetric(x)
+            reference = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+            loss_ours, loss_reference = tf.reduce_sum(ours * upstream), tf.reduce_sum(reference * upstream)
+        return ours, reference, tape.gradient(loss_ours, x), tape.gradient(loss_reference, x)
+
+    ours, reference, grad_ours, grad_reference = gradients(x)
+    np.testing.assert_array_equal(ours.numpy(), reference.numpy())
+    np.testing.assert_allclose(grad_ours.numpy(), grad_reference.numpy(), rtol=1e-6, atol=1e-6)
