@@ -42,8 +42,10 @@ Decisions (DESIGN.md is silent on these):
   stage (above freeze_at) runs under `tf.recompute_grad`, so the backward pass keeps only the stage
   outputs (C3..C5, which the FPN needs anyway) and recomputes the blocks' inner activations, one stage
   at a time. R50 at 1024x1024, batch 2, freeze_at 2: ~630 MB less at the training step's memory peak
-  for one more forward pass of res3..res5 (~2.7 s of a ~25 s CPU step); the numbers are in
-  benchmarks/README.md. Gradients are the same function (tests: equal to float32 rounding).
+  for one more forward pass of res3..res5 (~2.7 s of a ~25 s step; 2-core AMD EPYC, Eigen convs);
+  with the banded FPN/RPN gradients (layers/banded_conv.py) peak RSS 5115 -> 4659 MB on a 2-core
+  Intel Xeon with oneDNN (benchmarks/README.md). Gradients are the same function (tests: equal to
+  float32 rounding).
 - Mixed precision: the network is built under this layer's dtype policy (the global one unless `dtype`
   is given): variables stay float32, outputs come in the compute dtype (float16 under mixed_float16).
   Keras' BatchNormalization and GroupNormalization normalise in float32 internally.
