@@ -146,6 +146,9 @@ class TrainConfig:
     decay_rate: float = 0.1
     precision: str = "float32"
     jit_compile: bool = False
+    # Recompute the trainable ResNet stages in the backward pass instead of keeping their activations
+    # (layers/backbone.py): less memory for one more forward pass of res3..res5; the same gradients.
+    recompute_backbone: bool = True
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 5
     log_every_steps: int = 20

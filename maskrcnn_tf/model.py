@@ -288,7 +288,7 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
                                num_filters=m.heads.mask_num_filters, name="mask_head"))
     model = MaskRCNN(
         backbone=Backbone(name=m.backbone.name, weights=m.backbone.weights, freeze_at=m.backbone.freeze_at,
-                          tiny_width=m.backbone.tiny_width),
+                          tiny_width=m.backbone.tiny_width, recompute=cfg.train.recompute_backbone),
         fpn=FPN(num_filters=m.fpn_num_filters, name="fpn"),
         rpn_head=RPNHead(num_anchors_per_location=num_anchors, num_filters=m.rpn_num_filters, name="rpn_head"),
         anchor_labeler=AnchorLabeler(positive_iou=m.rpn.positive_iou, negative_iou=m.rpn.negative_iou,

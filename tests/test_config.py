@@ -52,3 +52,12 @@ def test_learning_rate_scales_linearly_with_batch():
     assert config_lib.learning_rate(cfg) == pytest.approx(0.02)  # batch 16 = reference
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_batch_size=8))
     assert config_lib.learning_rate(cfg) == pytest.approx(0.01)
+
+
+def test_config_json_of_an_older_run_without_a_newer_field_loads_with_its_default():
+    # Run directories written before train.recompute_backbone existed keep loading (eval/export/resume).
+    d = config_lib.to_dict(config_lib.tiny())
+    del d["train"]["recompute_backbone"]
+    cfg = config_lib.from_dict(d)
+    assert cfg.train.recompute_backbone is True
+    assert cfg == config_lib.tiny()

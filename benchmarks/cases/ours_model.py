@@ -98,6 +98,7 @@ def counts(cfg) -> dict:
         "roi_foreground_fraction": m.roi.foreground_fraction, "max_detections": m.detection.max_detections,
         "score_threshold": m.detection.score_threshold, "num_classes": m.num_classes,
         "roi_align_backend": m.roi.roi_align_backend, "freeze_at": m.backbone.freeze_at,
+        "recompute_backbone": cfg.train.recompute_backbone,
     }
 
 
