@@ -28,11 +28,12 @@ Backends:
   sampling_ratio x sampling_ratio. The pad has its own gradient (``_unpad_symmetric_gradient``:
   border rows and columns scatter-added onto the edge pixels) because TensorFlow's MirrorPadGrad
   keeps an extra [B, H, W + 2, C] temporary, 130 MB at P2 of a 1024 px batch of 2, which sat at the
-  top of the R50 training step's memory profile (peak live tensors 2.53 -> 2.43 GB). CropAndResize has no XLA kernel: this backend must not run inside
-  ``jit_compile=True`` functions or on TPUs; the Keras layer that calls it declares itself
-  non-jittable. For the pyramid, boxes are split by level with ``tf.dynamic_partition`` and put back
-  with ``tf.dynamic_stitch`` so each box is sampled once (work proportional to R, not L * R); the
-  per-level box counts are data dependent but every output shape is static.
+  top of the R50 training step's memory profile (peak live tensors 2.53 -> 2.43 GB).
+  CropAndResize has no XLA kernel: this backend must not run inside ``jit_compile=True`` functions
+  or on TPUs; the Keras layer that calls it declares itself non-jittable. For the pyramid, boxes
+  are split by level with ``tf.dynamic_partition`` and put back with ``tf.dynamic_stitch`` so each
+  box is sampled once (work proportional to R, not L * R); the per-level box counts are data
+  dependent but every output shape is static.
 - ``"gather"``: XLA/TPU friendly, static shapes only (Model Garden's ``multilevel_crop_and_resize``
   idea). The levels are flattened and concatenated into one [B, sum_l H_l * W_l, C] tensor; each box
   gathers the 2n x 2n grid of pixels around its n x n sample points (two neighbours per sample and
@@ -174,10 +175,10 @@ def _unpad_symmetric_gradient(padded_gradient: tf.Tensor) -> tf.Tensor:
     """Gradient of the one-pixel SYMMETRIC pad: [B, H + 2, W + 2, C] -> [B, H, W, C] (static H, W, C).
 
     The border rows and columns are added onto the first and last rows and columns of the interior
-    with one scatter-add (2H + 2W pixel rows of C values) that TensorFlow runs in place on the
-    interior slice, so the only full-size tensors are the padded gradient and its interior. MirrorPadGrad
-    also holds a [B, H, W + 2, C] temporary: 130 MB more at the peak of the R50 training step
-    (box and mask RoIAlign on P2 at 1024 px, batch 2; memory profile).
+    with one scatter-add (2H + 2W pixel rows of C values), which TensorFlow runs in the interior
+    slice's buffer when it can forward it, so the full-size tensors are the padded gradient and its
+    interior. MirrorPadGrad also holds a [B, H, W + 2, C] temporary: 130 MB more at the peak of the
+    R50 training step (box and mask RoIAlign on P2 at 1024 px, batch 2; memory profile).
     """
     height, width = padded_gradient.shape[1] - 2 * _PAD, padded_gradient.shape[2] - 2 * _PAD
     channels = padded_gradient.shape[3]
