@@ -63,11 +63,13 @@ class RPNHead(keras.layers.Layer):
         # hidden map forward and one input gradient backward instead of two (at P2 of a 1024 px image each
         # input gradient is a 128 MB tensor plus a 64 MB buffer).
         num_scores = self.num_anchors_per_location
+        compute_dtype = self.conv.compute_dtype
+        kernel = keras.ops.cast(keras.ops.concatenate([self.objectness.kernel, self.box_deltas.kernel], axis=-1),
+                                compute_dtype)  # [1, 1, F, A * 5]
+        bias = keras.ops.cast(keras.ops.concatenate([self.objectness.bias, self.box_deltas.bias], axis=-1),
+                              compute_dtype)  # [A * 5]
         for key, feature in features.items():
-            hidden = self.conv(feature)
-            kernel = keras.ops.concatenate([self.objectness.kernel, self.box_deltas.kernel], axis=-1)
-            bias = keras.ops.concatenate([self.objectness.bias, self.box_deltas.bias], axis=-1)
-            kernel, bias = keras.ops.cast(kernel, hidden.dtype), keras.ops.cast(bias, hidden.dtype)
+            hidden = self.conv(feature)  # [B, H, W, F] in compute_dtype
             outputs = keras.ops.cast(keras.ops.conv(hidden, kernel) + bias, "float32")  # [B, H, W, A * 5]
             scores[key], deltas[key] = outputs[..., :num_scores], outputs[..., num_scores:]
         return scores, deltas
