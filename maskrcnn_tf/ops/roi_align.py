@@ -29,6 +29,10 @@ Backends:
   border rows and columns scatter-added onto the edge pixels) because TensorFlow's MirrorPadGrad
   keeps an extra [B, H, W + 2, C] temporary, 130 MB at P2 of a 1024 px batch of 2, which sat at the
   top of the R50 training step's memory profile (peak live tensors 2.53 -> 2.43 GB).
+  Known TensorFlow defect: the CPU CropAndResizeGradImage kernel adds into the image gradient from
+  several threads without atomics (tensorflow/tensorflow#42033), so an update is occasionally lost
+  (2 of 30 identical calls differed by up to 0.14 on a small pyramid); the gather backend's gradients
+  are deterministic.
   CropAndResize has no XLA kernel: this backend must not run inside ``jit_compile=True`` functions
   or on TPUs; the Keras layer that calls it declares itself non-jittable. For the pyramid, boxes
   are split by level with ``tf.dynamic_partition`` and put back with ``tf.dynamic_stitch`` so each

