@@ -183,8 +183,11 @@ def test_mirrored_two_replicas_give_the_same_update_as_one_device():
     devices = tf.config.list_logical_devices("CPU")
     if len(devices) < 2:
         pytest.skip("needs the 2 logical CPU devices that tests/conftest.py configures")
+    # gather RoIAlign: its gradients are deterministic; TF's CPU CropAndResizeGradImage loses updates
+    # between threads now and then (ops/roi_align.py), which made this comparison flaky.
     cfg = exhaustive_sampling_config(**{"train.weight_decay": 0.0, "train.warmup_steps": 0,
-                                        "train.momentum": 0.0, "data.train_batch_size": 2})
+                                        "train.momentum": 0.0, "data.train_batch_size": 2,
+                                        "model.roi.roi_align_backend": "gather"})
     data, _ = make_batch(cfg, TWO_IMAGES)
     dataset = tf.data.Dataset.from_tensors(data)
 
