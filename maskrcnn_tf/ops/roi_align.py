@@ -25,14 +25,16 @@ Backends:
   border pixel and samples beyond them read 0 - exactly the detectron2 boundary rule above - and
   (b) rewrite each box (tensorpack's ``transform_fpcoor_for_tf`` idea) so that the op's first and last
   sample land on the first and last sub-bin centres; we crop n x n and average-pool
-  sampling_ratio x sampling_ratio. The pad has its own gradient (``_unpad_symmetric_gradient``:
-  border rows and columns scatter-added onto the edge pixels) because TensorFlow's MirrorPadGrad
-  keeps an extra [B, H, W + 2, C] temporary, 130 MB at P2 of a 1024 px batch of 2, which sat at the
-  top of the R50 training step's memory profile (peak live tensors 2.53 -> 2.43 GB).
-  Known TensorFlow defect: the CPU CropAndResizeGradImage kernel adds into the image gradient from
-  several threads without atomics (tensorflow/tensorflow#42033), so an update is occasionally lost
-  (2 of 30 identical calls differed by up to 0.14 on a small pyramid); the gather backend's gradients
-  are deterministic.
+  sampling_ratio x sampling_ratio.
+  The gradient is ours (``_crop_and_resize_adjoint``): the level is linear in the features, so its
+  gradient is the transposed sparse sampling matrix (pad and average pool folded in) times the
+  upstream gradient, one ``tf.sparse.sparse_dense_matmul``. TensorFlow's own gradient has two defects
+  on CPU: CropAndResizeGradImage adds into the image gradient from several threads without atomics
+  (tensorflow/tensorflow#42033), so updates are occasionally lost (2 of 30 identical calls differed by
+  up to 0.14 on a small pyramid), and the chain AvgPoolGrad -> CropAndResizeGradImage -> MirrorPadGrad
+  holds a [K, n, n, C] crop gradient and two padded image-sized tensors, which sat at the top of the
+  R50 training step's memory profile (box RoIs on P2 at 1024 px, batch 2: 205 + 130 + 130 MB). Ours
+  is deterministic and its only large tensor is the [B, H, W, C] result.
   CropAndResize has no XLA kernel: this backend must not run inside ``jit_compile=True`` functions
   or on TPUs; the Keras layer that calls it declares itself non-jittable. For the pyramid, boxes
   are split by level with ``tf.dynamic_partition`` and put back with ``tf.dynamic_stitch`` so each
@@ -140,86 +142,124 @@ def _crop_and_resize_boxes(boxes: tf.Tensor, padded_hw: tf.Tensor, num_samples: 
 
 
 def _crop_and_resize_level(
-    padded_features: tf.Tensor,
+    features: tf.Tensor,
     boxes: tf.Tensor,
     box_indices: tf.Tensor,
     output_size: int,
     sampling_ratio: int,
 ) -> tf.Tensor:
-    """RoIAlign of K boxes on one SYMMETRIC-padded level via tf.image.crop_and_resize.
+    """RoIAlign of K boxes on one level: tf.image.crop_and_resize forward, `_crop_and_resize_adjoint` backward.
 
     Args:
-      padded_features: [B, H + 2, W + 2, C] any float dtype.
-      boxes: float32 [K, 4] [y1, x1, y2, x2] in the unpadded level's pixels.
+      features: [B, H, W, C] any float dtype (unpadded; the SYMMETRIC pad is applied here).
+      boxes: float32 [K, 4] [y1, x1, y2, x2] in the level's pixels.
       box_indices: int32 [K] batch index of each box.
 
     Returns:
-      float32 [K, S, S, C].
+      float32 [K, S, S, C]; the gradient w.r.t. `features` has their dtype.
     """
-    num_samples = output_size * sampling_ratio
-    padded_hw = tf.cast(tf.shape(padded_features)[1:3], tf.float32)
-    crop_boxes = _crop_and_resize_boxes(boxes, padded_hw, num_samples)
-    crops = tf.image.crop_and_resize(
-        padded_features, crop_boxes, box_indices, [num_samples, num_samples]
-    )  # [K, n, n, C] float32
-    window = [1, sampling_ratio, sampling_ratio, 1]
-    return tf.nn.avg_pool2d(crops, window, window, padding="VALID")  # [K, S, S, C]
-
-
-def _fold_border_columns(rows: tf.Tensor) -> tf.Tensor:
-    """[B, W + 2, C] gradient of a SYMMETRIC-padded row -> [B, W, C]: padded column 0 belongs to
-    column 0 and padded column W + 1 to column W - 1."""
-    inner = rows[:, _PAD:-_PAD]  # [B, W, C]
-    if inner.shape[1] == 1:  # both padded columns belong to the one column
-        return inner + rows[:, :1] + rows[:, -1:]
-    return tf.concat([inner[:, :1] + rows[:, :1], inner[:, 1:-1], inner[:, -1:] + rows[:, -1:]], axis=1)
-
-
-def _unpad_symmetric_gradient(padded_gradient: tf.Tensor) -> tf.Tensor:
-    """Gradient of the one-pixel SYMMETRIC pad: [B, H + 2, W + 2, C] -> [B, H, W, C] (static H, W, C).
-
-    The border rows and columns are added onto the first and last rows and columns of the interior
-    with one scatter-add (2H + 2W pixel rows of C values), which TensorFlow runs in the interior
-    slice's buffer when it can forward it, so the full-size tensors are the padded gradient and its
-    interior. MirrorPadGrad also holds a [B, H, W + 2, C] temporary: 130 MB more at the peak of the
-    R50 training step (box and mask RoIAlign on P2 at 1024 px, batch 2; memory profile).
-    """
-    height, width = padded_gradient.shape[1] - 2 * _PAD, padded_gradient.shape[2] - 2 * _PAD
-    channels = padded_gradient.shape[3]
-    batch_size = tf.shape(padded_gradient)[0]
-    top = _fold_border_columns(padded_gradient[:, 0])  # [B, W, C], corners included
-    bottom = _fold_border_columns(padded_gradient[:, -1])  # [B, W, C]
-    left = padded_gradient[:, _PAD:-_PAD, 0]  # [B, H, C]
-    right = padded_gradient[:, _PAD:-_PAD, -1]  # [B, H, C]
-    interior = padded_gradient[:, _PAD:-_PAD, _PAD:-_PAD]  # [B, H, W, C]
-
-    def pixel_indices(rows, columns):  # rows, columns [n] -> [B * n, 3] (batch, y, x), batch-major
-        n = rows.shape[0]
-        return tf.stack([tf.repeat(tf.range(batch_size), n), tf.tile(rows, [batch_size]),
-                         tf.tile(columns, [batch_size])], axis=-1)
-
-    ys, xs = tf.range(height), tf.range(width)
-    indices = tf.concat([
-        pixel_indices(tf.zeros([width], tf.int32), xs), pixel_indices(tf.fill([width], height - 1), xs),
-        pixel_indices(ys, tf.zeros([height], tf.int32)), pixel_indices(ys, tf.fill([height], width - 1)),
-    ], axis=0)  # [B * (2W + 2H), 3]
-    updates = tf.concat([tf.reshape(t, [-1, channels]) for t in (top, bottom, left, right)], axis=0)
-    return tf.tensor_scatter_nd_add(interior, indices, updates)  # [B, H, W, C]
-
-
-def _pad_symmetric(features: tf.Tensor) -> tf.Tensor:
-    """[B, H, W, C] -> [B, H + 2, W + 2, C], one pixel of SYMMETRIC padding (module docstring)."""
     if features.dtype not in _CROP_AND_RESIZE_DTYPES:
         features = tf.cast(features, tf.float32)
-    paddings = [[0, 0], [_PAD, _PAD], [_PAD, _PAD], [0, 0]]
-    if not features.shape[1:].is_fully_defined():
-        return tf.pad(features, paddings, mode="SYMMETRIC")
+    num_samples = output_size * sampling_ratio
+    padded_hw = tf.cast(tf.shape(features)[1:3] + 2 * _PAD, tf.float32)
+    crop_boxes = _crop_and_resize_boxes(boxes, padded_hw, num_samples)  # [K, 4] normalized
 
     @tf.custom_gradient
-    def pad(features):
-        return tf.pad(features, paddings, mode="SYMMETRIC"), _unpad_symmetric_gradient
+    def pooled(features):
+        padded = tf.pad(features, [[0, 0], [_PAD, _PAD], [_PAD, _PAD], [0, 0]], mode="SYMMETRIC")
+        crops = tf.image.crop_and_resize(
+            padded, crop_boxes, box_indices, [num_samples, num_samples]
+        )  # [K, n, n, C] float32
+        window = [1, sampling_ratio, sampling_ratio, 1]
 
-    return pad(features)
+        def gradient(upstream):  # [K, S, S, C] float32 -> [B, H, W, C]
+            grad = _crop_and_resize_adjoint(
+                upstream, crop_boxes, box_indices, tf.shape(features), output_size, sampling_ratio
+            )
+            return tf.cast(grad, features.dtype)
+
+        return tf.nn.avg_pool2d(crops, window, window, padding="VALID"), gradient  # [K, S, S, C]
+
+    return pooled(features)
+
+
+def _adjoint_axis_taps(norm_start, norm_end, size, output_size: int, sampling_ratio: int):
+    """Both bilinear taps of every sample tf.image.crop_and_resize takes along one axis, as unpadded pixels.
+
+    Positions follow the CPU kernel's arithmetic (sample s at start * (Hp - 1) + s * (end - start) *
+    (Hp - 1) / (n - 1); none outside [0, Hp - 1]; taps floor and ceil). Padded pixel p is unpadded
+    pixel clip(p - 1, 0, H - 1): that is the SYMMETRIC pad's own adjoint.
+
+    Args:
+      norm_start, norm_end: float32 [K] normalized crop box corners (y1, y2 or x1, x2) on the padded axis.
+      size: int32 scalar H (or W) of the unpadded level.
+
+    Returns:
+      int64 pixel indices [K, S, 2 * sampling_ratio] and float32 weights of the same shape; bin i owns
+      the two taps of each of its sampling_ratio samples.
+    """
+    num_samples = output_size * sampling_ratio
+    padded_last = tf.cast(size + 2 * _PAD - 1, tf.float32)
+    if num_samples > 1:
+        spacing = (norm_end - norm_start) * padded_last / (num_samples - 1)
+        coords = norm_start[:, None] * padded_last + tf.range(num_samples, dtype=tf.float32) * spacing[:, None]
+    else:  # the kernel samples a one-pixel crop at the box centre
+        coords = (0.5 * (norm_start + norm_end) * padded_last)[:, None]
+    inside = tf.cast((coords >= 0.0) & (coords <= padded_last), tf.float32)  # [K, n]
+    low = tf.floor(coords)
+    frac = coords - low
+    taps = tf.stack([low, tf.math.ceil(coords)], axis=-1) - _PAD  # [K, n, 2] unpadded coordinates
+    taps = tf.clip_by_value(taps, 0.0, tf.cast(size - 1, tf.float32))
+    weights = tf.stack([(1.0 - frac) * inside, frac * inside], axis=-1)  # [K, n, 2]
+    shape = [-1, output_size, 2 * sampling_ratio]
+    return tf.reshape(tf.cast(taps, tf.int64), shape), tf.reshape(weights, shape)
+
+
+def _crop_and_resize_adjoint(
+    upstream: tf.Tensor,
+    crop_boxes: tf.Tensor,
+    box_indices: tf.Tensor,
+    features_shape: tf.Tensor,
+    output_size: int,
+    sampling_ratio: int,
+) -> tf.Tensor:
+    """Gradient of `_crop_and_resize_level` w.r.t. its unpadded features, computed deterministically.
+
+    The level is linear in the features, out = A @ f with A sparse [K * S * S, B * H * W] (each bin
+    holds (2 * sampling_ratio)**2 taps of weight w_y * w_x / sampling_ratio**2; the pad and the
+    average pool are folded into A), so the gradient is A^T @ upstream: one
+    tf.sparse.sparse_dense_matmul, whose CPU kernel accumulates in a fixed serial order. It replaces
+    TensorFlow's CropAndResizeGradImage, which loses updates between threads (module docstring),
+    AvgPoolGrad's [K, n, n, C] crop gradient (205 MB for the box head's P2 RoIs of the R50 training
+    step) and the padded [B, H + 2, W + 2, C] image gradient (130 MB).
+
+    Args:
+      upstream: float32 [K, S, S, C] gradient of the pooled output.
+      crop_boxes: float32 [K, 4] the normalized boxes crop_and_resize sampled.
+      box_indices: int32 [K] batch index of each box.
+      features_shape: int32 [4] (B, H, W, C) of the unpadded features.
+
+    Returns:
+      float32 [B, H, W, C].
+    """
+    height, width, channels = features_shape[1], features_shape[2], features_shape[3]
+    rows, row_weights = _adjoint_axis_taps(crop_boxes[:, 0], crop_boxes[:, 2], height, output_size, sampling_ratio)
+    cols, col_weights = _adjoint_axis_taps(crop_boxes[:, 1], crop_boxes[:, 3], width, output_size, sampling_ratio)
+    images = tf.cast(box_indices, tf.int64)[:, None, None, None, None]
+    pixels = (
+        (images * tf.cast(height, tf.int64) + rows[:, :, None, :, None]) * tf.cast(width, tf.int64)
+        + cols[:, None, :, None, :]
+    )  # [K, S, S, 2k, 2k] flat (b, y, x) index of each tap
+    weights = row_weights[:, :, None, :, None] * col_weights[:, None, :, None, :] / float(sampling_ratio**2)
+    num_bins = tf.cast(tf.size(upstream) // channels, tf.int64)  # K * S * S
+    bins = tf.repeat(tf.range(num_bins), (2 * sampling_ratio) ** 2)  # row of A of each tap, row-major
+    matrix = tf.sparse.SparseTensor(
+        tf.stack([bins, tf.reshape(pixels, [-1])], axis=1),
+        tf.reshape(weights, [-1]),
+        dense_shape=tf.cast(tf.stack([num_bins, tf.cast(tf.reduce_prod(features_shape[:3]), tf.int64)]), tf.int64),
+    )
+    grad = tf.sparse.sparse_dense_matmul(matrix, tf.reshape(upstream, [-1, channels]), adjoint_a=True)
+    return tf.reshape(grad, features_shape)  # [B, H, W, C]
 
 
 def _roi_align_crop_and_resize(
@@ -235,7 +275,7 @@ def _roi_align_crop_and_resize(
     box_indices = tf.repeat(tf.range(batch_size), num_boxes)  # [B * R]
     if len(features_list) == 1:
         crops = _crop_and_resize_level(
-            _pad_symmetric(features_list[0]), flat_boxes, box_indices, output_size, sampling_ratio
+            features_list[0], flat_boxes, box_indices, output_size, sampling_ratio
         )  # [B * R, S, S, C]
     else:
         # Each box is sampled only on its own level; partition/stitch keep the output order.
@@ -245,7 +285,7 @@ def _roi_align_crop_and_resize(
         for features, part in zip(features_list, parts):
             level_crops.append(
                 _crop_and_resize_level(
-                    _pad_symmetric(features),
+                    features,
                     tf.gather(flat_boxes, part),  # [K_l, 4]
                     tf.gather(box_indices, part),  # [K_l]
                     output_size,
