@@ -55,6 +55,7 @@ from tensorflow.core.framework import summary_pb2
 
 from maskrcnn_tf import config as config_lib
 from maskrcnn_tf import distribute
+from maskrcnn_tf.host_memory import HeapTrimmer
 from maskrcnn_tf import run_dir
 from maskrcnn_tf.data import pipeline
 from maskrcnn_tf.data.label_map import load_label_map
@@ -452,8 +453,9 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
             say(f"training {model_dir}: steps {step} -> {total}, {num_steps_per_epoch} steps per epoch, "
                 f"global batch {cfg.data.train_batch_size}, {strategy.num_replicas_in_sync} replica(s) "
                 f"({type(strategy).__name__})")
-            with warnings.catch_warnings():  # Keras warns that a tf.data input ignores fit's shuffle=True
-                warnings.filterwarnings("ignore", message=".*shuffle=True.*")
+            # HeapTrimmer: graph building and optimisation leave freed C++ heap resident (host_memory.py).
+            with warnings.catch_warnings(), HeapTrimmer():
+                warnings.filterwarnings("ignore", message=".*shuffle=True.*")  # Keras: tf.data ignores shuffle
                 model.fit(dataset, steps_per_epoch=num_steps_per_epoch, epochs=-(-total // num_steps_per_epoch),
                           initial_epoch=step // num_steps_per_epoch, callbacks=[monitor], verbose=0)
         else:
