@@ -148,7 +148,7 @@ def _crop_and_resize_level(
     output_size: int,
     sampling_ratio: int,
 ) -> tf.Tensor:
-    """RoIAlign of K boxes on one level: tf.image.crop_and_resize forward, `_crop_and_resize_adjoint` backward.
+    """RoIAlign of K boxes on one level: crop_and_resize forward, `_crop_and_resize_adjoint` backward.
 
     Args:
       features: [B, H, W, C] any float dtype (unpadded; the SYMMETRIC pad is applied here).
@@ -202,7 +202,8 @@ def _adjoint_axis_taps(norm_start, norm_end, size, output_size: int, sampling_ra
     padded_last = tf.cast(size + 2 * _PAD - 1, tf.float32)
     if num_samples > 1:
         spacing = (norm_end - norm_start) * padded_last / (num_samples - 1)
-        coords = norm_start[:, None] * padded_last + tf.range(num_samples, dtype=tf.float32) * spacing[:, None]
+        steps = tf.range(num_samples, dtype=tf.float32)
+        coords = norm_start[:, None] * padded_last + steps * spacing[:, None]  # [K, n]
     else:  # the kernel samples a one-pixel crop at the box centre
         coords = (0.5 * (norm_start + norm_end) * padded_last)[:, None]
     inside = tf.cast((coords >= 0.0) & (coords <= padded_last), tf.float32)  # [K, n]
@@ -243,8 +244,9 @@ def _crop_and_resize_adjoint(
       float32 [B, H, W, C].
     """
     height, width, channels = features_shape[1], features_shape[2], features_shape[3]
-    rows, row_weights = _adjoint_axis_taps(crop_boxes[:, 0], crop_boxes[:, 2], height, output_size, sampling_ratio)
-    cols, col_weights = _adjoint_axis_taps(crop_boxes[:, 1], crop_boxes[:, 3], width, output_size, sampling_ratio)
+    y1, x1, y2, x2 = tf.unstack(crop_boxes, axis=-1)
+    rows, row_weights = _adjoint_axis_taps(y1, y2, height, output_size, sampling_ratio)  # [K, S, 2k]
+    cols, col_weights = _adjoint_axis_taps(x1, x2, width, output_size, sampling_ratio)  # [K, S, 2k]
     images = tf.cast(box_indices, tf.int64)[:, None, None, None, None]
     pixels = (
         (images * tf.cast(height, tf.int64) + rows[:, :, None, :, None]) * tf.cast(width, tf.int64)
@@ -256,7 +258,7 @@ def _crop_and_resize_adjoint(
     matrix = tf.sparse.SparseTensor(
         tf.stack([bins, tf.reshape(pixels, [-1])], axis=1),
         tf.reshape(weights, [-1]),
-        dense_shape=tf.cast(tf.stack([num_bins, tf.cast(tf.reduce_prod(features_shape[:3]), tf.int64)]), tf.int64),
+        dense_shape=tf.stack([num_bins, tf.cast(tf.reduce_prod(features_shape[:3]), tf.int64)]),
     )
     grad = tf.sparse.sparse_dense_matmul(matrix, tf.reshape(upstream, [-1, channels]), adjoint_a=True)
     return tf.reshape(grad, features_shape)  # [B, H, W, C]
