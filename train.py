@@ -57,6 +57,9 @@ flags.DEFINE_string("init_checkpoint", None, "Fine-tune from another run's check
                     "(class-specific layers) keep their fresh initialisation.")
 flags.DEFINE_enum("precision", None, list(config_lib.PRECISIONS), "Compute precision (default: the preset's).")
 flags.DEFINE_boolean("jit_compile", None, "XLA-compile the train step (needs the gather RoIAlign backend).")
+flags.DEFINE_integer("inter_op_threads", distribute.AUTO_INTER_OP_THREADS,
+                     "TF inter-op threads: -1 = 1 on a host whose only device is one CPU (less memory), else "
+                     "TF's default; 0 = TF's default; n = n.", lower_bound=distribute.AUTO_INTER_OP_THREADS)
 flags.DEFINE_string("eval_file_pattern", None, "Glob of evaluation TFRecords.")
 flags.DEFINE_string("val_json", None, "COCO instances JSON of the evaluation images.")
 flags.DEFINE_integer("eval_every_epochs", 1, "COCO evaluation every N epochs (and at the end) when "
@@ -265,6 +268,7 @@ def main(argv):
     pylogging.getLogger("tensorflow").setLevel(pylogging.WARNING)
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
+    distribute.configure_host_threads(FLAGS.inter_op_threads)  # before anything starts TF's runtime
     from maskrcnn_tf import training
 
     dataset_flags = (FLAGS.train_file_pattern, FLAGS.eval_file_pattern, FLAGS.val_json, FLAGS.label_map)

@@ -179,7 +179,8 @@ def summarize(case: str, peer: str, ours: dict, theirs: dict) -> dict:
         ours=ours["value"], theirs=theirs["value"], metric=metric, ratio=None if ratio is None else round(ratio, 3),
         goal=None if goal is None else f"ours/theirs {goal[0]} {goal[1]}", met=met,
         peak_rss_mb_ours=rss_ours, peak_rss_mb_theirs=rss_theirs,
-        rss_met=None if rss_ours is None or rss_theirs is None else rss_ours <= rss_theirs,
+        # The memory goal is the product cases'; conv only measures the machine's convolution speed.
+        rss_met=None if rss_ours is None or rss_theirs is None or case == "conv" else rss_ours <= rss_theirs,
         load_avg_1m=[ours.get("load_avg_1m"), theirs.get("load_avg_1m")])
     # torchvision infer also reports a series with the same 1000 NMS candidates as ours (its threshold-0
     # series sends all 1000 x 90 candidates through NMS): the ratio against that one too.

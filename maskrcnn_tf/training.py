@@ -35,6 +35,10 @@ Decisions:
   that is deleted afterwards.
 - Mixed precision: mixed_float16 wraps the optimizer in keras.optimizers.LossScaleOptimizer (the model
   itself keeps a float32 policy, so Keras would not do it automatically).
+- The optimizer's slots are built before the first step (also needed for a restore): otherwise
+  tf.function traces the step twice and keeps both graphs (~500 MB more at R50, 1024 px).
+- fit runs under host_memory.HeapTrimmer, which gives the heap that graph building frees back to the
+  OS (~400 MB of peak RSS at R50, 1024 px; benchmarks/README.md).
 """
 
 import json

@@ -23,7 +23,8 @@ Decisions:
   data.max_instances (100, what the input pipeline delivers) and gt masks cropped to their boxes at
   data.gt_mask_size (112), the data contract of DESIGN.md section 4.
 - Threads: intra-op parallelism = --threads (2, as torch.set_num_threads on the peer side); inter-op
-  left at TF's default unless --inter_threads is given.
+  as train.py sets it for `train` (distribute.configure_host_threads: 1 on this CPU-only host) and
+  TF's default for `infer`, unless --inter_threads is given (0 = TF's default).
 - FLOP count (`infer`, --count_flops, default on): one extra trace of the same function (no compute);
   every conv / matmul op of the graph is counted from its static shapes: conv 2*N*Ho*Wo*Cin*Cout*kh*kw,
   transposed conv (Conv2DBackpropInput) 2*N*Hi*Wi*Cin*Cout*kh*kw, matmul 2*rows*in*out, where N and
@@ -67,7 +68,8 @@ def parse_args():
     parser.add_argument("--profile_flops", type=_bool, nargs="?", const=True, default=False,
                         help="also count FLOPs with tf.compat.v1.profiler (slow: re-traces the graph)")
     parser.add_argument("--max_instances", type=int, default=None, help="gt padding N (default: preset's)")
-    parser.add_argument("--inter_threads", type=int, default=0, help="inter-op threads (0 = TF default)")
+    parser.add_argument("--inter_threads", type=int, default=None,
+                        help="inter-op threads (0 = TF default; default: train.py's rule for train, 0 for infer)")
     return harness.parse_model_case_args(parser)
 
 
@@ -298,8 +300,11 @@ def main():
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    if args.inter_threads:
-        tf.config.threading.set_inter_op_parallelism_threads(args.inter_threads)
+    from maskrcnn_tf.distribute import AUTO_INTER_OP_THREADS, configure_host_threads
+
+    if args.inter_threads is None:
+        args.inter_threads = AUTO_INTER_OP_THREADS if args.case == "train" else 0
+    configure_host_threads(args.inter_threads)
     cfg, first, runs, fields = (run_infer if args.case == "infer" else run_train)(args)
     harness.emit(harness.record(
         args.case, SIDE, "seconds", runs, first,

@@ -130,6 +130,23 @@ def test_get_strategy_by_name_and_clear_errors(monkeypatch):
         distribute.get_strategy("multi_worker_mirrored")
 
 
+@pytest.mark.parametrize("setting, cpu_devices, expected", [
+    (distribute.AUTO_INTER_OP_THREADS, 1, 1),  # one CPU device: one op at a time
+    (distribute.AUTO_INTER_OP_THREADS, 2, 0),  # logical CPU replicas run side by side: TF's default
+    (0, 1, 0), (3, 1, 3)])
+def test_configure_host_threads(setting, cpu_devices, expected):
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("the automatic rule keeps TF's default on GPU hosts")
+    # A fresh process: the thread count can only be set before TensorFlow's runtime starts.
+    code = ("import sys; from maskrcnn_tf import distribute; import tensorflow as tf; "
+            f"distribute.configure_cpu_devices({cpu_devices}); "
+            f"print(distribute.configure_host_threads({setting}), tf.config.threading.get_inter_op_parallelism_threads())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(expected), str(expected)]
+    with pytest.raises(ValueError, match="inter_op_threads"):
+        distribute.configure_host_threads(-2)
+
+
 # ------------------------------------------------------------------------------------ processes
 
 
