@@ -59,10 +59,10 @@ from tensorflow.core.framework import summary_pb2
 
 from maskrcnn_tf import config as config_lib
 from maskrcnn_tf import distribute
-from maskrcnn_tf.host_memory import HeapTrimmer
 from maskrcnn_tf import run_dir
 from maskrcnn_tf.data import pipeline
 from maskrcnn_tf.data.label_map import load_label_map
+from maskrcnn_tf.host_memory import HeapTrimmer
 
 # Order and spelling of the MindSpore original's loss.log line.
 LOSS_LOG_NAMES = ("rpn_loss", "rcnn_loss", "rpn_cls_loss", "rpn_reg_loss", "rcnn_cls_loss", "rcnn_reg_loss",
