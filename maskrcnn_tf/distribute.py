@@ -65,16 +65,18 @@ def configure_host_threads(inter_op_threads: int = AUTO_INTER_OP_THREADS) -> int
     Why 1 on a CPU: every op already spreads over all cores through its intra-op pool (oneDNN, Eigen),
     so a second op at the same time shares the same cores and keeps its tensors alive next to the
     first's. Measured on the R50-FPN training step, 1024 px, batch 2, 2-core Intel Xeon: peak RSS
-    3444-3580 -> 3097-3371 MB, step 13.9-14.5 -> 14.5-16.1 s (benchmarks/README.md). Not with GPUs or
-    TPUs (inter-op threads launch their kernels) nor with several logical CPUs (replicas run side by side).
+    3444-3580 -> 3097-3558 MB over separate runs, for ~8% of step time in an alternated A/B
+    (benchmarks/README.md). Not with GPUs or TPUs (inter-op threads launch their kernels) nor with
+    several logical CPUs (replicas run side by side).
     """
     if inter_op_threads < AUTO_INTER_OP_THREADS:
         raise ValueError(f"inter_op_threads must be >= 1, 0 (TF default) or -1 (auto), got {inter_op_threads}")
     if inter_op_threads == AUTO_INTER_OP_THREADS:
         cpus = tf.config.list_physical_devices("CPU")
-        logical_cpus = len(tf.config.get_logical_device_configuration(cpus[0]) or [None]) if cpus else 0
+        split = tf.config.get_logical_device_configuration(cpus[0]) if cpus else None  # None: not split
+        one_cpu_device = len(cpus) == 1 and (split is None or len(split) == 1)
         accelerators = tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices("TPU")
-        inter_op_threads = 1 if logical_cpus == 1 and not accelerators else 0
+        inter_op_threads = 1 if one_cpu_device and not accelerators else 0
     if inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
     return inter_op_threads
