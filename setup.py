@@ -16,5 +16,8 @@ setup(
         "opencv-python-headless",
         "absl-py",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    extras_require={
+        # torch/torchvision are executable oracles for the equivalence tests, never runtime dependencies.
+        "test": ["pytest", "pytest-xdist", "torch==2.14.1", "torchvision==0.29.1"],
+    },
 )
