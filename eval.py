@@ -61,7 +61,7 @@ def main(argv):
 
     try:
         run()
-    except (ValueError, tf.errors.OpError) as e:  # OpError: a record the pipeline cannot decode
+    except (ValueError, OSError, tf.errors.OpError) as e:  # OpError: a record the pipeline cannot decode
         message = e.message if isinstance(e, tf.errors.OpError) else e
         print(f"error: {_one_line(message)}", file=sys.stderr)
         sys.exit(1)

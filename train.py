@@ -1,6 +1,7 @@
-"""Trains Mask R-CNN; with no dataset flags, runs the built-in shapes demo end to end.
+"""Trains Mask R-CNN; with no flags at all (or --demo), runs the built-in shapes demo end to end.
 
   python train.py                                     # demo: data, training, COCO eval, export, pictures
+  python train.py --demo --model_dir=my_demo          # the same demo into another directory
   python train.py --train_file_pattern='records/train-*' --model_dir=runs/r50 --strategy=mirrored \
       --eval_file_pattern='records/val-*' --val_json=coco/annotations/instances_val2017.json
 
@@ -35,7 +36,9 @@ from maskrcnn_tf import distribute
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("train_file_pattern", None, "Glob of training TFRecords (data_prep converters). "
-                    "Not given (and no other dataset flag): run the built-in demo.")
+                    "Required, except for the demo (no flags at all, or --demo).")
+flags.DEFINE_boolean("demo", False, "Run the built-in shapes demo (also what a command line without any "
+                     "flag does); --model_dir and --config may be given, no dataset flag.")
 flags.DEFINE_string("model_dir", None, "Run directory: config, checkpoints, loss.log, TensorBoard logs. "
                     "Required for training; the demo defaults to ./maskrcnn_demo.")
 flags.DEFINE_string("config", None, f"Preset: {' | '.join(config_lib.PRESETS)} (default coco_r50_fpn_1x; "
@@ -161,6 +164,9 @@ def resolve_config(preset: str, train_file_pattern: str, label_map_path=None, ex
         cfg = config_lib.replace(cfg, **{"train.base_learning_rate": FLAGS.learning_rate,
                                          "train.reference_batch_size": cfg.data.train_batch_size})
 
+    # Zero matching files or zero records: say so before the label map search (which would fail too, less
+    # clearly), and never start a pipeline that waits forever for its first record.
+    num_records = pipeline.count_training_records(train_file_pattern)
     label_map_path = label_map_path or FLAGS.label_map or find_label_map(train_file_pattern)
     if label_map_path:
         if not os.path.exists(label_map_path):
@@ -175,7 +181,6 @@ def resolve_config(preset: str, train_file_pattern: str, label_map_path=None, ex
     else:
         raise ValueError(f"no label map found next to {train_file_pattern!r}; give --label_map or --num_classes")
 
-    num_records = pipeline.count_records(train_file_pattern)
     steps_per_epoch = training.steps_per_epoch(num_records, cfg.data.train_batch_size)
     if FLAGS.num_epochs is not None and FLAGS.train_steps is not None:
         raise ValueError("give --num_epochs or --train_steps, not both")
@@ -271,22 +276,36 @@ def main(argv):
     distribute.configure_host_threads(FLAGS.inter_op_threads)  # before anything starts TF's runtime
     from maskrcnn_tf import training
 
-    dataset_flags = (FLAGS.train_file_pattern, FLAGS.eval_file_pattern, FLAGS.val_json, FLAGS.label_map)
+    dataset_flags = ("train_file_pattern", "eval_file_pattern", "val_json", "label_map")
     try:
-        if not any(dataset_flags):
+        # Only an explicit --demo or a bare command line runs the demo: an empty --train_file_pattern= (an
+        # unset shell variable) must not quietly train the demo into the user's --model_dir.
+        if FLAGS.demo or len(sys.argv) == 1:
+            given = [f"--{name}" for name in dataset_flags if FLAGS[name].present]
+            if given:
+                raise ValueError(f"--demo makes its own data; drop {', '.join(given)}")
+            _check_model_dir(FLAGS.model_dir or DEMO_MODEL_DIR)
             run_demo()
             return
         if not FLAGS.train_file_pattern:
-            raise ValueError("--train_file_pattern is required when any other dataset flag is given")
+            raise ValueError(("--train_file_pattern is empty" if FLAGS["train_file_pattern"].present else
+                              "--train_file_pattern is required") +
+                             " (the built-in demo runs with no flags at all, or with --demo)")
         if not FLAGS.model_dir:
             raise ValueError("--model_dir is required")
+        _check_model_dir(FLAGS.model_dir)
         result = run_training(FLAGS.train_file_pattern, FLAGS.model_dir, FLAGS.config or DEFAULT_PRESET,
                               eval_file_pattern=FLAGS.eval_file_pattern, val_json=FLAGS.val_json)
         print(f"done: global step {result['global_step']}, model dir {os.path.abspath(FLAGS.model_dir)}", flush=True)
     except training.NonFiniteLossError as e:
         sys.exit(f"error: {e}")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: unwritable --model_dir, a full disk, a vanished file
         sys.exit(f"error: {e}")
+
+
+def _check_model_dir(model_dir: str) -> None:
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise ValueError(f"--model_dir={model_dir}: exists and is not a directory")
 
 
 def _configure_before_tf():

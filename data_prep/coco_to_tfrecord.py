@@ -38,7 +38,7 @@ def main(argv):
             FLAGS.image_dir, FLAGS.annotation_file, FLAGS.output_prefix, FLAGS.num_shards,
             num_workers=FLAGS.num_workers, include_masks=FLAGS.include_masks,
             skip_empty=FLAGS.skip_empty, max_images=FLAGS.max_images)
-    except coco_converter.ConversionError as e:
+    except (coco_converter.ConversionError, OSError) as e:  # OSError: unwritable output, full disk
         sys.exit(f"error: {e}")
     brief = {k: v for k, v in summary.items() if k not in ("shards", "examples")}
     print(json.dumps(brief, indent=1))

@@ -32,9 +32,12 @@ flags.mark_flags_as_required(["output_dir"])
 
 def main(argv):
     del argv
-    paths = shapes.make_shapes_dataset(FLAGS.output_dir, FLAGS.num_train, FLAGS.num_val, FLAGS.image_size,
-                                       FLAGS.seed, num_shapes=(1, FLAGS.max_shapes),
-                                       image_format=FLAGS.image_format)
+    try:
+        paths = shapes.make_shapes_dataset(FLAGS.output_dir, FLAGS.num_train, FLAGS.num_val, FLAGS.image_size,
+                                           FLAGS.seed, num_shapes=(1, FLAGS.max_shapes),
+                                           image_format=FLAGS.image_format)
+    except (ValueError, OSError) as e:  # e.g. --output_dir is a file or not writable
+        sys.exit(f"error: {e}")
     print(json.dumps(paths, indent=1))
 
 

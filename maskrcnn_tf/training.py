@@ -98,7 +98,10 @@ def parse_loss_line(line: str) -> Optional[Tuple[int, int, Dict[str, float]]]:
 
 
 def steps_per_epoch(num_records: int, global_batch: int) -> int:
-    """Full batches in one pass over the data (the pipeline drops the remainder); at least 1."""
+    """Full batches in one pass over the data (the pipeline drops the remainder); at least 1.
+    ValueError for zero records: training on them would wait forever for a first batch."""
+    if num_records <= 0:
+        raise ValueError("no training records (0 records to make an epoch of)")
     return max(1, num_records // global_batch)
 
 
@@ -404,7 +407,8 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
         for change in check_resume_config(run_dir.load_config(model_dir), cfg, model_dir):
             say(f"resume: config changed {change}")
     if num_steps_per_epoch is None:
-        num_steps_per_epoch = steps_per_epoch(pipeline.count_records(train_file_pattern), cfg.data.train_batch_size)
+        num_steps_per_epoch = steps_per_epoch(pipeline.count_training_records(train_file_pattern),
+                                              cfg.data.train_batch_size)
     if chief:
         write_run_files(cfg, model_dir, label_map_path)
 

@@ -157,6 +157,16 @@ def count_records(file_pattern) -> int:
     return total
 
 
+def count_training_records(file_pattern) -> int:
+    """count_records, but zero records is a ValueError naming the pattern: a training pipeline repeats
+    forever, and repeating an empty dataset never yields a batch (the run would hang)."""
+    total = count_records(file_pattern)
+    if total == 0:
+        raise ValueError(f"data: no records in {file_pattern!r} (the matching files are empty; did the "
+                         "converter write images_written: 0?)")
+    return total
+
+
 # ------------------------------------------------------------------------------------------- decode
 
 
