@@ -46,6 +46,7 @@ from maskrcnn_tf.layers.rpn_head import RPNHead
 from maskrcnn_tf.ops import anchors as anchor_ops
 from maskrcnn_tf.ops import boxes as box_ops
 from maskrcnn_tf.ops import masks as mask_ops
+from maskrcnn_tf.ops import sampling
 
 LOSS_NAMES = ("rpn_cls_loss", "rpn_reg_loss", "rpn_loss", "rcnn_cls_loss", "rcnn_reg_loss",
               "rcnn_mask_loss", "rcnn_loss", "total_loss")
@@ -75,13 +76,19 @@ def _flatten_levels(outputs, last_dim=None):
     return tf.concat(flat, axis=1)  # [B, A(, d)]
 
 
+@keras.saving.register_keras_serializable(package="maskrcnn_tf")
 class MaskRCNN(keras.Model):
-    """The detector. Layers are built by build_model(config); the constructor takes them ready-made."""
+    """The detector. Layers are built by build_model(config); the constructor takes them ready-made.
+
+    Serialization: get_config() is the build_model Config (`{"config": config.to_dict(cfg)}`) and
+    from_config rebuilds through build_model, so `model.save("m.keras")` / `keras.saving.load_model`
+    round-trip (docs/design.md section 8). A MaskRCNN assembled by hand has no Config and cannot be saved.
+    """
 
     def __init__(self, *, backbone, fpn, rpn_head, anchor_labeler, proposal_generator, roi_sampler,
                  box_roi_align, box_head, detection_generator, mask_roi_align=None, mask_head=None,
                  anchors, image_size, max_mask_rois=128, rpn_box_loss_beta=0.0, rcnn_box_loss_beta=0.0,
-                 clip_grad_norm=0.0, static_shapes=False, **kwargs):
+                 clip_grad_norm=0.0, static_shapes=False, sampling_seed=None, **kwargs):
         # The model itself is float32 so its inputs (image_info especially) are never cast to float16.
         super().__init__(dtype="float32", **kwargs)
         self.backbone = backbone
@@ -104,6 +111,9 @@ class MaskRCNN(keras.Model):
         self.rcnn_box_loss_beta = rcnn_box_loss_beta
         self.clip_grad_norm = clip_grad_norm
         self.static_shapes = static_shapes
+        self.config = None  # the Config build_model made this model from (get_config)
+        # train.seed: anchor / RoI sampling draws keyed by (seed, step, replica) instead of TF's stateful RNG.
+        self.sampling_seed = sampling_seed
         self._rcnn_coder = box_ops.BoxCoder(weights=box_ops.RCNN_BOX_WEIGHTS)
         self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_NAMES}
 
@@ -173,7 +183,9 @@ class MaskRCNN(keras.Model):
         if self._trims_padding():
             num_columns = _num_used_columns(gt_classes >= 0)
             labeled_boxes, labeled_classes = gt_boxes[:, :num_columns], gt_classes[:, :num_columns]
-        rpn_targets = self.anchor_labeler(tf.constant(self.flat_anchors), labeled_boxes, labeled_classes)
+        anchor_seed, roi_seed = self._sampling_seeds()
+        rpn_targets = self.anchor_labeler(tf.constant(self.flat_anchors), labeled_boxes, labeled_classes,
+                                          seed=anchor_seed)
         rpn_normalizer = global_images * self.anchor_labeler.batch_size_per_image
         rpn_cls = losses.rpn_objectness_loss(
             _flatten_levels(rpn_scores), rpn_targets["objectness"], rpn_targets["sampled"], rpn_normalizer)
@@ -184,7 +196,7 @@ class MaskRCNN(keras.Model):
         # The RoI stage trains on the training-time proposal counts (top-k 2000 / 1000).
         proposals, _, proposal_valid = self.proposal_generator(
             rpn_scores, rpn_deltas, image_info, anchors=self.anchors, training=True)
-        samples = self.roi_sampler(proposals, proposal_valid, gt_boxes, gt_classes)
+        samples = self.roi_sampler(proposals, proposal_valid, gt_boxes, gt_classes, seed=roi_seed)
         rois, classes, foreground = samples["rois"], samples["classes"], samples["is_foreground"]
         class_logits, box_deltas = self.box_head(self.box_roi_align(pyramid, rois), training=training)
         rcnn_normalizer = global_images * self.roi_sampler.num_samples
@@ -205,6 +217,21 @@ class MaskRCNN(keras.Model):
         }
         values["total_loss"] = values["rpn_loss"] + values["rcnn_loss"]
         return values
+
+    def _sampling_seeds(self):
+        """(anchor labeler seed, RoI sampler seed), each int64 [2] keyed by (sampling_seed, step, replica),
+        or (None, None) without a sampling_seed. The step is optimizer.iterations before this step's
+        update (0 without an optimizer), so a resumed run draws what the uninterrupted run drew."""
+        if self.sampling_seed is None:
+            return None, None
+        optimizer = getattr(self, "optimizer", None)
+        step = optimizer.iterations if optimizer is not None else 0
+        # Replicas see different images; each gets its own draw, as separate processes would.
+        replica = tf.distribute.get_replica_context()
+        replica_id = replica.replica_id_in_sync_group if replica is not None else 0
+        step_seed = sampling.sampling_seed(self.sampling_seed, step, replica_id)
+        return (tf.random.experimental.stateless_fold_in(step_seed, 1),
+                tf.random.experimental.stateless_fold_in(step_seed, 2))
 
     def _mask_loss(self, data, pyramid, samples):
         """Mask loss on the first max_mask_rois foreground RoIs of each image (a static count, or the
@@ -267,6 +294,24 @@ class MaskRCNN(keras.Model):
     def metrics(self):
         return list(self.loss_trackers.values())
 
+    # --------------------------------------------------------------------------- serialization
+
+    def get_config(self):
+        if self.config is None:
+            raise NotImplementedError(f"MaskRCNN {self.name!r} was not made by build_model(config), so it has "
+                                      "no config to save; build it with build_model or save_weights instead")
+        return {"name": self.name, "trainable": self.trainable, "config": config_lib.to_dict(self.config)}
+
+    @classmethod
+    def from_config(cls, config):
+        cfg = config_lib.from_dict(config["config"])
+        # The saved file holds every weight: neither load nor download the backbone's initial weights.
+        model = build_model(config_lib.replace(cfg, **{"model.backbone.weights": None}))
+        model.config = cfg
+        if not config.get("trainable", True):  # setting True would also unfreeze frozen stages
+            model.trainable = False
+        return model
+
 
 def build_model(cfg: config_lib.Config) -> MaskRCNN:
     """Builds (and runs once, so every weight exists) the MaskRCNN of `cfg`. The one reader of config.
@@ -318,9 +363,11 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
         rpn_box_loss_beta=m.rpn.box_loss_beta,
         rcnn_box_loss_beta=m.roi.box_loss_beta,
         clip_grad_norm=cfg.train.clip_grad_norm,
+        sampling_seed=cfg.train.seed,
         name="mask_rcnn",  # fixed: checkpoints key variables by path (run_dir.py)
         **mask_layers,
     )
+    model.config = cfg
     height, width = m.image_size
     model(dummy_inputs(1, height, width), training=False)  # creates every weight
     return model

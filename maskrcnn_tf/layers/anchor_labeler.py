@@ -7,6 +7,12 @@ anchors per image are then sampled with at most `positive_fraction` positives (F
 3.1.3; detectron2 RPN defaults). No learned weights: it is a layer so that model.py reads as the figure.
 
 Shapes: B batch, A anchors over all levels (concatenated P2..P6 in ops.anchors order), N padded gt.
+
+Randomness: `seed` (int [2], see ops.sampling.sampling_seed) makes the draw reproducible; None draws
+from TF's stateful RNG. `sampler` is the sampling function, ops.sampling.balanced_sample by default; a
+test may replace it (before the first call: a traced step keeps the function it was traced with) to
+force exact anchors, e.g. the ones another implementation drew. It has balanced_sample's signature and
+returns its (indices [B, S], is_positive [B, S], is_valid [B, S]).
 """
 
 import keras
@@ -17,9 +23,10 @@ from maskrcnn_tf.ops import matching
 from maskrcnn_tf.ops import sampling
 
 
+@keras.saving.register_keras_serializable(package="maskrcnn_tf")
 class AnchorLabeler(keras.layers.Layer):
     """call(anchors float32 [A, 4], gt_boxes float32 [B, N, 4] (-1 padded), gt_classes int32 [B, N]
-    (-1 padded)) -> dict:
+    (-1 padded), seed=None) -> dict:
       objectness   float32 [B, A]     1 for positive anchors, 0 otherwise
       box_targets  float32 [B, A, 4]  [dy, dx, dh, dw] of the matched gt (weights 1, 1, 1, 1)
       sampled      bool    [B, A]     anchors that enter the objectness loss
@@ -34,8 +41,9 @@ class AnchorLabeler(keras.layers.Layer):
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
         self._coder = box_ops.BoxCoder(weights=box_ops.RPN_BOX_WEIGHTS)
+        self.sampler = sampling.balanced_sample
 
-    def call(self, anchors, gt_boxes, gt_classes):
+    def call(self, anchors, gt_boxes, gt_classes, seed=None):
         batch = tf.shape(gt_boxes)[0]
         anchors = tf.broadcast_to(anchors[None], [batch, anchors.shape[0], 4])  # [B, A, 4]
         gt_valid = gt_classes > 0  # [B, N]
@@ -43,7 +51,9 @@ class AnchorLabeler(keras.layers.Layer):
         matched_gt_index, labels = matching.match(
             iou, gt_valid, positive_threshold=self.positive_iou, negative_threshold=self.negative_iou,
             allow_low_quality_matches=True)
-        sampled = sampling.balanced_sample_mask(labels, self.batch_size_per_image, self.positive_fraction)
+        index, _, is_valid = self.sampler(labels, self.batch_size_per_image, self.positive_fraction, seed)
+        sampled = sampling.indices_to_mask(index, is_valid, tf.shape(labels))  # [B, A]
+        # A sampled anchor is positive by its label, so a forced sampler cannot contradict the matching.
         positive = sampled & (labels == 1)
         matched_boxes = tf.gather(gt_boxes, matched_gt_index, batch_dims=1)  # [B, A, 4]
         # Encode only where positive: unmatched rows may point at -1 padding boxes (log of <= 0).

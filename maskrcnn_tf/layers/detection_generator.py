@@ -19,6 +19,7 @@ from maskrcnn_tf.ops import boxes as box_ops
 from maskrcnn_tf.ops import nms as nms_ops
 
 
+@keras.saving.register_keras_serializable(package="maskrcnn_tf")
 class DetectionGenerator(keras.layers.Layer):
     """call(class_logits [B, R, K + 1], box_deltas [B, R, (K + 1) * 4], rois [B, R, 4], roi_valid bool
     [B, R], image_info [B, 4, 2]) -> dict:

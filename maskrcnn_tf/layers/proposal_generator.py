@@ -22,6 +22,7 @@ from maskrcnn_tf.ops import nms as nms_ops
 _REMOVED_SCORE = -1e9
 
 
+@keras.saving.register_keras_serializable(package="maskrcnn_tf")
 class ProposalGenerator(keras.layers.Layer):
     """Turns per-level objectness logits and deltas into proposals.
 

@@ -13,6 +13,7 @@ from maskrcnn_tf.ops import roi_align as roi_align_ops
 BACKENDS = ("crop_and_resize", "gather")
 
 
+@keras.saving.register_keras_serializable(package="maskrcnn_tf")
 class MultilevelRoIAlign(keras.layers.Layer):
     """call(features {"P2": [B, H/4, W/4, C], .., "P5"}, boxes float32 [B, R, 4] [y1, x1, y2, x2] input
     pixels) -> [B, R, output_size, output_size, C] in the features' dtype. Levels P2..P5 only (P6 is

@@ -8,6 +8,8 @@ gt with the highest IoU: foreground if IoU >= foreground_iou, background if IoU 
 
 Shapes: B batch, R proposals, N padded gt, S = num_samples.
 No gradient flows into the sampled boxes (they are targets' geometry, not predictions).
+Randomness and the test hook `sampler`: as in layers/anchor_labeler.py; the sampler's indices point
+into the candidates (proposals, then gt boxes).
 """
 
 import keras
@@ -20,11 +22,12 @@ from maskrcnn_tf.ops import sampling
 _IGNORE = -1
 
 
+@keras.saving.register_keras_serializable(package="maskrcnn_tf")
 class RoISampler(keras.layers.Layer):
     """Samples RoIs and assigns them gt classes and boxes.
 
     call(proposals float32 [B, R, 4], proposal_valid bool [B, R], gt_boxes float32 [B, N, 4] (-1 padded),
-    gt_classes int32 [B, N] (1..K, -1 padded)) -> dict:
+    gt_classes int32 [B, N] (1..K, -1 padded), seed=None (int [2], stateless draw)) -> dict:
       rois              float32 [B, S, 4]  [y1, x1, y2, x2] pixels
       classes           int32   [B, S]     matched gt class for foreground, 0 for background
       box_targets       float32 [B, S, 4]  the matched gt box (meaningful for foreground only)
@@ -42,8 +45,9 @@ class RoISampler(keras.layers.Layer):
         self.background_iou_high = background_iou_high
         self.background_iou_low = background_iou_low
         self.append_gt_boxes = append_gt_boxes
+        self.sampler = sampling.balanced_sample
 
-    def call(self, proposals, proposal_valid, gt_boxes, gt_classes):
+    def call(self, proposals, proposal_valid, gt_boxes, gt_classes, seed=None):
         gt_valid = gt_classes > 0  # [B, N]
         candidates, candidate_valid = proposals, proposal_valid
         if self.append_gt_boxes:
@@ -59,12 +63,12 @@ class RoISampler(keras.layers.Layer):
         too_far = (labels == 0) & (best_iou < self.background_iou_low)
         labels = tf.where(too_far | ~candidate_valid, _IGNORE, labels)
 
-        index, is_foreground, is_valid = sampling.balanced_sample(
-            labels, self.num_samples, self.foreground_fraction)  # [B, S] each
+        index, _, is_valid = self.sampler(labels, self.num_samples, self.foreground_fraction, seed)  # [B, S]
+        # Foreground by the label of the chosen row, so a forced sampler cannot contradict the matching.
+        is_foreground = is_valid & tf.equal(tf.gather(labels, index, batch_dims=1), 1)  # [B, S]
         rois = tf.gather(candidates, index, batch_dims=1)  # [B, S, 4]
         matched = tf.gather(matched_gt_index, index, batch_dims=1)  # [B, S]
         gt_class_of_roi = tf.gather(gt_classes, matched, batch_dims=1)  # [B, S]
-        is_foreground = is_foreground & is_valid
         return {
             "rois": rois,
             "classes": tf.where(is_foreground, gt_class_of_roi, 0),
