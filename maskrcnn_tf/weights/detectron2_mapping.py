@@ -1,0 +1,170 @@
+"""detectron2 R-FPN Mask / Faster R-CNN weights -> our variables: assign_detectron2_weights(model, state_dict).
+
+Key names come from detectron2's modules (facebookresearch/detectron2, detectron2/modeling/):
+  backbone/resnet.py     backbone.bottom_up.stem.conv1.{weight, norm.*}; res{2..5}.{b}.conv{1,2,3} and
+                         .shortcut (first block), each with .norm.{weight, bias, running_mean, running_var}
+                         (FrozenBatchNorm2d); convs followed by a norm have no bias
+  backbone/fpn.py        backbone.fpn_lateral{2..5}, backbone.fpn_output{2..5} (weight, bias)
+  proposal_generator/rpn.py   proposal_generator.rpn_head.{conv, objectness_logits, anchor_deltas}
+  roi_heads/box_head.py  roi_heads.box_head.fc{1,2} (after flattening NCHW RoI features)
+  roi_heads/fast_rcnn.py roi_heads.box_predictor.cls_score [K + 1] (background last),
+                         .bbox_pred [K * 4] (class-specific, no background block)
+  roi_heads/mask_head.py roi_heads.mask_head.mask_fcn{1..4}, .deconv, .predictor [K]
+The ResNet blocks map onto keras.applications' names: res{n}.{b} -> conv{n}_block{b+1}, conv{i} ->
+_{i}_conv / _{i}_bn, shortcut -> _0_conv / _0_bn; the stem is conv1_conv / conv1_bn. Conventions:
+- Background: our logits put it in column 0 and have a (zero) background box block; detectron2's
+  cls_score row K moves to column 0 and bbox_pred gets four zero rows in front.
+- Box deltas: every group of four goes from [dx, dy, dw, dh] to [dy, dx, dh, dw] (RPN and box head).
+- Input: the MSRA-initialised model-zoo weights take BGR pixels minus the BGR means. Our model takes RGB
+  (pixel_mean in RGB order), so the stem kernel's input channels are reversed, exactly as
+  layers/backbone.py does for the caffe ImageNet weights: conv(rgb, reversed kernel) == conv(bgr, kernel).
+- Backbone conv biases (absent in detectron2) are set to 0.
+- A checkpoint without roi_heads.mask_head.* is a Faster R-CNN one: `has_mask_head` tells the importer
+  to build a box-only model. Any key this mapping does not use is an error naming it (a keypoint head,
+  a ResNet-101's extra blocks), except pixel_mean / pixel_std buffers, which are input normalisation.
+"""
+
+import re
+from typing import Dict, Tuple
+
+import numpy as np
+
+from maskrcnn_tf.weights import layout
+
+BACKBONE = "backbone.bottom_up."
+MASK_HEAD = "roi_heads.mask_head."
+# Buffers some detectron2 versions save with the model; they are config (pixel_mean/std), not weights.
+IGNORED_KEYS = ("pixel_mean", "pixel_std")
+# The variables the import must fill: backbone (keras.applications names start with conv) and the heads.
+REQUIRED_PREFIXES = ("conv", "mask_rcnn/fpn/", "mask_rcnn/rpn_head/", "mask_rcnn/box_head/",
+                     "mask_rcnn/mask_head/")
+FPN_LEVELS = (2, 3, 4, 5)
+STEM_INPUT_CHANNEL_AXIS = 2  # of the Keras kernel [kh, kw, in, out]
+_BLOCK_KEY = re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.(conv[123]|shortcut)\.")
+
+
+def has_mask_head(state_dict: Dict[str, np.ndarray]) -> bool:
+    return any(key.startswith(MASK_HEAD) for key in state_dict)
+
+
+def _backbone_layer(key: str):
+    """(keras layer prefix, detectron2 module prefix) of a backbone conv key, or None."""
+    if key.startswith(BACKBONE + "stem.conv1."):
+        return "conv1", BACKBONE + "stem.conv1"
+    match = _BLOCK_KEY.match(key)
+    if match:
+        stage, block, conv = match.groups()
+        index = "0" if conv == "shortcut" else conv[-1]
+        return f"conv{stage}_block{int(block) + 1}_{index}", f"{BACKBONE}res{stage}.{block}.{conv}"
+    return None
+
+
+def detectron2_variables(state_dict: Dict[str, np.ndarray], num_classes: int,
+                         box_roi_size: int = 7) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """({our variable path: array}, {path: detectron2 key}) for a detectron2 state dict.
+
+    num_classes: K of the model; box_roi_size: side of the box head's RoI features (7).
+    Raises ValueError naming the key when a needed key is missing or an unused one is present.
+    """
+    values, sources, used = {}, {}, set()
+
+    def take(key):
+        if key not in state_dict:
+            raise ValueError(f"key {key} is missing from the checkpoint")
+        used.add(key)
+        return np.asarray(state_dict[key], np.float32)
+
+    def put(path, key, value):
+        values[path], sources[path] = value, key
+
+    # Backbone: every conv with a frozen BN, found from the checkpoint's own keys.
+    backbone_layers = {}
+    for key in state_dict:
+        layer = _backbone_layer(key)
+        if layer:
+            backbone_layers[layer[0]] = layer[1]
+    for ours, theirs in sorted(backbone_layers.items()):
+        kernel = layout.conv_kernel(take(f"{theirs}.weight"))
+        if ours == "conv1":
+            kernel = kernel[:, :, ::-1, :]  # BGR -> RGB input channels (module docstring)
+        put(f"{ours}_conv/kernel", f"{theirs}.weight", kernel)
+        put(f"{ours}_conv/bias", f"{theirs}.weight", np.zeros(kernel.shape[-1], np.float32))
+        for variable, buffer in (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"),
+                                 ("moving_variance", "running_var")):
+            put(f"{ours}_bn/{variable}", f"{theirs}.norm.{buffer}", take(f"{theirs}.norm.{buffer}"))
+
+    def conv(path, key, kernel_fn=layout.conv_kernel):
+        put(f"{path}/kernel", f"{key}.weight", kernel_fn(take(f"{key}.weight")))
+        put(f"{path}/bias", f"{key}.bias", take(f"{key}.bias"))
+
+    for level in FPN_LEVELS:
+        conv(f"mask_rcnn/fpn/lateral_P{level}", f"backbone.fpn_lateral{level}")
+        conv(f"mask_rcnn/fpn/output_P{level}", f"backbone.fpn_output{level}")
+
+    rpn = "proposal_generator.rpn_head"
+    conv("mask_rcnn/rpn_head/conv", f"{rpn}.conv")
+    conv("mask_rcnn/rpn_head/objectness", f"{rpn}.objectness_logits")
+    put("mask_rcnn/rpn_head/box_deltas/kernel", f"{rpn}.anchor_deltas.weight",
+        layout.box_code_order(layout.conv_kernel(take(f"{rpn}.anchor_deltas.weight")), axis=3))
+    put("mask_rcnn/rpn_head/box_deltas/bias", f"{rpn}.anchor_deltas.bias",
+        layout.box_code_order(take(f"{rpn}.anchor_deltas.bias")))
+
+    fc1_key = "roi_heads.box_head.fc1.weight"
+    fc1 = take(fc1_key)
+    channels = fc1.shape[1] // (box_roi_size * box_roi_size) if fc1.ndim == 2 else 0
+    try:
+        fc1_kernel = layout.dense_kernel_after_nchw_flatten(fc1, channels, box_roi_size, box_roi_size)
+    except ValueError as e:
+        raise ValueError(f"{fc1_key}: {e}") from None
+    put("mask_rcnn/box_head/fc1/kernel", fc1_key, fc1_kernel)
+    put("mask_rcnn/box_head/fc1/bias", "roi_heads.box_head.fc1.bias", take("roi_heads.box_head.fc1.bias"))
+    fc = 2
+    while f"roi_heads.box_head.fc{fc}.weight" in state_dict:
+        key = f"roi_heads.box_head.fc{fc}"
+        put(f"mask_rcnn/box_head/fc{fc}/kernel", f"{key}.weight", layout.dense_kernel(take(f"{key}.weight")))
+        put(f"mask_rcnn/box_head/fc{fc}/bias", f"{key}.bias", take(f"{key}.bias"))
+        fc += 1
+
+    predictor = "roi_heads.box_predictor"
+    cls_weight, cls_bias = take(f"{predictor}.cls_score.weight"), take(f"{predictor}.cls_score.bias")
+    if cls_weight.ndim != 2 or cls_weight.shape[0] != num_classes + 1:
+        raise ValueError(f"{predictor}.cls_score.weight: expected shape ({num_classes + 1}, D) for "
+                         f"{num_classes} classes + background, found {cls_weight.shape}")
+    background_first = np.roll(np.arange(num_classes + 1), 1)  # [K, 0, 1, ..., K - 1]
+    put("mask_rcnn/box_head/classifier/kernel", f"{predictor}.cls_score.weight",
+        layout.dense_kernel(cls_weight[background_first]))
+    put("mask_rcnn/box_head/classifier/bias", f"{predictor}.cls_score.bias", cls_bias[background_first])
+    box_weight, box_bias = take(f"{predictor}.bbox_pred.weight"), take(f"{predictor}.bbox_pred.bias")
+    if box_weight.ndim != 2 or box_weight.shape[0] != num_classes * layout.BOX_CODE_SIZE:
+        raise ValueError(f"{predictor}.bbox_pred.weight: expected shape ({num_classes * layout.BOX_CODE_SIZE}, D) "
+                         f"(class-specific boxes of {num_classes} classes), found {box_weight.shape}")
+    zero_rows = np.zeros((layout.BOX_CODE_SIZE, box_weight.shape[1]), np.float32)
+    box_weight = layout.box_code_order(np.concatenate([zero_rows, box_weight]), axis=0)
+    box_bias = layout.box_code_order(np.concatenate([np.zeros(layout.BOX_CODE_SIZE, np.float32), box_bias]))
+    put("mask_rcnn/box_head/box_regressor/kernel", f"{predictor}.bbox_pred.weight", layout.dense_kernel(box_weight))
+    put("mask_rcnn/box_head/box_regressor/bias", f"{predictor}.bbox_pred.bias", box_bias)
+
+    if has_mask_head(state_dict):
+        index = 1
+        while f"{MASK_HEAD}mask_fcn{index}.weight" in state_dict:
+            conv(f"mask_rcnn/mask_head/conv{index}", f"{MASK_HEAD}mask_fcn{index}")
+            index += 1
+        conv("mask_rcnn/mask_head/deconv", f"{MASK_HEAD}deconv", layout.deconv_kernel)
+        conv("mask_rcnn/mask_head/predictor", f"{MASK_HEAD}predictor")
+
+    unused = sorted(k for k in state_dict if k not in used and k not in IGNORED_KEYS)
+    if unused:
+        raise ValueError(f"key {unused[0]} (shape {tuple(np.shape(state_dict[unused[0]]))}) has no place in this "
+                         f"model ({len(unused)} unused keys; another architecture?)")
+    return values, sources
+
+
+def assign_detectron2_weights(model, state_dict: Dict[str, np.ndarray]) -> None:
+    """Copies a detectron2 R-FPN Mask (or Faster) R-CNN state dict into `model` (built with the same K,
+    depth and include_mask); ValueError naming the key and the expected and found shapes otherwise."""
+    num_classes = model.box_head.num_classes
+    if has_mask_head(state_dict) != model.include_mask:
+        raise ValueError(f"the checkpoint {'has' if has_mask_head(state_dict) else 'has no'} mask head "
+                         f"(roi_heads.mask_head.*) but the model has include_mask={model.include_mask}")
+    values, sources = detectron2_variables(state_dict, num_classes, model.box_roi_align.output_size)
+    layout.assign(model, values, sources, REQUIRED_PREFIXES)
