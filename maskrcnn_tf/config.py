@@ -22,8 +22,13 @@ from typing import Optional, Tuple
 
 BACKBONES = ("resnet50", "resnet101", "tiny")
 ROI_ALIGN_BACKENDS = ("crop_and_resize", "gather")
+RESIZE_MODES = ("fit", "short_side")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("step", "cosine")
+# TrainConfig switches of CPU-only techniques ("auto" | True | False), resolved by device_defaults.py.
+DEVICE_SWITCHES = ("recompute_backbone", "banded_conv_gradients", "heap_trim")
+ROI_ALIGN_GRADIENTS = ("auto", "sparse_matmul", "segment_sum", "native")
+WEIGHT_DECAY_TYPES = ("coupled", "decoupled")  # optimizer.py
 # RoIAlign/anchor levels and the FPN output levels: P2..P6 (strides 4..64).
 MIN_LEVEL, MAX_LEVEL = 2, 6
 # Largest stride of the network is 2**MAX_LEVEL; the padded image must be divisible by it.
@@ -39,12 +44,24 @@ class BackboneConfig:
     freeze_at: int = 2
     # Width of the "tiny" backbone's first stage; ignored for ResNets.
     tiny_width: int = 16
+    # ResNets: where a stage's stride-2 goes. False: the first 1x1 conv of the block (keras.applications,
+    # MSRA/caffe, detectron2); True: the 3x3 conv, padded 1 on each side as torch does (torchvision).
+    stride_in_3x3: bool = False
+    # ResNets: frozen-BN epsilon. keras.applications 1.001e-5; detectron2's FrozenBatchNorm2d 1e-5;
+    # torchvision's COCO_V1 Mask R-CNN weights run with 0.0 (torchvision calls overwrite_eps(model, 0.0)).
+    norm_epsilon: float = 1.001e-5
 
 
 @dataclasses.dataclass(frozen=True)
 class AnchorConfig:
     sizes: Tuple[int, ...] = (32, 64, 128, 256, 512)  # one size per level P2..P6
     aspect_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width
+    # Centre of cell (i, j) at ((i + offset) * stride, (j + offset) * stride): 0.5 = the cell centre
+    # (today's default); 0.0 = the cell corner (torchvision, detectron2's default).
+    offset: float = 0.5
+    # torchvision's AnchorGenerator: base anchor corners (+-w/2, +-h/2) rounded to whole pixels
+    # (half to even) before shifting.
+    round_base_anchors: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +75,8 @@ class RPNConfig:
     pre_nms_top_k_test: int = 1000
     post_nms_top_k_test: int = 1000
     nms_iou: float = 0.7
-    min_box_size: float = 0.0  # proposals smaller than this (pixels) are dropped
+    # Proposals are kept when height and width are > 0 and >= min_box_size (pixels); torchvision 1e-3.
+    min_box_size: float = 0.0
     # 0 gives L1 (detectron2's default); >0 gives smooth L1 with this beta.
     box_loss_beta: float = 0.0
 
@@ -73,7 +91,12 @@ class RoIConfig:
     max_mask_rois: int = 128  # foreground RoIs that get a mask loss, per image
     box_output_size: int = 7
     mask_output_size: int = 14
+    # Samples per bin and axis; 0 = adaptive, ceil(roi_size / output_size) per box and axis (detectron2's
+    # ROIAlignV2 and torchvision with sampling_ratio=0), capped at MAX_ADAPTIVE_SAMPLING_RATIO (ops/roi_align.py).
     sampling_ratio: int = 2
+    # True: half-pixel aligned RoIAlign (detectron2 ROIAlignV2, today's default); False: the original
+    # un-aligned one (torchvision's MultiScaleRoIAlign): no -0.5 shift, RoIs at least 1 pixel.
+    aligned: bool = True
     roi_align_backend: str = "crop_and_resize"
     box_loss_beta: float = 0.0
 
@@ -93,6 +116,8 @@ class DetectionConfig:
     nms_iou: float = 0.5
     max_detections: int = 100
     pre_nms_top_k: int = 1000  # candidates (RoI, class) kept before class-wise NMS
+    # Detections are kept when height and width are >= min_box_size pixels (torchvision 1e-2); 0 = no filter.
+    min_box_size: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +138,22 @@ class ModelConfig:
     # BGR weights into RGB ones when it loads them, so no channel swap happens at run time).
     pixel_mean: Tuple[float, float, float] = (123.68, 116.779, 103.939)
     pixel_std: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # How an image of any size is put on the fixed image_size canvas (transforms.resize_geometry):
+    # - "fit": scaled so the whole image fits the canvas, scale = min(H / h, W / w) (today's default);
+    #   resized size rounded to whole pixels.
+    # - "short_side": torchvision's GeneralizedRCNNTransform (detectron2's ResizeShortestEdge is the same
+    #   rule): scale = min(resize_short_side / min(h, w), resize_max_long_side / max(h, w)), resized size
+    #   floor(h * scale) x floor(w * scale), bilinear, no antialias. The model stays static-shaped: the
+    #   image sits at the top-left of the image_size canvas, zero padded; when it does not fit (a canvas
+    #   smaller than the rule's output), the scale is lowered to min(rule, fit). Presets use a square
+    #   1344 x 1344 canvas, which holds both orientations at full scale (1333 rounded up to a multiple
+    #   of 64). Detections equal the reference's exactly when the canvas equals the reference's padded
+    #   batch (resized size rounded up to 32): the zero border beyond it feeds the convolutions near
+    #   the bottom/right edge; on a larger canvas those borders are wider, which changes features near
+    #   that edge slightly.
+    resize_mode: str = "fit"
+    resize_short_side: int = 800
+    resize_max_long_side: int = 1333
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +179,10 @@ class TrainConfig:
     base_learning_rate: float = 0.02
     reference_batch_size: int = 16
     momentum: float = 0.9
-    weight_decay: float = 1e-4  # not applied to normalization layers or biases
+    weight_decay: float = 1e-4  # never applied to normalization layers
+    # "coupled": L2 in the gradient before momentum, biases decayed (detectron2, torchvision);
+    # "decoupled": Keras' w -= lr * wd * w, biases not decayed (Model Garden). optimizer.py.
+    weight_decay_type: str = "coupled"
     warmup_steps: int = 1000
     warmup_factor: float = 0.001
     schedule: str = "step"
@@ -146,13 +190,34 @@ class TrainConfig:
     decay_rate: float = 0.1
     precision: str = "float32"
     jit_compile: bool = False
+    # Train steps per call of the compiled train function (Keras steps_per_execution): fewer host round
+    # trips (a TPU idles between calls). log_every_steps, checkpoint_every_steps and total_steps must be
+    # multiples of it, so loss.log lines and checkpoints land on the same steps as with 1.
+    steps_per_loop: int = 1
+    # mixed_float16: the dynamic loss scale's starting value (Keras' default 2**15).
+    initial_loss_scale: float = 32768.0
+    # CPU-only memory techniques: "auto" (on for a host whose only devices are CPUs and no XLA, off on
+    # GPU/TPU and under jit_compile; device_defaults.py resolves it), True or False. Same losses and
+    # gradients either way (tests/test_device_defaults.py).
     # Recompute the trainable ResNet stages in the backward pass instead of keeping their activations
-    # (layers/backbone.py): less memory for one more forward pass of res3..res5; the same gradients.
-    recompute_backbone: bool = True
+    # (layers/backbone.py): less memory for one more forward pass of res3..res5.
+    recompute_backbone: str | bool = "auto"
+    # Row-banded kernel gradients of the 3x3 FPN/RPN convs (layers/banded_conv.py).
+    banded_conv_gradients: str | bool = "auto"
+    # Gradient of the crop_and_resize RoIAlign backend (ops/roi_align.py): "auto", "sparse_matmul"
+    # (CPU: deterministic, least memory), "segment_sum" (deterministic on GPU under
+    # enable_op_determinism), "native" (TF's CropAndResizeGradImage: fastest on GPU, not deterministic).
+    roi_align_gradient: str = "auto"
+    # glibc malloc_trim thread while training (host_memory.py).
+    heap_trim: str | bool = "auto"
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 5
     log_every_steps: int = 20
     clip_grad_norm: float = 0.0  # 0 = off
+    # Reproducible training: the RPN anchor and RoI sampling draw stateless randoms keyed by (seed, step)
+    # (model.py); train.py --seed also sets data.seed (data order, augmentation) and the weight init.
+    # None: fresh random draws every run.
+    seed: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +275,74 @@ def tiny() -> Config:
     )
 
 
-PRESETS = {"coco_r50_fpn_1x": coco_r50_fpn_1x, "tiny": tiny}
+# Both reference conventions put the whole image on a square canvas of the 1333 px long side rounded up to
+# a multiple of SIZE_DIVISIBILITY, so images of either orientation get the reference's scale.
+REFERENCE_CANVAS = (1344, 1344)
+# torchvision's ImageNet normalisation in 0..255 units: 255 * (0.485, 0.456, 0.406), 255 * (0.229, 0.224, 0.225).
+TORCHVISION_PIXEL_MEAN = (123.675, 116.28, 103.53)
+TORCHVISION_PIXEL_STD = (58.395, 57.12, 57.375)
+# torchvision's COCO heads have 91 outputs: background and the COCO category ids 1..90 (ids without a
+# category are never trained). K = 90, contiguous class i = COCO category id i.
+TORCHVISION_COCO_NUM_CLASSES = 90
+
+
+def torchvision_maskrcnn_r50_fpn() -> Config:
+    """torchvision's `maskrcnn_resnet50_fpn` (COCO_V1: 37.9 box AP / 34.6 mask AP): its conventions and
+    test-time settings, for weights imported with maskrcnn_tf.weights.torchvision_mapping.
+
+    ResNet-50 with the stride in the 3x3 convs and frozen-BN epsilon 0, RGB input with ImageNet mean/std,
+    anchors at cell corners with rounded base sizes, un-aligned RoIAlign with 2 samples per bin, RPN
+    1000/1000 proposals at test time (2000/2000 in training) dropping those under 1e-3 px, detections
+    scoring > 0.05 and at least 1e-2 px wide and high, 100 per image, short side 800 / long side <= 1333
+    on a 1344 x 1344 canvas (ModelConfig.resize_mode). Classes are COCO category ids 1..90 (K = 90).
+    Detection pre_nms_top_k caps the (RoI, class) candidates entering NMS (torchvision has no cap).
+    """
+    return Config(
+        model=ModelConfig(
+            num_classes=TORCHVISION_COCO_NUM_CLASSES,
+            image_size=REFERENCE_CANVAS,
+            backbone=BackboneConfig(name="resnet50", weights=None, freeze_at=2, stride_in_3x3=True,
+                                    norm_epsilon=0.0),
+            anchors=AnchorConfig(offset=0.0, round_base_anchors=True),
+            rpn=RPNConfig(pre_nms_top_k_train=2000, post_nms_top_k_train=2000, pre_nms_top_k_test=1000,
+                          post_nms_top_k_test=1000, nms_iou=0.7, min_box_size=1e-3),
+            roi=RoIConfig(sampling_ratio=2, aligned=False),
+            detection=DetectionConfig(score_threshold=0.05, nms_iou=0.5, max_detections=100,
+                                      pre_nms_top_k=2000, min_box_size=1e-2),
+            pixel_mean=TORCHVISION_PIXEL_MEAN,
+            pixel_std=TORCHVISION_PIXEL_STD,
+            resize_mode="short_side",
+        ),
+        data=DataConfig(category_ids=tuple(range(1, TORCHVISION_COCO_NUM_CLASSES + 1))),
+    )
+
+
+def detectron2_r50_fpn_1x() -> Config:
+    """detectron2's model-zoo R50-FPN Mask R-CNN (1x: 38.6 box AP / 35.2 mask AP): its model conventions.
+
+    MSRA ResNet-50 (stride in the 1x1 convs, frozen-BN epsilon 1e-5), caffe BGR means with std 1 (the
+    backbone takes RGB; the BGR stem kernel is reversed when weights are loaded, as for
+    keras.applications' caffe weights), anchors at cell corners (offset 0, not rounded), aligned
+    RoIAlign (ROIAlignV2) with adaptive sampling, no detection size filter, short side 800 / long side
+    <= 1333 on a 1344 x 1344 canvas. The training and data settings are coco_r50_fpn_1x's.
+    """
+    base = coco_r50_fpn_1x()
+    model = dataclasses.replace(
+        base.model,
+        image_size=REFERENCE_CANVAS,
+        backbone=dataclasses.replace(base.model.backbone, stride_in_3x3=False, norm_epsilon=1e-5),
+        anchors=AnchorConfig(offset=0.0, round_base_anchors=False),
+        roi=RoIConfig(sampling_ratio=0, aligned=True),
+        pixel_mean=(123.675, 116.28, 103.53),
+        pixel_std=(1.0, 1.0, 1.0),
+        resize_mode="short_side",
+    )
+    return dataclasses.replace(base, model=model)
+
+
+PRESETS = {"coco_r50_fpn_1x": coco_r50_fpn_1x, "tiny": tiny,
+           "torchvision_maskrcnn_r50_fpn": torchvision_maskrcnn_r50_fpn,
+           "detectron2_r50_fpn_1x": detectron2_r50_fpn_1x}
 
 
 def get_preset(name: str) -> Config:
@@ -303,6 +435,19 @@ def validate(cfg: Config) -> Config:
     _check(0 < m.roi.foreground_fraction <= 1, "model.roi.foreground_fraction", m.roi.foreground_fraction, "(0, 1]")
     _check(m.roi.roi_align_backend in ROI_ALIGN_BACKENDS, "model.roi.roi_align_backend",
            m.roi.roi_align_backend, " | ".join(ROI_ALIGN_BACKENDS))
+    _check(m.backbone.norm_epsilon >= 0, "model.backbone.norm_epsilon", m.backbone.norm_epsilon, "a number >= 0")
+    _check(isinstance(m.backbone.stride_in_3x3, bool), "model.backbone.stride_in_3x3", m.backbone.stride_in_3x3,
+           "true | false")
+    _check(0.0 <= m.anchors.offset < 1.0, "model.anchors.offset", m.anchors.offset,
+           "a fraction of the stride in [0, 1): 0.5 = cell centre, 0.0 = cell corner")
+    _check(isinstance(m.roi.sampling_ratio, int) and m.roi.sampling_ratio >= 0, "model.roi.sampling_ratio",
+           m.roi.sampling_ratio, "an integer >= 1, or 0 (adaptive)")
+    _check(m.rpn.min_box_size >= 0, "model.rpn.min_box_size", m.rpn.min_box_size, "a number >= 0")
+    _check(m.detection.min_box_size >= 0, "model.detection.min_box_size", m.detection.min_box_size, "a number >= 0")
+    _check(m.resize_mode in RESIZE_MODES, "model.resize_mode", m.resize_mode, " | ".join(RESIZE_MODES))
+    _check(m.resize_mode != "short_side" or 0 < m.resize_short_side <= m.resize_max_long_side,
+           "model.resize_short_side/resize_max_long_side", (m.resize_short_side, m.resize_max_long_side),
+           "0 < short side <= max long side")
     _check(m.heads.mask_size == 2 * m.roi.mask_output_size, "model.heads.mask_size", m.heads.mask_size,
            f"2 * model.roi.mask_output_size = {2 * m.roi.mask_output_size} (one stride-2 deconvolution)")
     _check(len(m.pixel_mean) == 3 and len(m.pixel_std) == 3 and all(s > 0 for s in m.pixel_std),
@@ -319,7 +464,23 @@ def validate(cfg: Config) -> Config:
            d.class_names, f"empty or exactly model.num_classes={m.num_classes} names")
     _check(t.schedule in LR_SCHEDULES, "train.schedule", t.schedule, " | ".join(LR_SCHEDULES))
     _check(t.precision in PRECISIONS, "train.precision", t.precision, " | ".join(PRECISIONS))
+    _check(t.weight_decay_type in WEIGHT_DECAY_TYPES, "train.weight_decay_type", t.weight_decay_type,
+           " | ".join(WEIGHT_DECAY_TYPES))
     _check(t.total_steps >= 1, "train.total_steps", t.total_steps, "an integer >= 1")
+    for name in DEVICE_SWITCHES:
+        value = getattr(t, name)
+        _check(isinstance(value, bool) or value == "auto", f"train.{name}", value, "auto | true | false")
+    _check(t.roi_align_gradient in ROI_ALIGN_GRADIENTS, "train.roi_align_gradient", t.roi_align_gradient,
+           " | ".join(ROI_ALIGN_GRADIENTS))
+    _check(isinstance(t.steps_per_loop, int) and t.steps_per_loop >= 1, "train.steps_per_loop",
+           t.steps_per_loop, "an integer >= 1")
+    for name in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
+        _check(getattr(t, name) % t.steps_per_loop == 0, f"train.{name}", getattr(t, name),
+               f"a multiple of train.steps_per_loop={t.steps_per_loop} (steps are only seen every loop)")
+    _check(t.initial_loss_scale > 0, "train.initial_loss_scale", t.initial_loss_scale, "a positive number")
+    _check(not t.jit_compile or m.roi.roi_align_backend == "gather", "train.jit_compile", t.jit_compile,
+           "false with model.roi.roi_align_backend='crop_and_resize' (CropAndResize has no XLA kernel; "
+           "set model.roi.roi_align_backend=gather)")
     _check(t.base_learning_rate > 0 and math.isfinite(t.base_learning_rate), "train.base_learning_rate",
            t.base_learning_rate, "a positive number")
     return cfg

@@ -32,7 +32,8 @@ import numpy as np
 import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
-from maskrcnn_tf import losses
+from maskrcnn_tf import device_defaults, losses
+from maskrcnn_tf.layers.banded_conv import BandedConv2D
 from maskrcnn_tf.layers.anchor_labeler import AnchorLabeler
 from maskrcnn_tf.layers.backbone import Backbone
 from maskrcnn_tf.layers.box_head import BoxHead
@@ -321,6 +322,7 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
     config_lib.validate(cfg)
     keras.mixed_precision.set_global_policy(cfg.train.precision)
     m = cfg.model
+    switches = device_defaults.resolve(cfg).train  # CPU-only techniques: "auto" -> on/off for the device
     num_anchors = anchor_ops.num_anchors_per_location(m.anchors.aspect_ratios)
     box_math = {"dtype": "float32"}  # layers that handle boxes never run in float16
     mask_layers = {}
@@ -328,12 +330,13 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
         mask_layers = dict(
             mask_roi_align=MultilevelRoIAlign(output_size=m.roi.mask_output_size,
                                               sampling_ratio=m.roi.sampling_ratio,
-                                              backend=m.roi.roi_align_backend, name="mask_roi_align"),
+                                              backend=m.roi.roi_align_backend, gradient=switches.roi_align_gradient,
+                                              name="mask_roi_align"),
             mask_head=MaskHead(num_classes=m.num_classes, num_convs=m.heads.mask_num_convs,
                                num_filters=m.heads.mask_num_filters, name="mask_head"))
     model = MaskRCNN(
         backbone=Backbone(name=m.backbone.name, weights=m.backbone.weights, freeze_at=m.backbone.freeze_at,
-                          tiny_width=m.backbone.tiny_width, recompute=cfg.train.recompute_backbone),
+                          tiny_width=m.backbone.tiny_width, recompute=switches.recompute_backbone),
         fpn=FPN(num_filters=m.fpn_num_filters, name="fpn"),
         rpn_head=RPNHead(num_anchors_per_location=num_anchors, num_filters=m.rpn_num_filters, name="rpn_head"),
         anchor_labeler=AnchorLabeler(positive_iou=m.rpn.positive_iou, negative_iou=m.rpn.negative_iou,
@@ -349,7 +352,8 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
                                background_iou_high=m.roi.background_iou_high,
                                background_iou_low=m.roi.background_iou_low, name="roi_sampler", **box_math),
         box_roi_align=MultilevelRoIAlign(output_size=m.roi.box_output_size, sampling_ratio=m.roi.sampling_ratio,
-                                         backend=m.roi.roi_align_backend, name="box_roi_align"),
+                                         backend=m.roi.roi_align_backend, gradient=switches.roi_align_gradient,
+                                         name="box_roi_align"),
         box_head=BoxHead(num_classes=m.num_classes, num_fcs=m.heads.num_fcs, fc_dim=m.heads.fc_dim,
                          name="box_head"),
         detection_generator=DetectionGenerator(
@@ -368,6 +372,9 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
         **mask_layers,
     )
     model.config = cfg
+    for layer in model._flatten_layers():
+        if isinstance(layer, BandedConv2D):
+            layer.banded_gradients = switches.banded_conv_gradients
     height, width = m.image_size
     model(dummy_inputs(1, height, width), training=False)  # creates every weight
     return model

@@ -19,7 +19,11 @@ from maskrcnn_tf.ops import conv as conv_ops
 
 @keras.saving.register_keras_serializable(package="maskrcnn_tf")
 class BandedConv2D(keras.layers.Conv2D):
-    """Conv2D (same arguments) with ops/conv.py's gradients when called with training=True."""
+    """Conv2D (same arguments) with ops/conv.py's gradients when called with training=True and
+    `banded_gradients` (True by default; build_model sets train.banded_conv_gradients, resolved by
+    device_defaults.py: off on GPU/TPU, where one cuDNN/XLA convolution gradient is faster)."""
+
+    banded_gradients = True
 
     def _bandable(self) -> bool:
         return (tuple(self.strides) == (1, 1) and self.padding == "same" and tuple(self.dilation_rate) == (1, 1)
@@ -28,7 +32,7 @@ class BandedConv2D(keras.layers.Conv2D):
                 and all(k % 2 == 1 for k in self.kernel_size))
 
     def call(self, inputs, training=None):
-        if not training or not self._bandable():
+        if not training or not self.banded_gradients or not self._bandable():
             return super().call(inputs)
         dtype = inputs.dtype
         return conv_ops.conv2d_bias_act(inputs, tf.cast(self.kernel, dtype), tf.cast(self.bias, dtype),

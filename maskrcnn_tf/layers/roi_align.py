@@ -19,13 +19,18 @@ class MultilevelRoIAlign(keras.layers.Layer):
     pixels) -> [B, R, output_size, output_size, C] in the features' dtype. Levels P2..P5 only (P6 is
     for the RPN), level per box from its size (DESIGN.md section 5)."""
 
-    def __init__(self, *, output_size=7, sampling_ratio=2, backend="crop_and_resize", **kwargs):
+    def __init__(self, *, output_size=7, sampling_ratio=2, backend="crop_and_resize", gradient="sparse_matmul",
+                 aligned=True, **kwargs):
         super().__init__(**kwargs)
         if backend not in BACKENDS:
             raise ValueError(f"MultilevelRoIAlign: backend={backend!r}; allowed: {BACKENDS}")
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
         self.backend = backend
+        # crop_and_resize backend: which gradient implementation (ops/roi_align.GRADIENTS).
+        self.gradient = gradient
+        # False: torchvision's un-aligned RoIAlign (ops/roi_align.py); sampling_ratio 0 = adaptive.
+        self.aligned = aligned
         self.supports_jit = backend != "crop_and_resize"
         # Keep boxes float32 under mixed precision (Keras would cast every float input to float16,
         # a 0.5-pixel step at 1024); the op returns the features' dtype.
@@ -35,9 +40,10 @@ class MultilevelRoIAlign(keras.layers.Layer):
         levels = {name: features[name] for name in ("P2", "P3", "P4", "P5")}
         return roi_align_ops.multilevel_roi_align(
             levels, boxes, output_size=self.output_size, sampling_ratio=self.sampling_ratio,
-            backend=self.backend)
+            backend=self.backend, gradient=self.gradient, aligned=self.aligned)
 
     def get_config(self):
         config = super().get_config()
-        config.update(output_size=self.output_size, sampling_ratio=self.sampling_ratio, backend=self.backend)
+        config.update(output_size=self.output_size, sampling_ratio=self.sampling_ratio, backend=self.backend,
+                      gradient=self.gradient, aligned=self.aligned)
         return config

@@ -16,6 +16,11 @@ Contract (DESIGN.md section 5), identical for both backends:
 - No gradient flows into the boxes (``tf.stop_gradient``), as in detectron2 and Model Garden: RoIs are
   treated as constants by the box and mask heads. Gradients flow into the features.
 - Box math is float32; the output has the dtype of the features (float32, float16 or bfloat16).
+- ``aligned=False`` (torchvision's MultiScaleRoIAlign): no half-pixel shift and RoIs enlarged to at
+  least one pixel per side; implemented by rewriting the boxes into aligned boxes that sample the same
+  points, so both backends and their gradients follow. ``sampling_ratio=0`` (adaptive, detectron2's
+  default pooler): ceil(roi_size / S) samples per bin and axis, capped (MAX_ADAPTIVE_SAMPLING_RATIO),
+  computed with the gather formulation in both backends (its gradient is TensorFlow's for gather).
 
 Backends:
 
@@ -61,6 +66,10 @@ from typing import Dict, List, Sequence
 import tensorflow as tf
 
 BACKENDS = ("crop_and_resize", "gather")
+# Gradient implementations of the crop_and_resize backend (which is deterministic where:
+# device_defaults.py): our sparse adjoint as one sparse_dense_matmul, the same adjoint as a segment
+# sum (deterministic on GPU under enable_op_determinism), or TensorFlow's CropAndResizeGradImage.
+GRADIENTS = ("sparse_matmul", "segment_sum", "native")
 
 # FPN paper eq. 1: a 224 x 224 box (ImageNet pre-training size) is pooled from P4.
 CANONICAL_SIZE = 224.0
@@ -72,6 +81,15 @@ _LEVEL_EPSILON = 1e-6
 _HALF_PIXEL = 0.5
 # Border added by SYMMETRIC padding in the crop_and_resize backend (one pixel per side).
 _PAD = 1
+# Adaptive sampling (sampling_ratio=0): ceil(roi_size / output_size) samples per bin and axis, at most this
+# many. Shapes are static, so every box carries this many sample slots per bin and axis, the unused ones
+# masked: the gather holds [B, R, 2 * S * 4, 2 * S * 4, C]. Exact (as detectron2 / torchvision) for RoI
+# sides up to 4 * output_size level pixels, which covers square boxes on P2..P4 (a box pooled from level
+# l < 5 has sqrt(area) < 224 * 2**(l - 3), i.e. under 28 level pixels); longer sides (elongated boxes,
+# P5 boxes over 28 * 32 = 896 px at output 7) are averaged over 4 samples per bin instead of more.
+MAX_ADAPTIVE_SAMPLING_RATIO = 4
+# Un-aligned RoIAlign (aligned=False) enlarges RoIs to at least this many level pixels per side.
+_UNALIGNED_MIN_SIZE = 1.0
 # Feature dtypes CropAndResize accepts; bfloat16 features are sampled in float32 instead.
 _CROP_AND_RESIZE_DTYPES = (tf.float16, tf.float32, tf.float64)
 
@@ -147,8 +165,10 @@ def _crop_and_resize_level(
     box_indices: tf.Tensor,
     output_size: int,
     sampling_ratio: int,
+    gradient: str = "sparse_matmul",
 ) -> tf.Tensor:
-    """RoIAlign of K boxes on one level: crop_and_resize forward, `_crop_and_resize_adjoint` backward.
+    """RoIAlign of K boxes on one level: crop_and_resize forward, `_crop_and_resize_adjoint` backward
+    (`gradient` one of GRADIENTS; "native" = TensorFlow's own gradient of the composition).
 
     Args:
       features: [B, H, W, C] any float dtype (unpadded; the SYMMETRIC pad is applied here).
@@ -163,22 +183,28 @@ def _crop_and_resize_level(
     num_samples = output_size * sampling_ratio
     padded_hw = tf.cast(tf.shape(features)[1:3] + 2 * _PAD, tf.float32)
     crop_boxes = _crop_and_resize_boxes(boxes, padded_hw, num_samples)  # [K, 4] normalized
+    window = [1, sampling_ratio, sampling_ratio, 1]
 
-    @tf.custom_gradient
-    def pooled(features):
+    def forward(features):
         padded = tf.pad(features, [[0, 0], [_PAD, _PAD], [_PAD, _PAD], [0, 0]], mode="SYMMETRIC")
         crops = tf.image.crop_and_resize(
             padded, crop_boxes, box_indices, [num_samples, num_samples]
         )  # [K, n, n, C] float32
-        window = [1, sampling_ratio, sampling_ratio, 1]
+        return tf.nn.avg_pool2d(crops, window, window, padding="VALID")  # [K, S, S, C]
 
-        def gradient(upstream):  # [K, S, S, C] float32 -> [B, H, W, C]
+    if gradient == "native":
+        return forward(features)
+
+    @tf.custom_gradient
+    def pooled(features):
+        def adjoint(upstream):  # [K, S, S, C] float32 -> [B, H, W, C]
             grad = _crop_and_resize_adjoint(
-                upstream, crop_boxes, box_indices, tf.shape(features), output_size, sampling_ratio
+                upstream, crop_boxes, box_indices, tf.shape(features), output_size, sampling_ratio,
+                segment_sum=gradient == "segment_sum",
             )
             return tf.cast(grad, features.dtype)
 
-        return tf.nn.avg_pool2d(crops, window, window, padding="VALID"), gradient  # [K, S, S, C]
+        return forward(features), adjoint
 
     return pooled(features)
 
@@ -223,6 +249,7 @@ def _crop_and_resize_adjoint(
     features_shape: tf.Tensor,
     output_size: int,
     sampling_ratio: int,
+    segment_sum: bool = False,
 ) -> tf.Tensor:
     """Gradient of `_crop_and_resize_level` w.r.t. its unpadded features, computed deterministically.
 
@@ -239,6 +266,9 @@ def _crop_and_resize_adjoint(
       crop_boxes: float32 [K, 4] the normalized boxes crop_and_resize sampled.
       box_indices: int32 [K] batch index of each box.
       features_shape: int32 [4] (B, H, W, C) of the unpadded features.
+      segment_sum: A^T @ upstream as tf.math.unsorted_segment_sum over the taps instead of
+        sparse_dense_matmul: deterministic on GPU under enable_op_determinism (sparse_dense_matmul
+        raises there), for a [K * S * S * (2 * sampling_ratio)**2, C] temporary of weighted taps.
 
     Returns:
       float32 [B, H, W, C].
@@ -255,6 +285,10 @@ def _crop_and_resize_adjoint(
     weights = row_weights[:, :, None, :, None] * col_weights[:, None, :, None, :] / float(sampling_ratio**2)
     num_bins = tf.cast(tf.size(upstream) // channels, tf.int64)  # K * S * S
     bins = tf.repeat(tf.range(num_bins), (2 * sampling_ratio) ** 2)  # row of A of each tap, row-major
+    if segment_sum:
+        taps = tf.gather(tf.reshape(upstream, [-1, channels]), bins) * tf.reshape(weights, [-1, 1])
+        grad = tf.math.unsorted_segment_sum(taps, tf.reshape(pixels, [-1]), tf.reduce_prod(features_shape[:3]))
+        return tf.reshape(grad, features_shape)  # [B, H, W, C]
     matrix = tf.sparse.SparseTensor(
         tf.stack([bins, tf.reshape(pixels, [-1])], axis=1),
         tf.reshape(weights, [-1]),
@@ -270,6 +304,7 @@ def _roi_align_crop_and_resize(
     level_index: tf.Tensor,
     output_size: int,
     sampling_ratio: int,
+    gradient: str = "sparse_matmul",
 ) -> tf.Tensor:
     """crop_and_resize backend over L levels; boxes [B, R, 4] already in their level's pixels."""
     batch_size, num_boxes = tf.shape(boxes)[0], tf.shape(boxes)[1]
@@ -277,7 +312,7 @@ def _roi_align_crop_and_resize(
     box_indices = tf.repeat(tf.range(batch_size), num_boxes)  # [B * R]
     if len(features_list) == 1:
         crops = _crop_and_resize_level(
-            features_list[0], flat_boxes, box_indices, output_size, sampling_ratio
+            features_list[0], flat_boxes, box_indices, output_size, sampling_ratio, gradient
         )  # [B * R, S, S, C]
     else:
         # Each box is sampled only on its own level; partition/stitch keep the output order.
@@ -292,6 +327,7 @@ def _roi_align_crop_and_resize(
                     tf.gather(box_indices, part),  # [K_l]
                     output_size,
                     sampling_ratio,
+                    gradient,
                 )
             )  # [K_l, S, S, C]
         crops = tf.dynamic_stitch(parts, level_crops)  # [B * R, S, S, C]
@@ -334,6 +370,40 @@ def _axis_taps(start, length, size, output_size: int, sampling_ratio: int):
     return indices, weights
 
 
+def _adaptive_axis_taps(start, length, size, output_size: int):
+    """`_axis_taps` for adaptive sampling: ceil(length / S) samples per bin (at most G =
+    MAX_ADAPTIVE_SAMPLING_RATIO; the G slots beyond a box's count weigh 0), each weighted 1 / count so
+    the bin average needs no further division (torchvision's and detectron2's kernel: count = g_y * g_x,
+    a zero count gives 0).
+
+    Args: start, length, size float32 [B, R] as in `_axis_taps`.
+    Returns: indices int32 [B, R, 2 * S * G], weights float32 of the same shape (entry 2 * s + t is tap
+    t of slot s = bin * G + k).
+    """
+    max_grid = MAX_ADAPTIVE_SAMPLING_RATIO
+    bin_size = length / output_size  # [B, R]
+    grid = tf.clip_by_value(tf.math.ceil(bin_size), 0.0, float(max_grid))  # [B, R] samples per bin
+    bins = tf.repeat(tf.range(output_size, dtype=tf.float32), max_grid)  # [n] bin of each slot
+    slots = tf.tile(tf.range(max_grid, dtype=tf.float32), [output_size])  # [n] k of each slot
+    # The kernels' arithmetic: y = start + bin * bin_size + (k + 0.5) * bin_size / grid.
+    coords = ((start - _HALF_PIXEL)[..., None] + bins * bin_size[..., None]
+              + (slots + 0.5) * (bin_size / tf.maximum(grid, 1.0))[..., None])  # [B, R, n]
+    used = tf.cast(slots < grid[..., None], tf.float32) / tf.maximum(grid, 1.0)[..., None]  # [B, R, n]
+    size = size[..., None]  # [B, R, 1]
+    inside = tf.cast((coords >= -1.0) & (coords <= size), tf.float32) * used
+    coords = tf.clip_by_value(coords, 0.0, size - 1.0)
+    low = tf.floor(coords)
+    high = tf.minimum(low + 1.0, size - 1.0)
+    frac = coords - low
+    indices = tf.stack([low, high], axis=-1)  # [B, R, n, 2]
+    weights = tf.stack([(1.0 - frac) * inside, frac * inside], axis=-1)  # [B, R, n, 2]
+    batch_size, num_boxes = tf.shape(start)[0], tf.shape(start)[1]
+    num_taps = 2 * output_size * max_grid
+    indices = tf.reshape(tf.cast(indices, tf.int32), [batch_size, num_boxes, num_taps])
+    weights = tf.reshape(weights, [batch_size, num_boxes, num_taps])
+    return indices, weights
+
+
 def _roi_align_gather(
     features_list: List[tf.Tensor],
     boxes: tf.Tensor,
@@ -341,7 +411,8 @@ def _roi_align_gather(
     output_size: int,
     sampling_ratio: int,
 ) -> tf.Tensor:
-    """gather backend over L levels; boxes [B, R, 4] already in their level's pixels."""
+    """gather backend over L levels; boxes [B, R, 4] already in their level's pixels.
+    sampling_ratio 0 = adaptive (`_adaptive_axis_taps`)."""
     dtype = features_list[0].dtype
     batch_size, num_boxes = tf.shape(boxes)[0], tf.shape(boxes)[1]
     channels = tf.shape(features_list[0])[-1]
@@ -358,10 +429,14 @@ def _roi_align_gather(
     box_offsets = tf.gather(offsets, level_index)  # [B, R]
 
     y1, x1, y2, x2 = tf.unstack(boxes, axis=-1)
-    rows, row_weights = _axis_taps(y1, y2 - y1, box_heights, output_size, sampling_ratio)
-    cols, col_weights = _axis_taps(
-        x1, x2 - x1, tf.cast(box_widths, tf.float32), output_size, sampling_ratio
-    )
+    if sampling_ratio == 0:
+        rows, row_weights = _adaptive_axis_taps(y1, y2 - y1, box_heights, output_size)
+        cols, col_weights = _adaptive_axis_taps(x1, x2 - x1, tf.cast(box_widths, tf.float32), output_size)
+    else:
+        rows, row_weights = _axis_taps(y1, y2 - y1, box_heights, output_size, sampling_ratio)
+        cols, col_weights = _axis_taps(
+            x1, x2 - x1, tf.cast(box_widths, tf.float32), output_size, sampling_ratio
+        )
     flat_indices = (
         box_offsets[..., None, None]
         + rows[..., :, None] * box_widths[..., None, None]
@@ -370,12 +445,25 @@ def _roi_align_gather(
     taps = tf.gather(flat_features, flat_indices, batch_dims=1)  # [B, R, 2n, 2n, C]
     kernel = row_weights[..., :, None] * col_weights[..., None, :]  # [B, R, 2n, 2n]
     taps = taps * tf.cast(kernel, dtype)[..., None]
-    taps_per_bin = 2 * sampling_ratio
+    taps_per_bin = 2 * (sampling_ratio or MAX_ADAPTIVE_SAMPLING_RATIO)
     taps = tf.reshape(
         taps, [batch_size, num_boxes, output_size, taps_per_bin, output_size, taps_per_bin, channels]
     )  # [B, R, S, 2k, S, 2k, C]
     pooled = tf.reduce_sum(taps, axis=[3, 5])  # [B, R, S, S, C]
+    if sampling_ratio == 0:  # the adaptive weights already divide by the sample count
+        return pooled
     return pooled / tf.cast(sampling_ratio * sampling_ratio, dtype)
+
+
+def _unaligned_to_aligned(boxes: tf.Tensor) -> tf.Tensor:
+    """Boxes of the un-aligned convention (torchvision aligned=False: no half-pixel shift, RoIs at least
+    one pixel per side) rewritten as aligned boxes that sample the same points: start + 0.5, and the
+    side max(side, 1). boxes float32 [..., 4] [y1, x1, y2, x2] level pixels."""
+    y1, x1, y2, x2 = tf.unstack(boxes, axis=-1)
+    height = tf.maximum(y2 - y1, _UNALIGNED_MIN_SIZE)
+    width = tf.maximum(x2 - x1, _UNALIGNED_MIN_SIZE)
+    y1, x1 = y1 + _HALF_PIXEL, x1 + _HALF_PIXEL
+    return tf.stack([y1, x1, y1 + height, x1 + width], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,17 +471,22 @@ def _roi_align_gather(
 # ----------------------------------------------------------------------------------------------
 
 
-def _dispatch(features_list, boxes, level_index, output_size, sampling_ratio, backend):
+def _dispatch(features_list, boxes, level_index, output_size, sampling_ratio, backend, gradient="sparse_matmul",
+              aligned=True):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if sampling_ratio < 1:
-        raise ValueError(
-            f"sampling_ratio must be >= 1 (adaptive sampling is not supported), got {sampling_ratio}"
-        )
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    if sampling_ratio < 0:
+        raise ValueError(f"sampling_ratio must be >= 1, or 0 (adaptive), got {sampling_ratio}")
     boxes = tf.stop_gradient(tf.cast(boxes, tf.float32))
-    if backend == "gather":
+    if not aligned:
+        boxes = _unaligned_to_aligned(boxes)
+    # Adaptive sampling has a per-box sample count, which crop_and_resize's fixed crop cannot express:
+    # both backends run it through the gather formulation.
+    if backend == "gather" or sampling_ratio == 0:
         return _roi_align_gather(features_list, boxes, level_index, output_size, sampling_ratio)
-    return _roi_align_crop_and_resize(features_list, boxes, level_index, output_size, sampling_ratio)
+    return _roi_align_crop_and_resize(features_list, boxes, level_index, output_size, sampling_ratio, gradient)
 
 
 def roi_align(
@@ -402,22 +495,29 @@ def roi_align(
     output_size: int,
     sampling_ratio: int = 2,
     backend: str = "crop_and_resize",
+    gradient: str = "sparse_matmul",
+    aligned: bool = True,
 ) -> tf.Tensor:
-    """Aligned RoIAlign of every box on one feature map.
+    """RoIAlign of every box on one feature map.
 
     Args:
       features: [B, H, W, C] float32 / float16 / bfloat16, one level.
       boxes: float [B, R, 4] [y1, x1, y2, x2] in this level's pixel coordinates (input-image boxes
         already divided by the level's stride); continuous coordinates, no clipping needed.
       output_size: S, bins per side.
-      sampling_ratio: samples per bin and axis (>= 1); the bin value is their mean.
+      sampling_ratio: samples per bin and axis (>= 1); the bin value is their mean. 0 = adaptive,
+        ceil(roi_size / output_size) per box and axis (at most MAX_ADAPTIVE_SAMPLING_RATIO), computed
+        with the gather formulation whatever the backend.
       backend: "crop_and_resize" (not XLA compilable) or "gather" (XLA/TPU friendly).
+      gradient: crop_and_resize backend only, one of GRADIENTS (same values, see device_defaults.py).
+      aligned: True = half-pixel aligned (detectron2 ROIAlignV2); False = torchvision's aligned=False
+        (no half-pixel shift, RoIs enlarged to at least one pixel per side).
 
     Returns:
       [B, R, S, S, C] in the dtype of `features`.
     """
     level_index = tf.zeros(tf.shape(boxes)[:2], tf.int32)  # [B, R]
-    return _dispatch([features], boxes, level_index, output_size, sampling_ratio, backend)
+    return _dispatch([features], boxes, level_index, output_size, sampling_ratio, backend, gradient, aligned)
 
 
 def multilevel_roi_align(
@@ -430,15 +530,17 @@ def multilevel_roi_align(
     max_level: int = 5,
     canonical_size: float = CANONICAL_SIZE,
     canonical_level: int = CANONICAL_LEVEL,
+    gradient: str = "sparse_matmul",
+    aligned: bool = True,
 ) -> tf.Tensor:
-    """Aligned RoIAlign of every box on its FPN level (FPN paper eq. 1).
+    """RoIAlign of every box on its FPN level (FPN paper eq. 1).
 
     Args:
       features: dict {"P2": [B, H / 4, W / 4, C], ..., f"P{max_level}"}; extra keys (e.g. "P6") are
         ignored. All levels share dtype and C; level l has stride 2**l.
       boxes: float [B, R, 4] [y1, x1, y2, x2] in input-image pixels (padding rows allowed; they are
         sampled on min_level and their output is to be ignored by the caller).
-      output_size, sampling_ratio, backend: as in `roi_align`.
+      output_size, sampling_ratio, backend, gradient, aligned: as in `roi_align`.
       min_level, max_level, canonical_size, canonical_level: as in `assign_levels`.
 
     Returns:
@@ -452,5 +554,5 @@ def multilevel_roi_align(
     strides = tf.pow(2.0, tf.cast(levels, tf.float32))  # [B, R]
     level_boxes = boxes / strides[..., None]  # [B, R, 4] in each box's level pixels
     return _dispatch(
-        list(features_list), level_boxes, levels - min_level, output_size, sampling_ratio, backend
-    )
+        list(features_list), level_boxes, levels - min_level, output_size, sampling_ratio, backend, gradient,
+        aligned)
