@@ -4,7 +4,7 @@
       --output_prefix=records/train [--class_names=my_data/names.txt] [--num_shards=4]
 
 Each line: `relative/path.jpg x1,y1,x2,y2,cls x1,y1,x2,y2,cls ...` (pixels; cls an integer id; line i
-of names.txt names class i). Lines with paths escaping --image_dir or bad fields are skipped and listed
+of names.txt names class i; the path may contain spaces). Lines with paths escaping --image_dir or bad fields are skipped and listed
 with their line numbers in {output_prefix}_summary.json. Records have no masks: train with masks off.
 """
 import json
@@ -14,10 +14,10 @@ import sys
 from absl import app, flags
 
 try:
-    from maskrcnn_tf.data import coco_converter, txt_converter
+    from maskrcnn_tf.data import conversion_report, txt_converter
 except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from maskrcnn_tf.data import coco_converter, txt_converter
+    from maskrcnn_tf.data import conversion_report, txt_converter
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("image_dir", None, "Folder the list's paths are relative to.")
@@ -37,7 +37,7 @@ def main(argv):
             FLAGS.image_dir, FLAGS.annotation_file, FLAGS.output_prefix, FLAGS.num_shards,
             class_names_file=FLAGS.class_names, num_workers=FLAGS.num_workers,
             skip_empty=FLAGS.skip_empty)
-    except (coco_converter.ConversionError, OSError) as e:  # OSError: unwritable output, full disk
+    except (conversion_report.ConversionError, OSError) as e:  # OSError: unwritable output, full disk
         sys.exit(f"error: {e}")
     brief = {k: v for k, v in summary.items() if k not in ("shards", "examples")}
     print(json.dumps(brief, indent=1))

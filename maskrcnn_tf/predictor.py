@@ -80,21 +80,41 @@ class Predictor:
         predictor._loaded = loaded  # keep the restored variables alive as long as the predictor
         return predictor
 
-    def predict(self, image: np.ndarray) -> Dict[str, np.ndarray]:
-        """Detections of one image.
+    def predict(self, images):
+        """Detections of one image or of many.
 
         Args:
-          image: uint8 [h, w, 3] RGB.
+          images: one image, or a list/tuple of images (or a uint8 [n, h, w, 3] array). An image is a file
+            path (str or os.PathLike; any tf.io.gfile location), the encoded bytes of a file (JPEG, PNG,
+            BMP, GIF) or a uint8 [h, w, 3] RGB array.
         Returns:
-          numpy dict over the n = num_detections valid detections, best first:
+          for one image a numpy dict over its n = num_detections valid detections, best first; for many a
+          list of such dicts in input order:
           "boxes" float32 [n, 4] [y1, x1, y2, x2] original pixels; "scores" float32 [n];
-          "category_ids" int32 [n] dataset category ids; "classes" int32 [n] contiguous 1..K;
+          "category_ids" int32 [n] dataset category ids; "category_names" list of n str;
+          "classes" int32 [n] contiguous 1..K;
           "masks" uint8 [n, h, w] 0/1 pasted at the original size (absent for box-only models);
           "mask_probabilities" float32 [n, 28, 28] (absent for box-only models).
+        Raises ValueError naming the input (path, or position in the list) that is not a readable image.
         """
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"predict: expected a uint8 [h, w, 3] RGB image, got {image.dtype} {image.shape}")
+        if _is_many(images):
+            return [self._predict_image(to_rgb(image, f"predict: image {i}")) for i, image in enumerate(images)]
+        return self._predict_image(to_rgb(images, "predict"))
+
+    def draw(self, image, result, path: Optional[str] = None,
+             score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> np.ndarray:
+        """uint8 [h, w, 3] copy of `image` (any input `predict` takes) with `result` (its `predict` output)
+        drawn by visualize.draw_detections; also written as PNG to `path` when given."""
+        rgb = to_rgb(image, "draw")
+        drawn = visualize.draw_detections(rgb, result["boxes"], result["classes"], result["scores"],
+                                          masks=result.get("masks"), class_names=self.class_names,
+                                          score_threshold=score_threshold)
+        if path is not None:
+            tf.io.write_file(path, tf.io.encode_png(drawn))
+        return drawn
+
+    def _predict_image(self, image: np.ndarray) -> Dict[str, np.ndarray]:
+        """predict() of one uint8 [h, w, 3] RGB array."""
         outputs = {k: v.numpy() for k, v in self._detect(tf.constant(image[None])).items()}
         n = int(outputs["num_detections"][0])
         category_ids = outputs["detection_classes"][0, :n].astype(np.int32)
@@ -105,6 +125,8 @@ class Predictor:
             "category_ids": category_ids,
             "classes": np.array([lookup[int(c)] for c in category_ids], np.int32).reshape(n),
         }
+        result["category_names"] = [self.class_names[c - 1] if 1 <= c <= len(self.class_names) else str(c)
+                                    for c in result["classes"].tolist()]
         if "detection_masks" in outputs:
             result["mask_probabilities"] = outputs["detection_masks"][0, :n]
             if "detection_masks_pasted" in outputs:
@@ -113,6 +135,43 @@ class Predictor:
                 pasted = paste_masks(result["mask_probabilities"][None], result["boxes"][None], image.shape[:2])
                 result["masks"] = (np.asarray(pasted)[0] >= export_lib.MASK_THRESHOLD).astype(np.uint8)
         return result
+
+
+def _is_many(images) -> bool:
+    """True for a list/tuple of images or a [n, h, w, 3] array; False for a single image."""
+    return isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4)
+
+
+def to_rgb(image, context: str) -> np.ndarray:
+    """uint8 [h, w, 3] RGB of a path, encoded bytes or an RGB array; ValueError "<context>: <what>: <why>"."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return read_image(os.fspath(image))
+        except ValueError as e:
+            raise ValueError(f"{context}: {os.fspath(image)}: {e}") from e
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            return decode_image(bytes(image))
+        except ValueError as e:
+            raise ValueError(f"{context}: {len(image)} bytes: {e}") from e
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"{context}: expected a path, encoded image bytes or a uint8 [h, w, 3] RGB array, "
+                         f"got {type(image).__name__} {array.dtype} {array.shape}")
+    return array
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """uint8 [h, w, 3] RGB of an encoded image, decoded as the training pipeline and the serving signature
+    decode; ValueError with the decoder's reason."""
+    if len(data) == 0:  # TF's decoder would call it an unknown image format
+        raise ValueError("empty file")
+    try:
+        return tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False).numpy()
+    except tf.errors.InvalidArgumentError as e:
+        # Keep TF's reason, without the kernel name in {{...}} and the op suffix " [Op:...]".
+        reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", e.message.splitlines()[0])
+        raise ValueError(f"not a decodable image ({reason})") from e
 
 
 def read_image(path: str) -> np.ndarray:
@@ -125,12 +184,7 @@ def read_image(path: str) -> np.ndarray:
         data = tf.io.read_file(path)
     except tf.errors.OpError as e:  # e.g. permission denied
         raise ValueError(f"cannot read file ({type(e).__name__})") from e
-    try:
-        return tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False).numpy()
-    except tf.errors.InvalidArgumentError as e:
-        # Keep TF's reason, without the kernel name in {{...}} and the op suffix " [Op:...]".
-        reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", e.message.splitlines()[0])
-        raise ValueError(f"not a decodable image ({reason})") from e
+    return decode_image(data.numpy())
 
 
 def detections_to_json(result: Dict[str, np.ndarray], class_names: Sequence[str], score_threshold: float) -> List[dict]:

@@ -2,6 +2,9 @@
 
 Format, one image per line, fields separated by whitespace:
     relative/path.jpg x1,y1,x2,y2,cls[,iscrowd] x1,y1,x2,y2,cls ...
+The path may contain spaces: the trailing tokens that look like boxes (a comma, and a number before the
+first comma) are boxes, the text before them is the path. So a path's last space-separated part must not
+itself look like a box ("2019,photo.jpg" would be read as one).
 Coordinates are pixels of the original image, continuous (x2 - x1 = width, as the original computes
 w = x2 - x1). `cls` is an integer class id; the optional 6th field (iscrowd 0/1) is the one later
 MindSpore versions add. A line with only a path is an image without instances.
@@ -18,26 +21,59 @@ Decisions:
   component), an unparsable box token, a non-integer class or fewer than 4 coordinates skips the line,
   counted under lines_skipped with its line number in the summary's examples. Symlinks inside
   --image_dir are followed (the check is on the text, not the resolved path).
+- The same path on several lines is one image: the boxes of the later lines are merged into the first
+  line's record (source_id = the first line's number), counted under "lines_merged" with a warning. Two
+  records of one image would make evaluation count its instances twice.
 - Per instance, as the COCO converter: degenerate boxes dropped, boxes clipped to the image, boxes
   entirely outside dropped; area = clipped box area. image/source_id is the 1-based line number (the
   text format has no image ids; evaluation needs an integer).
-- Image files, sharding, workers, atomic renames and the summary come from coco_converter.
+- A skipped image takes its boxes with it: counted under instances_lost_with_skipped_images by the
+  image's reason. No image written is a ConversionError naming the likely cause.
+- Image files (image_files.py), sharding, workers and atomic renames (sharded_writer.py) and the summary
+  (conversion_report.py) are shared with the COCO converter.
 """
 
 import dataclasses
 import functools
 import math
 import os
+import re
+import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from maskrcnn_tf.data import coco_converter, schema
-from maskrcnn_tf.data.coco_converter import ConversionError, Stats
+from maskrcnn_tf.data import image_files, schema
+from maskrcnn_tf.data.conversion_report import ConversionError, Stats, check_images_written, make_summary
+from maskrcnn_tf.data.sharded_writer import LABEL_MAP_SUFFIX, SUMMARY_SUFFIX, write_json_atomic, write_sharded
 
 BACKGROUND_NAME = "background"
 BOX_FIELDS = (5, 6)  # x1,y1,x2,y2,cls and optionally iscrowd
+_TOKEN = re.compile(r"\S+")
+
+
+def _looks_like_box(token: str) -> bool:
+    """A comma and a number before it: a box (maybe malformed), not part of a path."""
+    head = token.split(",", 1)[0]
+    try:
+        float(head)
+    except ValueError:
+        return False
+    return "," in token
+
+
+def split_line(line: str) -> Tuple[str, List[str]]:
+    """A list line -> (path, box tokens): the trailing tokens that look like boxes, and the text before
+    them (spaces inside kept) as the path."""
+    tokens = list(_TOKEN.finditer(line))
+    if not tokens:
+        return "", []
+    first_box = len(tokens)
+    while first_box > 1 and _looks_like_box(tokens[first_box - 1].group()):
+        first_box -= 1
+    end = tokens[first_box - 1].end()
+    return line[tokens[0].start():end], [t.group() for t in tokens[first_box:]]
 
 
 def _parse_box(token: str) -> Tuple[float, float, float, float, int, int]:
@@ -54,7 +90,8 @@ def _parse_box(token: str) -> Tuple[float, float, float, float, int, int]:
 
 
 def parse_txt(annotation_file: str, stats: Stats) -> List[Tuple[int, str, list]]:
-    """-> [(line number, relative path, [(x1, y1, x2, y2, cls, iscrowd), ...])]; bad lines are counted."""
+    """-> [(line number, relative path, [(x1, y1, x2, y2, cls, iscrowd), ...])], one entry per path (later
+    lines of a path merged into its first); bad lines are counted."""
     if not os.path.isfile(annotation_file):
         raise ConversionError(f"annotation file not found: {annotation_file}")
     try:
@@ -62,24 +99,32 @@ def parse_txt(annotation_file: str, stats: Stats) -> List[Tuple[int, str, list]]
             raw_lines = f.read().splitlines()
     except OSError as e:
         raise ConversionError(f"cannot read annotation file {annotation_file}: {e}") from None
-    entries = []
+    entries, first_line = [], {}
     for number, raw in enumerate(raw_lines, start=1):
         try:
-            tokens = raw.decode("utf-8").split()
+            path, tokens = split_line(raw.decode("utf-8"))
         except UnicodeDecodeError:
             stats.count("lines_skipped:malformed_line", f"line {number}: not UTF-8")
             continue
-        if not tokens:
+        if not path:
             continue
-        if not coco_converter.is_safe_relative_path(tokens[0]):
-            stats.count("lines_skipped:path_outside_image_dir", f"line {number}: {tokens[0]}")
+        if not image_files.is_safe_relative_path(path):
+            stats.count("lines_skipped:path_outside_image_dir", f"line {number}: {path}")
             continue
         try:
-            boxes = [_parse_box(t) for t in tokens[1:]]
+            boxes = [_parse_box(t) for t in tokens]
         except ValueError as e:
             stats.count("lines_skipped:malformed_line", f"line {number}: {e}")
             continue
-        entries.append((number, tokens[0], boxes))
+        key = os.path.normpath(path)
+        if key in first_line:
+            index = first_line[key]
+            entries[index][2].extend(boxes)
+            stats.count("lines_merged", f"line {number}: {path} already on line {entries[index][0]}; "
+                                        f"its {len(boxes)} box(es) merged there")
+            continue
+        first_line[key] = len(entries)
+        entries.append((number, path, boxes))
     return entries
 
 
@@ -102,9 +147,10 @@ class _TxtContext:
 def _txt_example(ctx: _TxtContext, unit, stats: Stats) -> Optional[bytes]:
     number, rel_path, raw_boxes = unit
     try:
-        img = coco_converter.read_image_file(os.path.join(ctx.image_dir, rel_path))
-    except coco_converter.BadImage as e:
+        img = image_files.read_image_file(os.path.join(ctx.image_dir, rel_path))
+    except image_files.BadImage as e:
         stats.count("images_skipped:" + e.reason, f"line {number}: {e}")
+        stats.count("instances_lost_with_skipped_images:" + e.reason, n=len(raw_boxes))
         return None
     h, w = img.height, img.width
     boxes, labels, crowd, areas, clipped = [], [], [], [], 0
@@ -116,7 +162,7 @@ def _txt_example(ctx: _TxtContext, unit, stats: Stats) -> Optional[bytes]:
         elif x2 <= x1 or y2 <= y1:
             reason = "degenerate_box"
         else:
-            (x1, y1, x2, y2), was_clipped = coco_converter.clip_box(x1, y1, x2, y2, h, w)
+            (x1, y1, x2, y2), was_clipped = image_files.clip_box(x1, y1, x2, y2, h, w)
             if x2 <= x1 or y2 <= y1:
                 reason = "box_outside_image"
         if reason is not None:
@@ -149,7 +195,7 @@ def convert_txt(image_dir: str, annotation_file: str, output_prefix: str, num_sh
     Writes the same three kinds of files as coco_converter.convert_coco (shards, label map, summary).
     Records carry boxes (normalized xmin, ymin, xmax, ymax), class ids as given in the text, is_crowd,
     areas, and no image/object/mask key. Raises ConversionError for a missing list, image dir or names
-    file; bad lines, images and boxes are counted in the summary.
+    file, and when no image is written; bad lines, images and boxes are counted in the summary.
     """
     start = time.monotonic()
     stats = Stats()
@@ -162,15 +208,26 @@ def convert_txt(image_dir: str, annotation_file: str, output_prefix: str, num_sh
         names = {c: f"class_{c}" for c in sorted({b[4] for _, _, boxes in entries for b in boxes})}
     label_map = [{"id": c, "contiguous_id": i + 1, "name": names[c]} for i, c in enumerate(sorted(names))]
     ctx = _TxtContext(image_dir, skip_empty, names)
-    finals, worker_stats = coco_converter.write_sharded(
+    finals, worker_stats = write_sharded(
         entries, functools.partial(_txt_example, ctx), output_prefix, num_shards, num_workers, progress)
     stats.merge(worker_stats)
-    label_map_path = output_prefix + coco_converter.LABEL_MAP_SUFFIX
-    coco_converter.write_json_atomic(label_map_path, label_map)
-    summary = coco_converter.make_summary(
+    label_map_path = output_prefix + LABEL_MAP_SUFFIX
+    summary_path = output_prefix + SUMMARY_SUFFIX
+    summary = make_summary(
         stats, finals, len(entries), time.monotonic() - start,
         annotation_file=os.path.abspath(annotation_file), image_dir=os.path.abspath(image_dir),
         include_masks=False, skip_empty=skip_empty, num_workers=num_workers, label_map=label_map_path,
-        num_classes=len(label_map), lines_skipped=stats.by_reason("lines_skipped"))
-    coco_converter.write_json_atomic(output_prefix + coco_converter.SUMMARY_SUFFIX, summary)
+        num_classes=len(label_map), lines_skipped=stats.by_reason("lines_skipped"),
+        lines_merged=stats.counts["lines_merged"])
+    if summary["images_written"] == 0:  # leave no empty shard that a file pattern would pick up
+        for path in finals:
+            os.remove(path)
+        summary["shards"] = []
+    else:
+        write_json_atomic(label_map_path, label_map)
+    write_json_atomic(summary_path, summary)
+    if summary["lines_merged"]:
+        print(f"WARNING: {summary['lines_merged']} line(s) repeat an earlier line's image; their boxes were "
+              f"merged into it ({summary['examples']['lines_merged'][0]})", file=sys.stderr, flush=True)
+    check_images_written(summary, os.path.abspath(image_dir), [e[1] for e in entries[:3]], summary_path)
     return summary

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from pycocotools.coco import COCO
 
-from maskrcnn_tf.data import coco_converter, schema, shapes
+from maskrcnn_tf.data import coco_categories, coco_converter, schema, shapes, sharded_writer
 from tests.conftest import REPO_ROOT, shared_data
 
 COCO10_JSON = "annotations/instances_val2017_subset.json"
@@ -51,7 +51,7 @@ def test_records_match_coco_json_and_pycocotools(coco10):
     assert sorted(records) == sorted(coco.getImgIds()) and len(records) == 10
     assert (summary["images_written"], summary["instances_written"], summary["crowd_instances"]) == (10, 77, 1)
     assert summary["images_skipped"] == {} and summary["instances_dropped"] == {}
-    assert all(os.path.exists(p) for p in coco_converter.shard_paths(prefix, 3))
+    assert all(os.path.exists(p) for p in sharded_writer.shard_paths(prefix, 3))
     num_crowd_checked = 0
     for image_id, rec in records.items():
         info = coco.loadImgs(image_id)[0]
@@ -84,7 +84,7 @@ def test_one_and_two_workers_write_the_same_examples(coco10, tmp_path):
     assert len(serialized_set(prefix2)) == 10
     assert serialized_set(prefix2) == serialized_set(prefix)
     # Deterministic assignment: shard i holds the same images whatever the worker count.
-    for a, b in zip(coco_converter.shard_paths(prefix, 3), coco_converter.shard_paths(prefix2, 3)):
+    for a, b in zip(sharded_writer.shard_paths(prefix, 3), sharded_writer.shard_paths(prefix2, 3)):
         assert open(a, "rb").read() == open(b, "rb").read()
 
 
@@ -160,19 +160,20 @@ def test_roboflow_unused_parent_category_is_left_out():
     root = shared_data("potholes")
     data = json.load(open(root / "valid" / "_annotations.coco.json"))
     # README: id 0 "pothole" is an unused parent (supercategory of id 1); id 1 is the real class.
-    assert coco_converter.build_label_map(data["categories"], data["annotations"]) == [
+    assert coco_categories.build_label_map(data["categories"], data["annotations"]) == [
         {"id": 1, "contiguous_id": 1, "name": "pothole"}]
     # The same category used by an annotation stays: only unused parents go.
     used = data["annotations"] + [{"image_id": 0, "category_id": 0}]
-    assert [c["id"] for c in coco_converter.build_label_map(data["categories"], used)] == [0, 1]
+    assert [c["id"] for c in coco_categories.build_label_map(data["categories"], used)] == [0, 1]
 
 
 def test_killed_conversion_leaves_no_final_names(tmp_path):
     paths = shapes.make_shapes_dataset(str(tmp_path / "shapes"), num_train=40, num_val=0, image_size=48, seed=0)
     prefix = str(tmp_path / "out" / "train")
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **{coco_converter.SLEEP_ENV: "0.2"})
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "data_prep" / "coco_to_tfrecord.py"), f"--image_dir={paths['train_images']}",
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen(  # 0.2 s per image read (tests/data/slow_conversion.py)
+        [sys.executable, str(REPO_ROOT / "tests" / "data" / "slow_conversion.py"), "0.2",
+         f"--image_dir={paths['train_images']}",
          f"--annotation_file={paths['train_annotations']}", f"--output_prefix={prefix}", "--num_shards=4",
          "--num_workers=2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -194,6 +195,16 @@ def test_killed_conversion_leaves_no_final_names(tmp_path):
         written = os.listdir(tmp_path / "out")
         assert written and all(".tmp-" in name for name in written), written
         assert not glob.glob(prefix + "-*-of-*.tfrecord") and not glob.glob(prefix + "_*.json")
+        # The next run over the same prefix deletes the dead run's *.tmp-<pid> files and writes everything.
+        rerun = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "data_prep" / "coco_to_tfrecord.py"), f"--image_dir={paths['train_images']}",
+             f"--annotation_file={paths['train_annotations']}", f"--output_prefix={prefix}", "--num_shards=4"],
+            env=env, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert f"removed {len(written)} unfinished file(s) of an interrupted conversion" in rerun.stderr
+        assert sorted(os.listdir(tmp_path / "out")) == sorted(
+            [os.path.basename(p) for p in sharded_writer.shard_paths(prefix, 4)] + ["train_label_map.json",
+                                                                                  "train_summary.json"])
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # our own process group, should anything be left

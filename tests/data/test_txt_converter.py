@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from maskrcnn_tf.data import coco_converter, schema, txt_converter
+from maskrcnn_tf.data import conversion_report, schema, sharded_writer, txt_converter
 
 H, W = 40, 60  # image size of the planted test images
 
 
 def read_records(output_prefix):
     records = []
-    for path in coco_converter.shard_paths(output_prefix, 1):
+    for path in sharded_writer.shard_paths(output_prefix, 1):
         for serialized in tf.data.TFRecordDataset(path):
             records.append({k: v.numpy() for k, v in schema.parse_example(serialized).items()})
     return records
@@ -67,5 +67,5 @@ def test_txt_without_names_uses_the_ids_seen(tmp_path):
     assert json.load(open(prefix + "_label_map.json")) == [
         {"id": 0, "contiguous_id": 1, "name": "class_0"}, {"id": 4, "contiguous_id": 2, "name": "class_4"}]
     assert read_records(prefix)[0]["labels"].tolist() == [0, 4]
-    with pytest.raises(coco_converter.ConversionError, match="annotation file not found"):
+    with pytest.raises(conversion_report.ConversionError, match="annotation file not found"):
         txt_converter.convert_txt(str(tmp_path), str(tmp_path / "missing.txt"), prefix)
