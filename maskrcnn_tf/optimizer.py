@@ -1,10 +1,24 @@
-"""Optimizer and learning-rate schedule of DESIGN.md section 6 (detectron2's recipe).
+"""Optimizer and learning-rate schedule: detectron2's recipe (solver/build.py, config/defaults.py).
 
 SGD with momentum 0.9; the peak rate is the reference rate scaled linearly to the global batch
 (config.learning_rate); linear warmup from warmup_factor x peak over warmup_steps; then either x0.1 at
 each decay fraction of the run ("step", the 1x schedule) or a cosine decay to 0 ("cosine", as the
-MindSpore original offers). Weight decay is Keras' decoupled form (w -= lr * wd * w) and skips
-normalization layers and biases (detectron2's WEIGHT_DECAY_NORM = 0; biases as Model Garden).
+MindSpore original offers).
+
+Weight decay, `train.weight_decay_type`:
+- "coupled" (default, detectron2 and torchvision): torch.optim.SGD(momentum, dampening=0,
+  nesterov=False, weight_decay) exactly. With lr the rate of this step:
+      g = g + wd * w          (decayed variables only)
+      b = momentum * b + g    (b starts at 0, so the first step's b is g, as torch's first step)
+      w = w - lr * b
+  The rate multiplies the whole buffer at each step (torch), not each gradient as it enters it
+  (Keras' SGD): the two differ whenever the rate changes, i.e. during warmup and at each decay.
+  Decayed: every trainable kernel and bias. Not decayed: normalization layers' scales and offsets
+  (detectron2 SOLVER.WEIGHT_DECAY_NORM = 0.0; SOLVER.WEIGHT_DECAY_BIAS = None, "following
+  WEIGHT_DECAY", so biases are decayed). With momentum 0.9 the effective decay per step is about
+  wd * lr / (1 - 0.9), ten times the decoupled form's at the same wd.
+- "decoupled": Keras' SGD with w -= lr * wd * w after the step, skipping normalization layers and
+  biases (Model Garden's choice; this package's optimizer before the detectron2 recipe was matched).
 """
 
 import math
@@ -56,22 +70,83 @@ def build_schedule(cfg: config_lib.Config) -> WarmupSchedule:
                           t.schedule, t.decay_fractions, t.decay_rate)
 
 
+WEIGHT_DECAY_TYPES = config_lib.WEIGHT_DECAY_TYPES
+
+
+@keras.saving.register_keras_serializable(package="maskrcnn_tf")
+class SGDCoupledDecay(keras.optimizers.Optimizer):
+    """torch.optim.SGD(lr, momentum, dampening=0, nesterov=False, weight_decay) as a Keras optimizer
+    (update rule in the module docstring). `exclude_from_weight_decay(var_list=...)` (Keras' API)
+    names the variables that get no L2 term; call it before the first step."""
+
+    def __init__(self, learning_rate=0.01, momentum=0.9, weight_decay=0.0, name="sgd_coupled_decay",
+                 **kwargs):
+        # The base class's weight_decay is its decoupled form: keep it off, the L2 term is ours.
+        super().__init__(learning_rate=learning_rate, name=name, weight_decay=None, **kwargs)
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"SGDCoupledDecay: momentum={momentum!r}; expected a number in [0, 1)")
+        if not float(weight_decay) >= 0.0:
+            raise ValueError(f"SGDCoupledDecay: weight_decay={weight_decay!r}; expected a number >= 0")
+        self.momentum = float(momentum)
+        self.l2_weight_decay = float(weight_decay)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentum_buffers = []
+        if self.momentum > 0.0:
+            self.momentum_buffers = self.add_optimizer_variables(variables, "momentum_buffer")
+
+    def update_step(self, gradient, variable, learning_rate):
+        learning_rate = tf.cast(learning_rate, variable.dtype)
+        gradient = tf.cast(gradient, variable.dtype)
+        if self.l2_weight_decay > 0.0 and self._use_weight_decay(variable):
+            gradient = gradient + tf.cast(self.l2_weight_decay, variable.dtype) * variable
+        if self.momentum > 0.0:
+            buffer = self.momentum_buffers[self._get_variable_index(variable)]
+            self.assign(buffer, tf.cast(self.momentum, variable.dtype) * buffer + gradient)
+            gradient = buffer
+        self.assign_sub(variable, learning_rate * gradient)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(momentum=self.momentum, weight_decay=self.l2_weight_decay)
+        return config
+
+
 def build_optimizer(cfg: config_lib.Config, model: keras.Model) -> keras.optimizers.Optimizer:
-    """SGD(momentum, decoupled weight decay without norm layers and biases) on cfg's schedule."""
-    optimizer = keras.optimizers.SGD(learning_rate=build_schedule(cfg), momentum=cfg.train.momentum,
-                                     weight_decay=cfg.train.weight_decay or None)
-    if cfg.train.weight_decay:
+    """The optimizer of cfg.train (weight_decay_type, module docstring) on cfg's schedule."""
+    t = cfg.train
+    if t.weight_decay_type not in WEIGHT_DECAY_TYPES:
+        raise ValueError(f"config: train.weight_decay_type={t.weight_decay_type!r} is not allowed; "
+                         f"expected {' | '.join(WEIGHT_DECAY_TYPES)}")
+    if t.weight_decay_type == "coupled":
+        optimizer = SGDCoupledDecay(learning_rate=build_schedule(cfg), momentum=t.momentum,
+                                    weight_decay=t.weight_decay)
+        if t.weight_decay:
+            optimizer.exclude_from_weight_decay(var_list=normalization_variables(model))
+        return optimizer
+    optimizer = keras.optimizers.SGD(learning_rate=build_schedule(cfg), momentum=t.momentum,
+                                     weight_decay=t.weight_decay or None)
+    if t.weight_decay:
         optimizer.exclude_from_weight_decay(var_list=no_decay_variables(model))
     return optimizer
 
 
-def no_decay_variables(model: keras.Model):
-    """Biases, and the scales and offsets of normalization layers."""
+def normalization_variables(model: keras.Model):
+    """The trainable scales and offsets of normalization layers (detectron2's norm module types)."""
     norm_types = (keras.layers.BatchNormalization, keras.layers.GroupNormalization,
-                  keras.layers.LayerNormalization)
+                  keras.layers.LayerNormalization, keras.layers.UnitNormalization)
     variables = []
     for layer in model._flatten_layers(include_self=False):
         if isinstance(layer, norm_types):
             variables.extend(layer.trainable_weights)
+    return variables
+
+
+def no_decay_variables(model: keras.Model):
+    """The "decoupled" form's exclusions: normalization layers' variables and every bias."""
+    variables = normalization_variables(model)
     variables.extend(v for v in model.trainable_variables if v.path.endswith("bias"))
     return variables

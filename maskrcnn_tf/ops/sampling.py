@@ -10,10 +10,12 @@ random candidates in random order, then a `top_k` over a "first usable candidate
 first S usable candidates (positives, then negatives) into the S output slots. Slots left over when
 there are too few candidates are marked invalid.
 
-Decisions DESIGN.md leaves open:
+Decisions:
 - Randomness: `seed=None` uses the stateful `tf.random.uniform` (fresh samples every call, also under
-  XLA, where op seeds are ignored anyway). A seed (python int or int32 [2] tensor, e.g. derived from the
-  step) uses `tf.random.stateless_uniform`: reproducible, and identical on every call with that seed.
+  XLA, where op seeds are ignored anyway). A seed (python int or int [2] tensor, e.g. `sampling_seed`
+  of (train.seed, step)) uses `tf.random.stateless_uniform`: reproducible, and identical on every call
+  with that seed. Training passes seeds only when train.seed is set (model.py); without it, every run
+  samples differently (detectron2 also draws a fresh seed when SEED < 0).
 - The labels' row count M must be static (it always is in this package); S is a python int.
 - Output slot order: the sampled positives first, then the negatives, then invalid slots.
 """
@@ -29,7 +31,20 @@ def _random_scores(shape, seed):
         return tf.random.uniform(shape, dtype=tf.float32)
     if isinstance(seed, int):
         seed = (seed, 0)
-    return tf.random.stateless_uniform(shape, seed=tf.cast(seed, tf.int32), dtype=tf.float32)
+    return tf.random.stateless_uniform(shape, seed=tf.cast(seed, tf.int64), dtype=tf.float32)
+
+
+def sampling_seed(seed, step, salt):
+    """The stateless seed of one sampler at one training step: int64 [2].
+
+    Args:
+      seed: python int, the run's seed (train.seed).
+      step: int scalar (python or tensor), the global step.
+      salt: int scalar (python or tensor) that tells draws of one step apart (e.g. the replica).
+    Different (seed, step, salt) give independent draws (TF's stateless fold-in hashes each input in).
+    """
+    base = tf.stack([tf.constant(seed, tf.int64), tf.cast(step, tf.int64)])  # [2]
+    return tf.random.experimental.stateless_fold_in(base, salt)  # [2]
 
 
 def balanced_sample(labels, num_samples, positive_fraction, seed=None):
@@ -93,7 +108,11 @@ def balanced_sample_mask(labels, num_samples, positive_fraction, seed=None):
       bool [B, M], True for the sampled rows (at most S per image, never a -1 row).
     """
     indices, _, is_valid = balanced_sample(labels, num_samples, positive_fraction, seed)
-    shape = tf.shape(labels)
+    return indices_to_mask(indices, is_valid, tf.shape(labels))
+
+
+def indices_to_mask(indices, is_valid, shape):
+    """bool [B, M] mask of the rows that valid slots of `indices` int32 [B, S] name; shape = [B, M]."""
     batch_index = tf.broadcast_to(tf.range(shape[0])[:, tf.newaxis], tf.shape(indices))  # [B, S]
     scatter_index = tf.stack([batch_index, indices], axis=-1)  # [B, S, 2]
     # Invalid slots scatter 0, so they never mark their (arbitrary) row.
