@@ -1,20 +1,47 @@
 """maskrcnn_tf: Mask R-CNN (ResNet-FPN) instance segmentation for TensorFlow 2 / Keras 3.
 
-Conventions used by every module (DESIGN.md section 3):
+    import maskrcnn_tf
+    detector = maskrcnn_tf.load("runs/tiny")        # run directory, SavedModel or .keras file
+    result = detector.predict("image.jpg")          # boxes, scores, category ids/names, masks
+    detector.draw("image.jpg", result, "image_detections.png")
 
-- Boxes are `[y1, x1, y2, x2]`, float32, absolute pixels of the resized, padded model input, with
-  continuous coordinates: pixel i covers [i, i + 1), so height = y2 - y1 (no +1). Padded rows are -1.
-  Only names ending in `_norm` hold 0..1 coordinates. COCO `[x, y, w, h]` appears only at the data
-  and evaluation edges.
-- Shape letters: B batch, N max gt instances (padded), A anchors over all levels, R proposals,
-  S sampled RoIs, K foreground classes (class 0 = background; logits have K + 1 columns), H, W padded
-  image, C channels, M mask size, D max detections.
-- Box deltas are `[dy, dx, dh, dw]`; weights (1, 1, 1, 1) for the RPN and (10, 10, 5, 5) for the box
-  head; dh, dw are clamped at log(1000 / 16) before exp.
-- Feature levels are keys "P2".."P6" (backbone "C2".."C5"), stride 2**level. Aspect ratio = height / width.
-- Class ids: records keep the dataset's category ids; the pipeline maps them to contiguous 1..K
-  (`DataConfig.category_ids`), evaluation maps them back.
-- Static shapes everywhere in the graph (fixed image size, gt padded to N, fixed top-k, padded NMS).
+Public names: `load` (loading.py), `Predictor` (predictor.py), `MaskRCNN` and `build_model` (model.py),
+`Config`, `get_preset` and the presets `tiny` / `coco_r50_fpn_1x` (config.py), `draw_detections`
+(visualize.py). They are imported on first use, so `import maskrcnn_tf` stays light (no TensorFlow).
+
+Conventions (boxes are [y1, x1, y2, x2] absolute pixels of the padded model input, class 0 is background,
+static shapes in the graph, ...) are written down in docs/design.md.
 """
 
+import importlib
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "load": "maskrcnn_tf.loading",
+    "Predictor": "maskrcnn_tf.predictor",
+    "MaskRCNN": "maskrcnn_tf.model",
+    "build_model": "maskrcnn_tf.model",
+    "Config": "maskrcnn_tf.config",
+    "get_preset": "maskrcnn_tf.config",
+    "PRESETS": "maskrcnn_tf.config",
+    "tiny": "maskrcnn_tf.config",
+    "coco_r50_fpn_1x": "maskrcnn_tf.config",
+    "draw_detections": "maskrcnn_tf.visualize",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    # PEP 562: import the defining module when a public name is first used.
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'maskrcnn_tf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
