@@ -67,6 +67,9 @@ flags.DEFINE_string("eval_file_pattern", None, "Glob of evaluation TFRecords.")
 flags.DEFINE_string("val_json", None, "COCO instances JSON of the evaluation images.")
 flags.DEFINE_integer("eval_every_epochs", 1, "COCO evaluation every N epochs (and at the end) when "
                      "--eval_file_pattern and --val_json are given; 0 = only at the end.", lower_bound=0)
+flags.DEFINE_integer("seed", None, "Reproducible run: fixes the RPN anchor and RoI sampling (train.seed, "
+                     "stateless draws keyed by seed and step), the data order and augmentation (data.seed, "
+                     "unless given) and the weight initialisation.")
 flags.DEFINE_multi_string("params_override", [], "Any config field: dotted.name=JSON value, e.g. "
                           "train.checkpoint_every_steps=500 (repeatable; applied after the flags above).")
 
@@ -158,6 +161,9 @@ def resolve_config(preset: str, train_file_pattern: str, label_map_path=None, ex
         overrides["train.precision"] = FLAGS.precision
     if FLAGS.jit_compile is not None:
         overrides["train.jit_compile"] = FLAGS.jit_compile
+    if FLAGS.seed is not None:
+        overrides["train.seed"] = FLAGS.seed
+        overrides["data.seed"] = FLAGS.seed  # a params_override of data.seed below still wins
     overrides.update(parse_params_override(FLAGS.params_override))
     cfg = config_lib.replace(cfg, **overrides)
     if FLAGS.learning_rate is not None:  # the peak rate at this run's batch: reference batch = batch
@@ -200,6 +206,14 @@ def run_training(train_file_pattern, model_dir, preset, label_map_path=None, ext
 
     cfg, label_map_path, steps_per_epoch = resolve_config(preset, train_file_pattern, label_map_path,
                                                           extra_overrides)
+    # A preset is a recipe (e.g. detectron2's): say where this run leaves it, so a changed setting is a choice.
+    changed = config_lib.differences(config_lib.get_preset(preset), cfg, ignore=config_lib.DATASET_FIELDS)
+    if changed:
+        print(f"config: {len(changed)} setting(s) differ from preset {preset}: {'; '.join(changed)}", flush=True)
+    if cfg.train.seed is not None:
+        import keras
+
+        keras.utils.set_random_seed(cfg.train.seed)  # weight initialisation (Keras initialisers, NumPy)
     if val_json and not os.path.exists(val_json):
         raise ValueError(f"--val_json={val_json}: file not found")
     strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)

@@ -397,6 +397,27 @@ def from_dict(d: dict, cls=Config):
     return cls(**kwargs)
 
 
+# Fields a dataset sets (label map), not a recipe choice: differences() callers may ignore them.
+DATASET_FIELDS = ("model.num_classes", "data.category_ids", "data.class_names")
+
+
+def differences(base, cfg, ignore=()) -> list:
+    """["field: base value -> cfg value", ...] for every dotted field where `cfg` differs from `base`
+    (e.g. a run's config against the preset it started from), fields in `ignore` left out."""
+    found = []
+
+    def walk(a, b, prefix):
+        for key in a:
+            name = prefix + key
+            if isinstance(a[key], dict):
+                walk(a[key], b[key], name + ".")
+            elif a[key] != b[key] and name not in ignore:
+                found.append(f"{name}: {a[key]!r} -> {b[key]!r}")
+
+    walk(to_dict(base), to_dict(cfg), "")
+    return found
+
+
 def save_json(cfg: Config, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(to_dict(cfg), f, indent=2)
