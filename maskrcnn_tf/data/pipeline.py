@@ -162,8 +162,7 @@ def count_training_records(file_pattern) -> int:
     forever, and repeating an empty dataset never yields a batch (the run would hang)."""
     total = count_records(file_pattern)
     if total == 0:
-        raise ValueError(f"data: no records in {file_pattern!r} (the matching files are empty; did the "
-                         "converter write images_written: 0?)")
+        raise ValueError(f"data: no records in {file_pattern!r} (every matching file is empty)")
     return total
 
 
