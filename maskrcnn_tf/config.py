@@ -324,7 +324,60 @@ def detectron2_r50_fpn_1x() -> Config:
     backbone takes RGB; the BGR stem kernel is reversed when weights are loaded, as for
     keras.applications' caffe weights), anchors at cell corners (offset 0, not rounded), aligned
     RoIAlign (ROIAlignV2) with adaptive sampling, no detection size filter, short side 800 / long side
-    <= 1333 on a 1344 x 1344 canvas. The training and data settings are coco_r50_fpn_1x's.
+    <= 1333 on a 1344 x 1344 canvas.
+
+    Recipe, setting by setting. Sources: detectron2 configs/COCO-InstanceSegmentation/
+    mask_rcnn_R_50_FPN_1x.yaml (1x), configs/Base-RCNN-FPN.yaml (Base), detectron2/config/defaults.py
+    (Def), detectron2/solver/build.py (Solver), detectron2/modeling/* (Code).
+
+    | setting                   | detectron2                          | ours                               | source      |
+    |---------------------------|-------------------------------------|------------------------------------|-------------|
+    | images per batch          | IMS_PER_BATCH 16                    | train_batch_size 16                | Base        |
+    | base learning rate        | BASE_LR 0.02 at 16 images           | base_learning_rate 0.02 at 16      | Base        |
+    | iterations                | MAX_ITER 90000                      | total_steps 90000                  | Base        |
+    | LR steps                  | STEPS (60000, 80000), GAMMA 0.1     | decay_fractions (2/3, 8/9), 0.1    | Base, Def   |
+    | warmup                    | linear, 1000 iters, factor 1/1000   | warmup_steps 1000, factor 0.001    | Def         |
+    | momentum / nesterov       | 0.9 / False                         | momentum 0.9, no nesterov          | Def         |
+    | weight decay              | 1e-4, L2 in torch.optim.SGD         | 1e-4, weight_decay_type coupled    | Def, Solver |
+    | decay of norm layers      | WEIGHT_DECAY_NORM 0.0               | 0 (optimizer.py)                   | Def         |
+    | decay of biases           | WEIGHT_DECAY_BIAS None = 1e-4       | 1e-4                               | Def, Solver |
+    | gradient clipping         | CLIP_GRADIENTS off                  | clip_grad_norm 0 (off)             | Def         |
+    | precision                 | AMP off (float32)                   | precision float32                  | Def         |
+    | train resolution          | short side from 640, 672, ..., 800, | short 800 x uniform scale in       | Base, Def   |
+    |                           | long side <= 1333                   | scale_jitter (0.8, 1.0), <= 1333   |             |
+    | test resolution           | short side 800, long side <= 1333   | short side 800, long side <= 1333  | Def         |
+    | horizontal flip           | RANDOM_FLIP horizontal (p 0.5)      | flip_probability 0.5               | Def         |
+    | empty images              | FILTER_EMPTY_ANNOTATIONS True       | kept (see below)                   | Def         |
+    | gt per image              | all                                 | max_instances 100 (COCO has <= 93) | -           |
+    | backbone                  | R-50, FrozenBN, FREEZE_AT 2         | resnet50, frozen BN, freeze_at 2   | 1x, Def     |
+    | anchors                   | 32..512 on P2..P6, ratios .5, 1, 2  | the same                           | Base        |
+    | RPN IoU (neg, pos)        | (0.3, 0.7), low-quality matches     | (0.3, 0.7), low-quality matches    | Def, Code   |
+    | RPN anchors/img, pos frac | 256 / 0.5                           | 256 / 0.5                          | Def         |
+    | RPN pre-NMS top-k tr/test | 2000 / 1000 per level               | 2000 / 1000 per level              | Base        |
+    | RPN post-NMS top-k tr/te  | 1000 / 1000 per image               | 1000 / 1000 per image              | Base        |
+    | RPN NMS IoU / min size    | 0.7 / 0                             | 0.7 / 0                            | Def         |
+    | RPN box loss              | smooth_l1 with beta 0 = L1          | L1 (rpn.box_loss_beta 0)           | Def         |
+    | RPN loss normalizer       | 256 x images                        | 256 x images                       | Code        |
+    | RoIs/img, fg fraction     | 512 / 0.25                          | 512 / 0.25                         | Def         |
+    | RoI IoU fg / bg           | >= 0.5 / [0, 0.5)                   | >= 0.5 / [0, 0.5)                  | Def         |
+    | gt added to proposals     | PROPOSAL_APPEND_GT True             | append_gt_boxes True               | Def         |
+    | box head                  | 2 fc x 1024, 7x7 ROIAlignV2         | 2 fc x 1024, 7x7 aligned           | Base, Def   |
+    | box coder weights / loss  | (10, 10, 5, 5) / L1 (beta 0)        | (10, 10, 5, 5) / L1                | Def         |
+    | box losses normalizer     | sampled RoIs (512 x images)         | 512 x images                       | Code        |
+    | mask head                 | 4 conv x 256, 14x14 -> 28x28        | 4 conv x 256, 14x14 -> 28x28       | Base, Def   |
+    | mask loss                 | BCE mean over fg RoIs x 28 x 28     | the same (max_mask_rois 128 = all) | Code        |
+    | test score/NMS/detections | 0.05 / 0.5 / 100                    | 0.05 / 0.5 / 100                   | Def         |
+    | seed                      | SEED -1 (random)                    | train.seed None (random)           | Def         |
+
+    Deviations, chosen: the short side is drawn uniformly from [640, 800] instead of from the six values
+    640, 672, ..., 800 (same range and mean); images without annotations are not filtered by the
+    trainer (converters may drop them); every image sits on the fixed 1344 x 1344 canvas instead of
+    a batch padded to its largest image (aspect-ratio grouping): more compute, the same math up to the
+    zero border (ModelConfig.resize_mode). The box losses' normalizer is the fixed 512 x images where
+    detectron2 divides by the RoIs actually sampled: equal whenever an image has >= 512 candidates,
+    always the case with 1000 proposals per image (RoIs with IoU in [0, 0.5) are all background).
+    Expected: 38.6 box AP / 35.2 mask AP (detectron2 MODEL_ZOO.md, model 137260431), with detectron2's
+    ImageNet R-50 weights (MSRA R-50.pkl, maskrcnn_tf.weights) rather than keras.applications'.
     """
     base = coco_r50_fpn_1x()
     model = dataclasses.replace(
@@ -337,7 +390,16 @@ def detectron2_r50_fpn_1x() -> Config:
         pixel_std=(1.0, 1.0, 1.0),
         resize_mode="short_side",
     )
-    return dataclasses.replace(base, model=model)
+    # The recipe's data and solver settings, written out (not inherited) so that a changed default elsewhere
+    # cannot move this preset away from detectron2 (table above).
+    data = dataclasses.replace(base.data, train_batch_size=16, flip_probability=0.5, scale_jitter=(0.8, 1.0),
+                               max_instances=100)
+    train = dataclasses.replace(
+        base.train, total_steps=90000, base_learning_rate=0.02, reference_batch_size=16, momentum=0.9,
+        weight_decay=1e-4, weight_decay_type="coupled", warmup_steps=1000, warmup_factor=0.001,
+        schedule="step", decay_fractions=(2 / 3, 8 / 9), decay_rate=0.1, precision="float32",
+        clip_grad_norm=0.0, seed=None)
+    return dataclasses.replace(base, model=model, data=data, train=train)
 
 
 PRESETS = {"coco_r50_fpn_1x": coco_r50_fpn_1x, "tiny": tiny,

@@ -97,7 +97,9 @@ def preprocess_image(image: tf.Tensor, cfg: config_lib.Config):
     height, width = cfg.model.image_size
     no_jitter = (1.0, 1.0)
     image_info = transforms.resize_geometry(tf.shape(image)[:2], (height, width), no_jitter,
-                                            seed=tf.zeros([2], tf.int64))
+                                            seed=tf.zeros([2], tf.int64), mode=cfg.model.resize_mode,
+                                            short_side=cfg.model.resize_short_side,
+                                            max_long_side=cfg.model.resize_max_long_side)
     normalized = transforms.normalize_image(image, cfg.model.pixel_mean, cfg.model.pixel_std)
     resized = transforms.resize_and_crop_image(normalized, image_info)  # [valid_h, valid_w, 3]
     padded = tf.image.pad_to_bounding_box(resized, 0, 0, height, width)  # [H, W, 3]
@@ -231,6 +233,6 @@ def export_saved_model(model, cfg: config_lib.Config, export_dir: str, include_p
     docstring into export_dir (created; an existing SavedModel there is overwritten). Returns export_dir.
     """
     module = ServingModule(model, cfg, include_pasted_masks=include_pasted_masks)
-    os.makedirs(export_dir, exist_ok=True)
+    tf.io.gfile.makedirs(export_dir)  # gfile: export_dir may be gs://...
     tf.saved_model.save(module, export_dir, signatures=module.signatures())
     return export_dir

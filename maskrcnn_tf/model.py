@@ -314,6 +314,13 @@ class MaskRCNN(keras.Model):
         return model
 
 
+def _backbone_conventions(backbone_cfg) -> dict:
+    """Backbone keyword arguments for the ResNet conventions (the tiny backbone has none)."""
+    if backbone_cfg.name == "tiny":
+        return {}
+    return dict(stride_in_3x3=backbone_cfg.stride_in_3x3, norm_epsilon=backbone_cfg.norm_epsilon)
+
+
 def build_model(cfg: config_lib.Config) -> MaskRCNN:
     """Builds (and runs once, so every weight exists) the MaskRCNN of `cfg`. The one reader of config.
 
@@ -331,12 +338,13 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
             mask_roi_align=MultilevelRoIAlign(output_size=m.roi.mask_output_size,
                                               sampling_ratio=m.roi.sampling_ratio,
                                               backend=m.roi.roi_align_backend, gradient=switches.roi_align_gradient,
-                                              name="mask_roi_align"),
+                                              aligned=m.roi.aligned, name="mask_roi_align"),
             mask_head=MaskHead(num_classes=m.num_classes, num_convs=m.heads.mask_num_convs,
                                num_filters=m.heads.mask_num_filters, name="mask_head"))
     model = MaskRCNN(
         backbone=Backbone(name=m.backbone.name, weights=m.backbone.weights, freeze_at=m.backbone.freeze_at,
-                          tiny_width=m.backbone.tiny_width, recompute=switches.recompute_backbone),
+                          tiny_width=m.backbone.tiny_width, recompute=switches.recompute_backbone,
+                          **_backbone_conventions(m.backbone)),
         fpn=FPN(num_filters=m.fpn_num_filters, name="fpn"),
         rpn_head=RPNHead(num_anchors_per_location=num_anchors, num_filters=m.rpn_num_filters, name="rpn_head"),
         anchor_labeler=AnchorLabeler(positive_iou=m.rpn.positive_iou, negative_iou=m.rpn.negative_iou,
@@ -353,15 +361,18 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
                                background_iou_low=m.roi.background_iou_low, name="roi_sampler", **box_math),
         box_roi_align=MultilevelRoIAlign(output_size=m.roi.box_output_size, sampling_ratio=m.roi.sampling_ratio,
                                          backend=m.roi.roi_align_backend, gradient=switches.roi_align_gradient,
-                                         name="box_roi_align"),
+                                         aligned=m.roi.aligned, name="box_roi_align"),
         box_head=BoxHead(num_classes=m.num_classes, num_fcs=m.heads.num_fcs, fc_dim=m.heads.fc_dim,
                          name="box_head"),
         detection_generator=DetectionGenerator(
             score_threshold=m.detection.score_threshold, nms_iou=m.detection.nms_iou,
             max_detections=m.detection.max_detections, pre_nms_top_k=m.detection.pre_nms_top_k,
+            min_box_size=m.detection.min_box_size,
             name="detection_generator", **box_math),
         anchors=anchor_ops.multilevel_anchors(m.image_size, m.anchors.sizes, m.anchors.aspect_ratios,
-                                              min_level=config_lib.MIN_LEVEL, max_level=config_lib.MAX_LEVEL),
+                                              min_level=config_lib.MIN_LEVEL, max_level=config_lib.MAX_LEVEL,
+                                              offset=m.anchors.offset,
+                                              round_base_anchors=m.anchors.round_base_anchors),
         image_size=m.image_size,
         max_mask_rois=m.roi.max_mask_rois,
         rpn_box_loss_beta=m.rpn.box_loss_beta,

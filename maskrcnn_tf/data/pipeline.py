@@ -287,7 +287,9 @@ def build_dataset(file_pattern, config: config_lib.Config, training: bool,
     category_ids = data_cfg.category_ids or tuple(range(1, model_cfg.num_classes + 1))
     transform_kwargs = dict(output_size=tuple(model_cfg.image_size), mask_size=data_cfg.gt_mask_size,
                             max_instances=data_cfg.max_instances, category_ids=category_ids,
-                            pixel_mean=model_cfg.pixel_mean, pixel_std=model_cfg.pixel_std)
+                            pixel_mean=model_cfg.pixel_mean, pixel_std=model_cfg.pixel_std,
+                            resize_mode=model_cfg.resize_mode, resize_short_side=model_cfg.resize_short_side,
+                            resize_max_long_side=model_cfg.resize_max_long_side)
     if training:
         transform_kwargs.update(flip_probability=data_cfg.flip_probability, scale_range=data_cfg.scale_jitter)
 

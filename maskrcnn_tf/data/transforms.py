@@ -22,8 +22,14 @@ Decisions (DESIGN.md is silent on them):
   training with ~100 instances cheap.
 - Normalisation happens at the original size, before the resize: bilinear weights sum to 1, so
   resize((x - mean) / std) equals (resize(x) - mean) / std, on 2-4x fewer pixels.
-- Resize: scale = min(H / h, W / w) * r with r ~ U(scale_range) (r = 1 without jitter), so the long
-  side fits the output. The resized size is rounded to whole pixels and the per-axis scale recorded in
+- Resize ("fit" mode, the default): scale = min(H / h, W / w) * r with r ~ U(scale_range) (r = 1 without
+  jitter), so the long side fits the output. "short_side" mode (torchvision's GeneralizedRCNNTransform):
+  scale = min(short / min(h, w), max_long / max(h, w), H / h, W / w) * r, computed in float64 as
+  Python does, and the resized size is floor(h * scale) x floor(w * scale) (torch's interpolate with
+  recompute_scale_factor); the last two terms only act when the canvas cannot hold the image (see
+  config.ModelConfig.resize_mode). tf.image.resize's bilinear (half-pixel centres, no antialias) is
+  torch's bilinear with align_corners=False. In "fit" mode the resized size is rounded to whole
+  pixels. Either way the per-axis scale recorded in
   image_info is resized / original (it differs from `scale` by the rounding), so boxes land exactly on
   the resized pixels. With r > 1 the scaled image is larger than the output: a random whole-pixel
   offset picks the window (Model Garden / detectron2 style crop); boxes are shifted, clipped to the
@@ -108,20 +114,35 @@ def random_horizontal_flip(image, boxes, probability: float, seed: tf.Tensor):
     return image, boxes, flipped
 
 
+RESIZE_MODES = ("fit", "short_side")
+
+
 def resize_geometry(image_hw: tf.Tensor, output_size: Tuple[int, int], scale_range: Tuple[float, float],
-                    seed: tf.Tensor) -> tf.Tensor:
+                    seed: tf.Tensor, mode: str = "fit", short_side: int = 800,
+                    max_long_side: int = 1333) -> tf.Tensor:
     """Chooses scale and crop window. image_hw int [2] original (h, w); output_size python (H, W);
-    scale_range python (lo, hi), (1, 1) = no jitter; seed int [2].
+    scale_range python (lo, hi), (1, 1) = no jitter; seed int [2]; mode "fit" | "short_side" with
+    short_side / max_long_side (module docstring).
 
     Returns image_info float32 [4, 2]: original (h, w); valid (h, w); scale (y, x); offset (y, x).
     """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize_geometry: mode={mode!r}; allowed: {', '.join(RESIZE_MODES)}")
     scale_seed, offset_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     original = tf.cast(image_hw, tf.float32)  # [2]
     out = tf.constant(output_size, tf.float32)  # [2]
-    fit = tf.reduce_min(out / original)
     low, high = float(scale_range[0]), float(scale_range[1])
     jitter = tf.random.stateless_uniform([], scale_seed, low, high) if low != high else tf.constant(low)
-    resized = tf.maximum(tf.round(original * fit * jitter), 1.0)  # [2] whole pixels
+    if mode == "fit":
+        fit = tf.reduce_min(out / original)
+        resized = tf.maximum(tf.round(original * fit * jitter), 1.0)  # [2] whole pixels
+    else:
+        # float64 like torchvision's Python arithmetic, so floor() lands on the same pixel count.
+        original64 = tf.cast(image_hw, tf.float64)
+        out64 = tf.constant(output_size, tf.float64)
+        scale = tf.minimum(short_side / tf.reduce_min(original64), max_long_side / tf.reduce_max(original64))
+        scale = tf.minimum(scale, tf.reduce_min(out64 / original64)) * tf.cast(jitter, tf.float64)
+        resized = tf.cast(tf.maximum(tf.floor(original64 * scale), 1.0), tf.float32)  # [2] whole pixels
     max_offset = tf.maximum(resized - out, 0.0)  # [2]
     # floor(u * (max + 1)) with u in [0, 1): a uniform whole-pixel offset in [0, max_offset].
     offset = tf.floor(tf.random.stateless_uniform([2], offset_seed) * (max_offset + 1.0))
@@ -239,7 +260,8 @@ def normalize_image(image: tf.Tensor, pixel_mean: Sequence[float], pixel_std: Se
 def transform_example(example: Dict[str, tf.Tensor], *, output_size: Tuple[int, int], mask_size: int,
                       max_instances: int, category_ids: Sequence[int], pixel_mean: Sequence[float],
                       pixel_std: Sequence[float], flip_probability: float = 0.0,
-                      scale_range: Tuple[float, float] = (1.0, 1.0), seed=None):
+                      scale_range: Tuple[float, float] = (1.0, 1.0), seed=None, resize_mode: str = "fit",
+                      resize_short_side: int = 800, resize_max_long_side: int = 1333):
     """Decoded example (module docstring) -> (features, stats).
 
     features: images float32 [H, W, 3] normalised and zero-padded; image_info float32 [4, 2];
@@ -247,7 +269,8 @@ def transform_example(example: Dict[str, tf.Tensor], *, output_size: Tuple[int, 
     gt_masks float32 [N, Mc, Mc] in [0, 1], 0 padded; has_masks bool [].
     stats: int32 [] counts of instances left out, keys STAT_KEYS.
     Evaluation passes flip_probability=0 and scale_range=(1, 1) (no augmentation). seed int [2]
-    (stateless randomness); None = (0, 0), fine when there is no augmentation.
+    (stateless randomness); None = (0, 0), fine when there is no augmentation. resize_*: as
+    resize_geometry's mode / short_side / max_long_side.
     """
     height, width = output_size
     seed = tf.zeros([2], tf.int64) if seed is None else seed
@@ -259,7 +282,8 @@ def transform_example(example: Dict[str, tf.Tensor], *, output_size: Tuple[int, 
     if flip_probability > 0:
         image, boxes, flipped = random_horizontal_flip(image, boxes, flip_probability, flip_seed)
 
-    image_info = resize_geometry(tf.shape(image)[:2], output_size, scale_range, geometry_seed)
+    image_info = resize_geometry(tf.shape(image)[:2], output_size, scale_range, geometry_seed, mode=resize_mode,
+                                 short_side=resize_short_side, max_long_side=resize_max_long_side)
     image = resize_and_crop_image(normalize_image(image, pixel_mean, pixel_std), image_info)
     image = tf.image.pad_to_bounding_box(image, 0, 0, height, width)  # [H, W, 3]
 

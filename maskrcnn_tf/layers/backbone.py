@@ -73,6 +73,12 @@ INPUT_CHANNEL_AXIS = 2
 # C2..C5: the backbone outputs, stage n at stride 2**n.
 LEVELS = (2, 3, 4, 5)
 NUM_STAGES = 5  # stem + res2..res5
+# keras.applications' BatchNormalization epsilon (the default norm_epsilon).
+KERAS_NORM_EPSILON = 1.001e-5
+# torch's padding=1 for a 3x3 conv, in tf.nn.conv2d's explicit NHWC form.
+TORCH_3X3_PADDING = [[0, 0], [1, 1], [1, 1], [0, 0]]
+# torchvision ImageNet classification checkpoints (--pretrained=FILE.pth).
+TORCH_CHECKPOINT_SUFFIX = ".pth"
 
 TINY_WIDTH_MULTIPLIERS = (1, 2, 4, 8)  # res2..res5 widths, in units of tiny_width
 TINY_BLOCKS_PER_STAGE = 2
@@ -99,21 +105,29 @@ def _stage_output(network: keras.Model, stage: int) -> keras.layers.Layer:
     return max(blocks, key=lambda pair: pair[0])[1]
 
 
-def _folded_conv_bn(layers, prefix: str, x, relu: bool):
-    """`{prefix}_conv` followed by frozen `{prefix}_bn` as one convolution (see the module docstring)."""
+def _folded_conv_bn(layers, prefix: str, x, relu: bool, strides=None, padding=None):
+    """`{prefix}_conv` followed by frozen `{prefix}_bn` as one convolution (see the module docstring).
+
+    strides / padding override the Keras conv's own (stride_in_3x3); padding may be explicit
+    [[0, 0], [top, bottom], [left, right], [0, 0]] as tf.nn.conv2d takes it.
+    """
     conv, norm = layers[f"{prefix}_conv"], layers[f"{prefix}_bn"]
     scale = norm.gamma * tf.math.rsqrt(norm.moving_variance + norm.epsilon)  # [C_out], float32
     kernel = tf.cast(conv.kernel * scale, x.dtype)  # [k, k, C_in, C_out]
     bias = tf.cast((conv.bias - norm.moving_mean) * scale + norm.beta, x.dtype)  # [C_out]
-    y = tf.nn.bias_add(tf.nn.conv2d(x, kernel, conv.strides, conv.padding.upper()), bias)
+    strides = conv.strides if strides is None else strides
+    padding = conv.padding.upper() if padding is None else padding
+    y = tf.nn.bias_add(tf.nn.conv2d(x, kernel, strides, padding), bias)
     return tf.nn.relu(y) if relu else y
 
 
-def _folded_resnet(layers, images, recompute_stages=()):
+def _folded_resnet(layers, images, recompute_stages=(), stride_in_3x3=False):
     """The keras.applications ResNet (v1: stride in the first 1x1 conv of a block) with folded frozen BN.
 
     layers: {name: layer} of the Keras network; images [B, H, W, 3]; recompute_stages: stages (3 = res3)
     run under tf.recompute_grad (their inner activations are recomputed in the backward pass).
+    stride_in_3x3: the block's stride moves from its first 1x1 conv to its 3x3 conv, padded 1 pixel on
+    every side (torch's padding=1; TF's "SAME" would pad (0, 1) at stride 2 on even sizes).
     Returns {"C2".."C5"} like the network.
     """
     x = _folded_conv_bn(layers, "conv1", layers["conv1_pad"](images), relu=True)  # [B, H/2, W/2, 64]
@@ -125,8 +139,14 @@ def _folded_resnet(layers, images, recompute_stages=()):
             while (prefix := f"conv{stage}_block{block}") + "_out" in layers:  # 3, 4, 6 (or 23), 3 blocks
                 shortcut = (_folded_conv_bn(layers, f"{prefix}_0", x, relu=False)
                             if f"{prefix}_0_conv" in layers else x)
-                y = _folded_conv_bn(layers, f"{prefix}_1", x, relu=True)
-                y = _folded_conv_bn(layers, f"{prefix}_2", y, relu=True)
+                if stride_in_3x3:
+                    block_strides = layers[f"{prefix}_1_conv"].strides
+                    y = _folded_conv_bn(layers, f"{prefix}_1", x, relu=True, strides=1)
+                    y = _folded_conv_bn(layers, f"{prefix}_2", y, relu=True, strides=block_strides,
+                                        padding=TORCH_3X3_PADDING)
+                else:
+                    y = _folded_conv_bn(layers, f"{prefix}_1", x, relu=True)
+                    y = _folded_conv_bn(layers, f"{prefix}_2", y, relu=True)
                 y = _folded_conv_bn(layers, f"{prefix}_3", y, relu=False)
                 x = tf.nn.relu(shortcut + y)
                 block += 1
@@ -193,6 +213,11 @@ class Backbone(keras.layers.Layer):
       fold_batchnorm: ResNets only: run conv + frozen BN as one convolution (module docstring).
       recompute: folded ResNets, training only: recompute the trainable stages' activations in the
         backward pass instead of keeping them (module docstring).
+      stride_in_3x3: ResNets: the stride of a block sits in its 3x3 conv with torch's symmetric
+        padding (torchvision) instead of its first 1x1 conv (keras.applications, detectron2). Folded
+        path only: fold_batchnorm=False raises (the Keras network has the stride in its 1x1 convs).
+      norm_epsilon: ResNets: frozen-BN epsilon (None = keras.applications' 1.001e-5; torchvision's
+        COCO_V1 Mask R-CNN 0.0, detectron2 1e-5).
 
     Call: images float [B, H, W, 3], RGB normalised as (rgb - pixel_mean) / pixel_std, H and W divisible
     by 32 -> dict {"C2": [B, H/4, W/4, C_2], "C3": [B, H/8, W/8, C_3], "C4": [B, H/16, W/16, C_4],
@@ -202,13 +227,22 @@ class Backbone(keras.layers.Layer):
     """
 
     def __init__(self, *, name: str = "resnet50", weights: Optional[str] = None, freeze_at: int = 2,
-                 tiny_width: int = 16, fold_batchnorm: bool = True, recompute: bool = True, **kwargs):
+                 tiny_width: int = 16, fold_batchnorm: bool = True, recompute: bool = True,
+                 stride_in_3x3: bool = False, norm_epsilon: Optional[float] = None, **kwargs):
         if name not in BACKBONE_NAMES:
             raise ValueError(f"Backbone: name={name!r}; expected one of {', '.join(BACKBONE_NAMES)}")
         if not 0 <= freeze_at <= NUM_STAGES:
             raise ValueError(f"Backbone: freeze_at={freeze_at}; expected 0..{NUM_STAGES}")
         if name == TINY and weights == IMAGENET:
             raise ValueError("Backbone: the tiny backbone has no ImageNet weights; use weights=None or a path")
+        if name == TINY and (stride_in_3x3 or norm_epsilon is not None):
+            raise ValueError("Backbone: stride_in_3x3 and norm_epsilon apply to ResNets, not to the tiny backbone")
+        if norm_epsilon is not None and norm_epsilon < 0:
+            raise ValueError(f"Backbone: norm_epsilon={norm_epsilon}; expected a number >= 0")
+        if (name != TINY and isinstance(weights, str) and weights.endswith(TORCH_CHECKPOINT_SUFFIX)
+                and not stride_in_3x3):
+            raise ValueError(f"Backbone: {weights} is a torchvision checkpoint, whose ResNets have the stride "
+                             "in the 3x3 convs; set stride_in_3x3=True (model.backbone.stride_in_3x3)")
         super().__init__(name=name, **kwargs)
         self.backbone_name = name
         # Not `self.weights`: that is Keras' list of variables.
@@ -217,6 +251,8 @@ class Backbone(keras.layers.Layer):
         self.tiny_width = tiny_width
         self.fold_batchnorm = fold_batchnorm
         self.recompute = recompute
+        self.stride_in_3x3 = stride_in_3x3
+        self.norm_epsilon = norm_epsilon
 
         # keras.applications takes no dtype argument: its layers follow the global policy, so build them
         # under this layer's policy.
@@ -243,6 +279,18 @@ class Backbone(keras.layers.Layer):
         # "imagenet": keras.applications downloads the notop file (checking its hash) and loads it.
         network = application(include_top=False, input_shape=(None, None, 3),
                               weights=IMAGENET if self.weights_source == IMAGENET else None)
+        if self.norm_epsilon is not None:
+            # Keras' BatchNormalization reads `epsilon` at call time; the folded path reads it too.
+            for layer in network.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.epsilon = float(self.norm_epsilon)
+        if isinstance(self.weights_source, str) and self.weights_source.endswith(TORCH_CHECKPOINT_SUFFIX):
+            # torchvision ImageNet ResNet (RGB, 0..1 ImageNet-normalised inputs): no channel reversal.
+            from maskrcnn_tf.weights import torch_pickle, torchvision_mapping
+
+            state_dict = torch_pickle.load_state_dict(self.weights_source)
+            torchvision_mapping.assign_torchvision_resnet(network, state_dict, source=self.weights_source)
+            return network
         if self.weights_source not in (None, IMAGENET):
             network.load_weights(self.weights_source)
         if self.weights_source is not None:
@@ -277,11 +325,15 @@ class Backbone(keras.layers.Layer):
             recompute_stages = range(self.freeze_at + 1, NUM_STAGES + 1) if training and self.recompute else ()
             # Looked up at trace time (not stored: Keras would track a dict of layers as sublayers).
             return _folded_resnet({layer.name: layer for layer in self.network.layers}, images,
-                                  tuple(recompute_stages))
+                                  tuple(recompute_stages), stride_in_3x3=self.stride_in_3x3)
+        if self.stride_in_3x3:
+            raise ValueError("Backbone: stride_in_3x3=True needs fold_batchnorm=True (the Keras network has "
+                             "the stride in its 1x1 convs)")
         return self.network(images, training=False)
 
     def get_config(self):
         config = super().get_config()
         config.update(name=self.backbone_name, weights=self.weights_source, freeze_at=self.freeze_at,
-                      tiny_width=self.tiny_width, fold_batchnorm=self.fold_batchnorm, recompute=self.recompute)
+                      tiny_width=self.tiny_width, fold_batchnorm=self.fold_batchnorm, recompute=self.recompute,
+                      stride_in_3x3=self.stride_in_3x3, norm_epsilon=self.norm_epsilon)
         return config

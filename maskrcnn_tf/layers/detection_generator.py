@@ -8,6 +8,8 @@ below rank pre_nms_top_k could only reach the final D if more than pre_nms_top_k
 suppressed, so with pre_nms_top_k >> D the outputs are the same in practice. Class-wise NMS is one
 padded NMS over boxes shifted by a class-dependent offset (boxes of different classes never overlap),
 which keeps shapes static and needs no per-class loop.
+`min_box_size` > 0 drops candidates whose clipped box has a side under it (torchvision's
+remove_small_boxes(min_size=1e-2) on detections, sides >= min_size kept); 0 keeps every box.
 
 Shapes: B batch, R RoIs, K foreground classes, D = max_detections.
 """
@@ -31,12 +33,13 @@ class DetectionGenerator(keras.layers.Layer):
     """
 
     def __init__(self, *, score_threshold=0.05, nms_iou=0.5, max_detections=100, pre_nms_top_k=1000,
-                 **kwargs):
+                 min_box_size=0.0, **kwargs):
         super().__init__(**kwargs)
         self.score_threshold = score_threshold
         self.nms_iou = nms_iou
         self.max_detections = max_detections
         self.pre_nms_top_k = pre_nms_top_k
+        self.min_box_size = min_box_size
         self._coder = box_ops.BoxCoder(weights=box_ops.RCNN_BOX_WEIGHTS)
 
     def call(self, class_logits, box_deltas, rois, roi_valid, image_info):
@@ -50,6 +53,10 @@ class DetectionGenerator(keras.layers.Layer):
         boxes = self._coder.decode(deltas, rois[:, :, None, :])  # [B, R, K, 4]
         boxes = box_ops.clip_boxes(boxes, image_info[:, 1:2, None, :])
 
+        if self.min_box_size > 0:
+            large = ((boxes[..., 2] - boxes[..., 0] >= self.min_box_size)
+                     & (boxes[..., 3] - boxes[..., 1] >= self.min_box_size))  # [B, R, K]
+            probs = tf.where(large, probs, 0.0)  # 0 never passes the score threshold (> it)
         flat_scores = tf.reshape(probs, [batch, num_rois * num_classes])  # [B, R * K]
         flat_boxes = tf.reshape(boxes, [batch, num_rois * num_classes, 4])  # [B, R * K, 4]
         k = min(self.pre_nms_top_k, num_rois * num_classes)
@@ -83,5 +90,6 @@ class DetectionGenerator(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(score_threshold=self.score_threshold, nms_iou=self.nms_iou,
-                      max_detections=self.max_detections, pre_nms_top_k=self.pre_nms_top_k)
+                      max_detections=self.max_detections, pre_nms_top_k=self.pre_nms_top_k,
+                      min_box_size=self.min_box_size)
         return config

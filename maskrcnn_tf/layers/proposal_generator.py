@@ -1,7 +1,8 @@
 """ProposalGenerator: RPN outputs -> a fixed number of proposals per image (detectron2 RPN semantics).
 
 Per level: keep the top `pre_nms_top_k` anchors by objectness, decode their deltas (weights 1,1,1,1),
-clip to the valid (unpadded) image, drop boxes smaller than `min_box_size`. Then NMS (IoU `nms_iou`)
+clip to the valid (unpadded) image, drop empty boxes and those with a side under `min_box_size`
+(torchvision's remove_small_boxes keeps sides >= min_size; its min_size is 1e-3). Then NMS (IoU `nms_iou`)
 runs *per level*, as detectron2 does, done in one padded batched NMS by shifting each level's boxes by
 a level-dependent offset so that boxes of different levels never overlap. The best `post_nms_top_k`
 survivors over all levels are the proposals.
@@ -63,7 +64,9 @@ class ProposalGenerator(keras.layers.Layer):
             height = boxes[..., 2] - boxes[..., 0]
             width = boxes[..., 3] - boxes[..., 1]
             # A zero-size box can never be an object; min_box_size=0 still removes those.
-            keep = (height > self.min_box_size) & (width > self.min_box_size)
+            keep = (height > 0.0) & (width > 0.0)
+            if self.min_box_size > 0:
+                keep &= (height >= self.min_box_size) & (width >= self.min_box_size)
             top_logits = tf.where(keep, top_logits, _REMOVED_SCORE)
             level_boxes.append(boxes)
             level_scores.append(top_logits)

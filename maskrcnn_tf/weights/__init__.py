@@ -1,0 +1,1 @@
+"""Importing reference checkpoints: safe file readers and the torchvision / detectron2 key mappings."""
