@@ -83,7 +83,7 @@ def detectron2_variables(state_dict: Dict[str, np.ndarray], num_classes: int,
         layer = _backbone_layer(key)
         if layer:
             backbone_layers[layer[0]] = layer[1]
-    for ours, theirs in sorted(backbone_layers.items()):
+    for ours, theirs in backbone_layers.items():  # checkpoint order: errors name its first misfit
         kernel = layout.conv_kernel(take(f"{theirs}.weight"))
         if ours == "conv1":
             kernel = kernel[:, :, ::-1, :]  # BGR -> RGB input channels (module docstring)
