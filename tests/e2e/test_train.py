@@ -311,12 +311,12 @@ def test_fine_tune_80_class_checkpoint_into_1_class_run(coco_run, pothole_record
         variables = getattr(model, stage).variables
         assert variables and all(v.path in restored for v in variables), stage
         for v in variables:
-            np.testing.assert_array_equal(v.numpy(), reader.get_tensor(training.checkpoint_key(v.path)))
+            np.testing.assert_array_equal(v.numpy(), reader.get_tensor(run_dir.checkpoint_key(v.path)))
     skipped_paths = {s.split(" ")[0] for s in skipped}
     class_specific = [p for p, v in by_path.items() if p in skipped_paths]
     assert len(class_specific) == 6
     for path in class_specific:
-        source_shape = reader.get_variable_to_shape_map()[training.checkpoint_key(path)]
+        source_shape = reader.get_variable_to_shape_map()[run_dir.checkpoint_key(path)]
         assert tuple(by_path[path].shape) != tuple(source_shape)  # 1-class shape, not the 80-class one
 
 
@@ -328,6 +328,32 @@ def test_wrong_flags_give_one_line_errors(tmp_path):
     for proc, message in ((bad_size, "--image_size='12': expected HxW"), (no_files, "no files match")):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert message in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # six train.py start-ups
+def test_no_records_empty_pattern_and_a_file_as_model_dir_are_one_line_errors_not_the_demo(tmp_path):
+    # Zero records (an empty shard next to its label map) used to hang forever; an empty
+    # --train_file_pattern= (an unset shell variable) used to train the demo into --model_dir.
+    (tmp_path / "empty-00000-of-00001.tfrecord").write_bytes(b"")
+    (tmp_path / "empty_label_map.json").write_text(json.dumps([{"id": 1, "contiguous_id": 1, "name": "a"}]))
+    empty = str(tmp_path / "empty-*.tfrecord")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    cases = [
+        ([f"--train_file_pattern={empty}", f"--model_dir={tmp_path / 'm1'}"], f"no records in {empty!r}"),
+        (["--train_file_pattern=", f"--model_dir={tmp_path / 'm2'}"], "--train_file_pattern is empty"),
+        ([f"--model_dir={tmp_path / 'm3'}"], "--train_file_pattern is required"),
+        ([f"--train_file_pattern={empty}", f"--model_dir={a_file}"], f"--model_dir={a_file}: exists and is not"),
+        (["--train_file_pattern=/nonexistent/x-*", f"--model_dir={tmp_path / 'm4'}"],
+         "no files match '/nonexistent/x-*'"),  # not "no label map found"
+        (["--demo", f"--train_file_pattern={empty}"], "--demo makes its own data; drop --train_file_pattern"),
+    ]
+    for args, message in cases:
+        proc = run_train(args, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+        assert message in proc.stderr.strip().splitlines()[-1], (args, proc.stderr[-2000:])
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "empty-00000-of-00001.tfrecord", "empty_label_map.json"]
+    assert a_file.read_text() == "not a directory"
 
 
 # ------------------------------------------------------------------ the whole chain on real COCO images
