@@ -10,11 +10,15 @@
       eval/                detections JSON and metrics JSON of eval.py
 
 Checkpoints key every variable by its Keras path ("mask_rcnn/box_head/fc1/kernel", "conv1_conv/kernel",
-optimizer slots likewise): Keras 3 layers kept in Python lists are invisible to tf.train.Checkpoint's
-object graph, paths are not. Paths are stable because every layer of build_model has a fixed name.
-The same keys let --init_checkpoint restore exactly the variables whose shapes match.
+optimizer slots likewise), because tf.train.Checkpoint(model=model) still (Keras 3.15) skips layers
+held in Python lists (FPN's convs, BoxHead's fcs): tests/test_checkpoints.py shows it and fails once
+Keras tracks them. Paths are stable because every layer of build_model has a fixed name. The same keys
+(`checkpoint_key`) let --init_checkpoint restore exactly the variables whose shapes match. Keras'
+`.weights.h5` / `.keras` formats do see list-held layers (`model.save` works, see model.py) but hold no
+training state, so run directories keep this format (docs/design.md section 9).
 """
 
+import json
 import os
 
 import tensorflow as tf
@@ -32,10 +36,11 @@ EVAL_DIR = "eval"
 def load_config(model_dir: str) -> config_lib.Config:
     """The config train.py wrote into model_dir; ValueError naming the file when absent or broken."""
     path = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):  # gfile: model_dir may be gs://...
         raise ValueError(f"{path}: not found; is {model_dir!r} a model directory written by train.py?")
     try:
-        return config_lib.load_json(path)
+        with tf.io.gfile.GFile(path, "r") as f:
+            return config_lib.from_dict(json.loads(f.read()))
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{path}: not a maskrcnn_tf config ({e})") from e
 
@@ -48,6 +53,13 @@ def variables_by_path(obj) -> dict:
             raise ValueError(f"two variables share the path {v.path!r}; give their layers distinct names")
         variables[v.path] = v
     return variables
+
+
+def checkpoint_key(variable_path: str) -> str:
+    """Key of a model variable in a make_checkpoint checkpoint (as tf.train.list_variables shows)."""
+    # tf.train.Checkpoint escapes "." as ".." and "/" as ".S" in the names of its children.
+    escaped = variable_path.replace(".", "..").replace("/", ".S")
+    return f"model/{escaped}/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def make_checkpoint(model, optimizer=None, **extra) -> tf.train.Checkpoint:

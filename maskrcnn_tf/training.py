@@ -32,21 +32,35 @@ Decisions:
   num_classes differs); both lists are logged. It applies only to a fresh run, never on resume.
 - Multi-worker: every worker trains and takes part in saves (TF's rule); only the chief writes into
   model_dir (config, loss.log, TensorBoard, checkpoints); other workers save into a scratch directory
-  that is deleted afterwards.
-- Mixed precision: mixed_float16 wraps the optimizer in keras.optimizers.LossScaleOptimizer (the model
-  itself keeps a float32 policy, so Keras would not do it automatically).
+  named after model_dir and the task (worker_scratch_dir), emptied at start (a killed worker's
+  checkpoints do not pile up in /tmp) and deleted at the end.
+- Evaluation during training is chief-only and runs outside the strategy (on the chief's default
+  device; on a TPU VM the host CPU). The other workers wait meanwhile in the next step's all-reduce:
+  MultiWorkerMirroredStrategy's collectives have no timeout by default
+  (CommunicationOptions.timeout_seconds=None) and its peer health check talks to the chief's TF
+  server, which keeps answering while the chief's Python thread evaluates, so nobody times out.
+- Mixed precision: mixed_float16 wraps the optimizer in loss_scale.StepCountingLossScaleOptimizer (the
+  model itself keeps a float32 policy, so Keras would not do it automatically); a step skipped on a
+  gradient overflow still counts as a step (loss_scale.py), so the run ends at exactly total_steps.
+- steps_per_loop = k runs k steps per call of the train function (Keras steps_per_execution); the
+  callback then sees every k-th step, so config.validate requires logging, checkpoint and total steps
+  to be multiples of k; epoch ends inside a loop are acted on at the loop's end.
+- Storage: every file of the run directory goes through tf.io.gfile, so model_dir may be gs://...
+  (or TensorFlow's ram:// in tests) like the checkpoints and TensorBoard logs.
+- CPU-only techniques (recompute, banded conv gradients, the sparse RoIAlign gradient, the heap
+  trimmer) follow the device: device_defaults.py.
 - The optimizer's slots are built before the first step (also needed for a restore): otherwise
   tf.function traces the step twice and keeps both graphs (~500 MB more at R50, 1024 px).
 - fit runs under host_memory.HeapTrimmer, which gives the heap that graph building frees back to the
   OS (~400 MB of peak RSS at R50, 1024 px; benchmarks/README.md).
 """
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -58,11 +72,12 @@ from absl import logging
 from tensorflow.core.framework import summary_pb2
 
 from maskrcnn_tf import config as config_lib
-from maskrcnn_tf import distribute
+from maskrcnn_tf import device_defaults, distribute
 from maskrcnn_tf import run_dir
 from maskrcnn_tf.data import pipeline
 from maskrcnn_tf.data.label_map import load_label_map
 from maskrcnn_tf.host_memory import HeapTrimmer
+from maskrcnn_tf.loss_scale import StepCountingLossScaleOptimizer
 
 # Order and spelling of the MindSpore original's loss.log line.
 LOSS_LOG_NAMES = ("rpn_loss", "rcnn_loss", "rpn_cls_loss", "rpn_reg_loss", "rcnn_cls_loss", "rcnn_reg_loss",
@@ -137,11 +152,16 @@ def check_resume_config(saved: config_lib.Config, new: config_lib.Config, model_
     return changes
 
 
+def _scalar(value) -> float:
+    """A step output as a float: scalars, and the [1] tensors of a multi-worker run (_build)."""
+    return float(np.asarray(value).reshape(-1)[0])
+
+
 def _write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with tf.io.gfile.GFile(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def write_run_files(cfg: config_lib.Config, model_dir: str, label_map_path: Optional[str]) -> None:
@@ -154,20 +174,13 @@ def write_run_files(cfg: config_lib.Config, model_dir: str, label_map_path: Opti
 
 def _truncate_loss_log(path: str, last_step: int) -> None:
     """Drops loss.log lines of steps after `last_step` (trained by an interrupted run, then lost)."""
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
+    with tf.io.gfile.GFile(path, "r") as f:
         lines = f.readlines()
     kept = [line for line in lines if (parse_loss_line(line) or (0, 0, None))[1] <= last_step]
     if len(kept) != len(lines):
         _write_text_atomic(path, "".join(kept))
-
-
-def checkpoint_key(variable_path: str) -> str:
-    """Key of a model variable in a run_dir.make_checkpoint checkpoint (as tf.train.list_variables shows)."""
-    # tf.train.Checkpoint escapes "." as ".." and "/" as ".S" in the names of its children.
-    escaped = variable_path.replace(".", "..").replace("/", ".S")
-    return f"model/{escaped}/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -194,7 +207,7 @@ def load_matching_weights(model: keras.Model, checkpoint_path: str) -> Tuple[Lis
     shapes = reader.get_variable_to_shape_map()
     restored, skipped = [], []
     for path, variable in run_dir.variables_by_path(model).items():
-        key = checkpoint_key(path)
+        key = run_dir.checkpoint_key(path)
         if key not in shapes:
             skipped.append(f"{path} (not in checkpoint)")
         elif tuple(shapes[key]) != tuple(variable.shape):
@@ -265,21 +278,24 @@ class TrainingMonitor(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._mark = (time.monotonic(), self.step)
+        self._previous_step = self.step
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.step
-        total = float(np.asarray(logs["total_loss"]))
+        total = _scalar(logs["total_loss"])
         if not math.isfinite(total):
-            bad = [n for n in LOSS_LOG_NAMES if not math.isfinite(float(np.asarray(logs[n])))]
+            bad = [n for n in LOSS_LOG_NAMES if not math.isfinite(_scalar(logs[n]))]
             self.non_finite = (step, bad)
             self.model.stop_training = True  # nothing is saved after this step
             return
         if step % self.cfg.train.log_every_steps == 0 or step >= self.total_steps:
-            self._log(step, {n: float(np.asarray(logs[n])) for n in LOSS_LOG_NAMES})
-        if step % self.steps_per_epoch == 0:
-            self.epoch_variable.assign(step // self.steps_per_epoch)
-            epoch = step // self.steps_per_epoch
-            if self.evaluate and self.eval_every_epochs and epoch % self.eval_every_epochs == 0:
+            self._log(step, {n: _scalar(logs[n]) for n in LOSS_LOG_NAMES})
+        epoch, previous_epoch = step // self.steps_per_epoch, self._previous_step // self.steps_per_epoch
+        self._previous_step = step
+        if epoch > previous_epoch:  # an epoch ended at this step (or inside this loop, steps_per_loop > 1)
+            self.epoch_variable.assign(epoch)
+            if self.evaluate and self.eval_every_epochs and any(
+                    e % self.eval_every_epochs == 0 for e in range(previous_epoch + 1, epoch + 1)):
                 self.run_evaluation(step)
         if step % self.cfg.train.checkpoint_every_steps == 0:
             self.save(step)
@@ -294,11 +310,11 @@ class TrainingMonitor(keras.callbacks.Callback):
         elapsed, steps = now - self._mark[0], step - self._mark[1]
         self._mark = (now, step)
         steps_per_second = steps / elapsed if elapsed > 0 else 0.0
-        learning_rate = float(np.asarray(self.model.optimizer.learning_rate))
+        learning_rate = _scalar(self.model.optimizer.learning_rate)
         epoch = self.epoch_of(step)
         if not self.chief:
             return
-        with open(self.loss_log_path, "a", encoding="utf-8") as f:
+        with tf.io.gfile.GFile(self.loss_log_path, "a") as f:
             f.write(format_loss_line(epoch, step, losses) + "\n")
         with self.writer.as_default(step=step):
             for name, value in losses.items():
@@ -355,9 +371,12 @@ def _build(cfg, strategy):
         model = build_model(cfg)
         optimizer = build_optimizer(cfg, model)
         if cfg.train.precision == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            # The name keeps the checkpoint keys of Keras' LossScaleOptimizer's variables.
+            optimizer = StepCountingLossScaleOptimizer(optimizer, initial_scale=cfg.train.initial_loss_scale,
+                                                       name="loss_scale_optimizer")
         optimizer.build(model.trainable_variables)  # slots exist before a restore
-        model.compile(optimizer=optimizer, jit_compile=bool(cfg.train.jit_compile))
+        model.compile(optimizer=optimizer, jit_compile=bool(cfg.train.jit_compile),
+                      steps_per_execution=cfg.train.steps_per_loop)
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     # Keras' fit under a strategy first MEAN-reduces one input batch over the replicas to build the model
     # symbolically; MultiWorkerMirroredStrategy cannot reduce a dict batch ("unsupported type dict").
@@ -397,13 +416,18 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
       NonFiniteLossError: a NaN/inf loss; the latest checkpoint is the last good one.
     """
     config_lib.validate(cfg)
+    device_kind = device_defaults.device_kind(strategy)
+    if device_kind == "tpu" and cfg.model.roi.roi_align_backend != "gather":
+        raise ValueError("a TPU needs model.roi.roi_align_backend=gather (CropAndResize has no XLA kernel); "
+                         f"got {cfg.model.roi.roi_align_backend!r}")
+    switches = device_defaults.resolve(cfg, device_kind).train  # ValueError for a refused combination
     chief = distribute.is_chief(strategy)
     say = print if (verbose and chief) else (lambda *a, **k: None)
-    os.makedirs(model_dir, exist_ok=True)
+    tf.io.gfile.makedirs(model_dir)
     checkpoint_dir = os.path.join(model_dir, run_dir.CHECKPOINT_DIR)
     saved_config_path = os.path.join(model_dir, run_dir.CONFIG_FILE)
     latest = run_dir.latest_checkpoint(model_dir)
-    if latest and os.path.exists(saved_config_path):
+    if latest and tf.io.gfile.exists(saved_config_path):
         for change in check_resume_config(run_dir.load_config(model_dir), cfg, model_dir):
             say(f"resume: config changed {change}")
     if num_steps_per_epoch is None:
@@ -418,7 +442,11 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
     if chief:
         manager_dir = checkpoint_dir
     else:  # non-chief workers must take part in saving, but into a directory nobody reads
-        scratch = tempfile.mkdtemp(prefix="maskrcnn_tf_worker_")
+        resolver = strategy.cluster_resolver
+        scratch = distribute.worker_scratch_dir(model_dir, resolver.task_type, resolver.task_id)
+        if tf.io.gfile.exists(scratch):  # left by a killed run of this worker
+            tf.io.gfile.rmtree(scratch)
+        tf.io.gfile.makedirs(scratch)
         manager_dir = scratch
     manager = tf.train.CheckpointManager(checkpoint, manager_dir, max_to_keep=cfg.train.keep_checkpoints,
                                          checkpoint_name=_CHECKPOINT_NAME)
@@ -462,7 +490,8 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
                 f"global batch {cfg.data.train_batch_size}, {strategy.num_replicas_in_sync} replica(s) "
                 f"({type(strategy).__name__})")
             # HeapTrimmer: graph building and optimisation leave freed C++ heap resident (host_memory.py).
-            with warnings.catch_warnings(), HeapTrimmer():
+            trimmer = HeapTrimmer() if switches.heap_trim else contextlib.nullcontext()
+            with warnings.catch_warnings(), trimmer:
                 warnings.filterwarnings("ignore", message=".*shuffle=True.*")  # Keras: tf.data ignores shuffle
                 model.fit(dataset, steps_per_epoch=num_steps_per_epoch, epochs=-(-total // num_steps_per_epoch),
                           initial_epoch=step // num_steps_per_epoch, callbacks=[monitor], verbose=0)
@@ -476,6 +505,10 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
                 f"saved after it (latest checkpoint: {latest or 'none'}). Lower --learning_rate or check "
                 "the data.")
         step = int(optimizer.iterations.numpy())
+        skipped = int(optimizer.skipped_steps.numpy()) if hasattr(optimizer, "skipped_steps") else 0
+        if skipped:
+            say(f"loss scaling: {skipped} step(s) of this run had overflowing float16 gradients; their update "
+                "was skipped (the loss scale halved) and they count as steps")
         monitor.save(step)
         if evaluate and monitor.last_eval_step != step:
             monitor.run_evaluation(step)
