@@ -25,6 +25,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 try:
     import maskrcnn_tf  # noqa: F401
@@ -59,7 +60,11 @@ flags.DEFINE_string("init_checkpoint", None, "Fine-tune from another run's check
                     "checkpoints dir or model dir): variables of equal shape are restored, the others "
                     "(class-specific layers) keep their fresh initialisation.")
 flags.DEFINE_enum("precision", None, list(config_lib.PRECISIONS), "Compute precision (default: the preset's).")
-flags.DEFINE_boolean("jit_compile", None, "XLA-compile the train step (needs the gather RoIAlign backend).")
+flags.DEFINE_boolean("jit_compile", None, "XLA-compile the train step (needs the gather RoIAlign backend: "
+                     "--params_override=model.roi.roi_align_backend=gather).")
+flags.DEFINE_integer("steps_per_loop", None, "Train steps per call of the compiled train function (fewer host "
+                     "round trips, e.g. on TPUs); logging, checkpoint and total steps must be multiples of it.",
+                     lower_bound=1)
 flags.DEFINE_integer("inter_op_threads", distribute.AUTO_INTER_OP_THREADS,
                      "TF inter-op threads: -1 = 1 on a host whose only device is one CPU (less memory), else "
                      "TF's default; 0 = TF's default; n = n.", lower_bound=distribute.AUTO_INTER_OP_THREADS)
@@ -136,16 +141,21 @@ def parse_params_override(items):
 
 
 def find_label_map(file_pattern: str):
-    """{output_prefix}_label_map.json of the converter that wrote the files matching file_pattern."""
-    for path in sorted(glob.glob(file_pattern)):
+    """{output_prefix}_label_map.json of the converter that wrote the files matching file_pattern
+    (tf.io.gfile: the records may be in gs://...)."""
+    import tensorflow as tf
+
+    for path in sorted(tf.io.gfile.glob(file_pattern)):
         prefix = _SHARD_SUFFIX.sub("", path)
-        if prefix != path and os.path.exists(prefix + LABEL_MAP_SUFFIX):
+        if prefix != path and tf.io.gfile.exists(prefix + LABEL_MAP_SUFFIX):
             return prefix + LABEL_MAP_SUFFIX
     return None
 
 
 def resolve_config(preset: str, train_file_pattern: str, label_map_path=None, extra_overrides=None):
     """(config, label map path, steps per epoch) from the flags; ValueError on bad combinations."""
+    import tensorflow as tf
+
     from maskrcnn_tf import training
     from maskrcnn_tf.data import pipeline
 
@@ -161,10 +171,18 @@ def resolve_config(preset: str, train_file_pattern: str, label_map_path=None, ex
         overrides["train.precision"] = FLAGS.precision
     if FLAGS.jit_compile is not None:
         overrides["train.jit_compile"] = FLAGS.jit_compile
+    if FLAGS.steps_per_loop is not None:
+        overrides["train.steps_per_loop"] = FLAGS.steps_per_loop
     if FLAGS.seed is not None:
         overrides["train.seed"] = FLAGS.seed
         overrides["data.seed"] = FLAGS.seed  # a params_override of data.seed below still wins
-    overrides.update(parse_params_override(FLAGS.params_override))
+    explicit = parse_params_override(FLAGS.params_override)
+    if FLAGS.strategy == "tpu":  # CropAndResize has no XLA kernel: the gather backend, or a clear refusal
+        if explicit.get("model.roi.roi_align_backend", "gather") != "gather":
+            raise ValueError("--strategy=tpu cannot run model.roi.roi_align_backend="
+                             f"{explicit['model.roi.roi_align_backend']} (no XLA kernel); leave it out to get gather")
+        overrides["model.roi.roi_align_backend"] = "gather"
+    overrides.update(explicit)
     cfg = config_lib.replace(cfg, **overrides)
     if FLAGS.learning_rate is not None:  # the peak rate at this run's batch: reference batch = batch
         cfg = config_lib.replace(cfg, **{"train.base_learning_rate": FLAGS.learning_rate,
@@ -175,7 +193,7 @@ def resolve_config(preset: str, train_file_pattern: str, label_map_path=None, ex
     num_records = pipeline.count_training_records(train_file_pattern)
     label_map_path = label_map_path or FLAGS.label_map or find_label_map(train_file_pattern)
     if label_map_path:
-        if not os.path.exists(label_map_path):
+        if not tf.io.gfile.exists(label_map_path):
             raise ValueError(f"--label_map={label_map_path}: file not found")
         cfg = training.apply_label_map(cfg, label_map_path)
         if FLAGS.num_classes is not None and FLAGS.num_classes != cfg.model.num_classes:
@@ -283,11 +301,15 @@ def run_demo():
 
 
 def main(argv):
-    # TF's own INFO lines (e.g. one per checkpoint save) would drown the progress lines.
+    # TF's own INFO lines (e.g. one per checkpoint save) would drown the progress lines. Some go through
+    # Python's "tensorflow" logger, others (checkpoint sharding's "Sharding callback duration") through
+    # absl, whose verbosity app.run sets to INFO; --verbosity=0 brings them back.
     pylogging.getLogger("tensorflow").setLevel(pylogging.WARNING)
+    if not FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
-    distribute.configure_host_threads(FLAGS.inter_op_threads)  # before anything starts TF's runtime
+    distribute.configure_host_threads(FLAGS.inter_op_threads, FLAGS.strategy)  # before anything starts TF's runtime
     from maskrcnn_tf import training
 
     dataset_flags = ("train_file_pattern", "eval_file_pattern", "val_json", "label_map")

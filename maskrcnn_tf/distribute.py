@@ -17,8 +17,10 @@ get 2 logical CPUs in a subprocess. `configure_host_threads` (train.py's --inter
 op at a time on a host whose only device is one CPU (why there).
 """
 
+import hashlib
 import json
 import os
+import tempfile
 
 import tensorflow as tf
 
@@ -52,12 +54,14 @@ def configure_cpu_devices_from_env() -> None:
 AUTO_INTER_OP_THREADS = -1
 
 
-def configure_host_threads(inter_op_threads: int = AUTO_INTER_OP_THREADS) -> int:
+def configure_host_threads(inter_op_threads: int = AUTO_INTER_OP_THREADS, strategy_name: str = None) -> int:
     """Sets TensorFlow's inter-op thread count; must run before the runtime starts (RuntimeError after).
 
     Args:
       inter_op_threads: n >= 1 sets n; 0 keeps TF's default (one per core); AUTO_INTER_OP_THREADS (-1)
         sets 1 when the host's only device is one CPU and keeps the default otherwise.
+      strategy_name: train.py's --strategy; "tpu" keeps TF's default under AUTO_INTER_OP_THREADS (a
+        client of a remote TPU sees no local accelerator, yet its host threads feed the TPU).
 
     Returns:
       The count set, 0 when TF's default is kept.
@@ -76,7 +80,7 @@ def configure_host_threads(inter_op_threads: int = AUTO_INTER_OP_THREADS) -> int
         split = tf.config.get_logical_device_configuration(cpus[0]) if cpus else None  # None: not split
         one_cpu_device = len(cpus) == 1 and (split is None or len(split) == 1)
         accelerators = tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices("TPU")
-        inter_op_threads = 1 if one_cpu_device and not accelerators else 0
+        inter_op_threads = 1 if one_cpu_device and not accelerators and strategy_name != "tpu" else 0
     if inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
     return inter_op_threads
@@ -114,6 +118,17 @@ def get_strategy(name: str, tpu_address: str = None) -> tf.distribute.Strategy:
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"unknown strategy {name!r}; allowed: {' | '.join(STRATEGIES)}")
+
+
+def worker_scratch_dir(model_dir: str, task_type: str, task_id: int) -> str:
+    """Local directory where a non-chief worker saves its (never read) checkpoints: one fixed path per
+    model_dir and task (TF_CONFIG's task type and index), so the next start of a killed worker finds
+    and empties it."""
+    task = f"{task_type}-{task_id}"
+    if "://" not in model_dir:
+        model_dir = os.path.abspath(model_dir)
+    run = hashlib.sha1(model_dir.encode("utf-8")).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"maskrcnn_tf_worker-{run}-{task}")
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -223,7 +223,7 @@ def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: 
     reported on stderr ("predict: skipped PATH: reason") and skipped.
     """
     class_names = list(predictor.class_names if class_names is None else class_names)
-    os.makedirs(output_dir, exist_ok=True)
+    tf.io.gfile.makedirs(output_dir)  # gfile: output_dir may be gs://...
     written, used = [], set()
     for path in image_paths:
         try:
@@ -242,7 +242,7 @@ def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: 
         tf.io.write_file(png_path, tf.io.encode_png(drawn))
         record = {"image": path, "height": int(image.shape[0]), "width": int(image.shape[1]),
                   "detections": detections_to_json(result, class_names, score_threshold)}
-        with open(json_path, "w", encoding="utf-8") as f:
+        with tf.io.gfile.GFile(json_path, "w") as f:
             json.dump(record, f, indent=1)
         written += [png_path, json_path]
     return written

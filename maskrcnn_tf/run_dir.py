@@ -45,6 +45,16 @@ def load_config(model_dir: str) -> config_lib.Config:
         raise ValueError(f"{path}: not a maskrcnn_tf config ({e})") from e
 
 
+def write_text(path: str, text: str) -> None:
+    """Writes a whole text file through tf.io.gfile (path may be gs://...): into a temporary file, then
+    renamed over `path`, so a reader never sees half a file (and TensorFlow's ram:// filesystem, which
+    overwrites in place, keeps no stale tail of a longer old version)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
 def variables_by_path(obj) -> dict:
     """{variable.path: variable} of a Keras model or optimizer; ValueError on a duplicate path."""
     variables = {}

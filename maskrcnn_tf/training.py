@@ -25,8 +25,11 @@ Decisions:
   steps, batch, learning rate) may change and the new values are written.
 - Losses: the model's loss trackers are means since their last reset; the callback resets them at each
   log, so a loss.log line holds the mean over its logging interval. The total loss is checked every step;
-  a non-finite value stops fit before anything is saved (the step's update already poisoned the
-  weights), and train() raises NonFiniteLossError naming the global step and the non-finite components.
+  a non-finite value, or one above EXPLOSION_FACTOR x the running median of this run's losses, stops fit
+  before anything is saved (the step's update already poisoned the weights), and train() raises
+  NonFiniteLossError naming the global step and the components. The checkpoint whose weights produced
+  the bad loss is dropped from the checkpoint state, so a re-run with a lower rate resumes from the last
+  sane one (_resume_advice); a checkpoint whose weights are not finite is never written.
 - --init_checkpoint: variables are matched by checkpoint key (model/<Keras path, "/" escaped>), restored
   when the shape agrees, left at their fresh initialisation otherwise (the class-specific layers when
   num_classes differs); both lists are logged. It applies only to a fresh run, never on resume.
@@ -55,6 +58,7 @@ Decisions:
   OS (~400 MB of peak RSS at R50, 1024 px; benchmarks/README.md).
 """
 
+import collections
 import contextlib
 import json
 import math
@@ -92,7 +96,15 @@ _EVAL_METRICS_SHOWN = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training stopped on a NaN/inf loss; the message names the global step and the components."""
+    """Training stopped on a NaN/inf or exploding loss (or non-finite weights); the message names the global
+    step, the components and the checkpoint to resume from (or that a new --model_dir is needed)."""
+
+
+# A loss this many times its running median is an explosion (a too-high learning rate): the weights that
+# produced it are already ruined, and a finite loss would otherwise let them be saved and resumed from.
+EXPLOSION_FACTOR = 1e4
+EXPLOSION_WINDOW = 100  # logged losses the running median is taken over
+EXPLOSION_MIN_HISTORY = 3  # losses seen before the median is trusted
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -157,19 +169,12 @@ def _scalar(value) -> float:
     return float(np.asarray(value).reshape(-1)[0])
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def write_run_files(cfg: config_lib.Config, model_dir: str, label_map_path: Optional[str]) -> None:
     """config.json (resolved config) and label_map.json (copy of the converter's) into model_dir."""
-    _write_text_atomic(os.path.join(model_dir, run_dir.CONFIG_FILE), json.dumps(config_lib.to_dict(cfg), indent=2))
+    run_dir.write_text(os.path.join(model_dir, run_dir.CONFIG_FILE), json.dumps(config_lib.to_dict(cfg), indent=2))
     if label_map_path:
         with tf.io.gfile.GFile(label_map_path, "r") as f:
-            _write_text_atomic(os.path.join(model_dir, run_dir.LABEL_MAP_FILE), f.read())
+            run_dir.write_text(os.path.join(model_dir, run_dir.LABEL_MAP_FILE), f.read())
 
 
 def _truncate_loss_log(path: str, last_step: int) -> None:
@@ -180,7 +185,7 @@ def _truncate_loss_log(path: str, last_step: int) -> None:
         lines = f.readlines()
     kept = [line for line in lines if (parse_loss_line(line) or (0, 0, None))[1] <= last_step]
     if len(kept) != len(lines):
-        _write_text_atomic(path, "".join(kept))
+        run_dir.write_text(path, "".join(kept))
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -262,7 +267,8 @@ class TrainingMonitor(keras.callbacks.Callback):
             if chief else None
         self.eval_writer = tf.summary.create_file_writer(os.path.join(model_dir, run_dir.TENSORBOARD_DIR, "eval")) \
             if chief and evaluate else None
-        self.non_finite = None  # (step, [component names]) once a loss is NaN/inf
+        self.non_finite = None  # (step, what went wrong) once a loss is NaN/inf or exploded
+        self.recent_totals = collections.deque(maxlen=EXPLOSION_WINDOW)  # total losses seen by this run
         self.last_saved_step = None
         self.last_eval_step = None
         self.last_losses = {}
@@ -285,9 +291,16 @@ class TrainingMonitor(keras.callbacks.Callback):
         total = _scalar(logs["total_loss"])
         if not math.isfinite(total):
             bad = [n for n in LOSS_LOG_NAMES if not math.isfinite(_scalar(logs[n]))]
-            self.non_finite = (step, bad)
+            self.non_finite = (step, f"non-finite loss at global step {step}: {', '.join(bad)}")
+        elif len(self.recent_totals) >= EXPLOSION_MIN_HISTORY and \
+                total > EXPLOSION_FACTOR * float(np.median(self.recent_totals)):
+            self.non_finite = (step, f"exploding loss at global step {step}: total_loss {total:.4g} > "
+                                     f"{EXPLOSION_FACTOR:g} x its running median "
+                                     f"{float(np.median(self.recent_totals)):.4g}")
+        if self.non_finite:
             self.model.stop_training = True  # nothing is saved after this step
             return
+        self.recent_totals.append(total)
         if step % self.cfg.train.log_every_steps == 0 or step >= self.total_steps:
             self._log(step, {n: _scalar(logs[n]) for n in LOSS_LOG_NAMES})
         epoch, previous_epoch = step // self.steps_per_epoch, self._previous_step // self.steps_per_epoch
@@ -337,6 +350,10 @@ class TrainingMonitor(keras.callbacks.Callback):
     def save(self, step):
         if self.non_finite or step == self.last_saved_step:
             return
+        if not weights_are_finite(self.model):  # never a checkpoint that cannot be resumed from
+            self.non_finite = (step, f"non-finite weights after global step {step}")
+            self.model.stop_training = True
+            return
         self.epoch_variable.assign(step // self.steps_per_epoch)
         path = self.manager.save(checkpoint_number=step)
         self.last_saved_step = step
@@ -361,6 +378,36 @@ class TrainingMonitor(keras.callbacks.Callback):
 
 
 # ------------------------------------------------------------------------------------------- train
+
+
+def weights_are_finite(model: keras.Model) -> bool:
+    """True when no model variable holds a NaN or an inf (one reduction per variable, no copy to host)."""
+    return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in model.variables
+                               if tf.as_dtype(v.dtype).is_floating]))
+
+
+def _checkpoint_step(path: str) -> int:
+    return int(path.rsplit("-", 1)[1])
+
+
+def _resume_advice(manager, checkpoint_dir: str, bad_step: int, chief: bool, model_dir: str) -> str:
+    """Which checkpoint a re-run resumes from after a bad loss at bad_step, made a sane one.
+
+    The loss of step k is computed from the weights saved as ckpt-(k - 1): when it is bad, that checkpoint
+    (and any later) holds the weights that produced it, and resuming from it fails again. So the latest
+    checkpoint becomes the last one before them, and the later ones are dropped from the state file (their
+    files stay until a resumed run overwrites them)."""
+    if not chief:
+        return f"Lower --learning_rate or check the data; see {model_dir} for the checkpoint to resume from."
+    paths = list(manager.checkpoints)
+    good = [p for p in paths if _checkpoint_step(p) < bad_step - 1]
+    if good != paths and good:
+        tf.compat.v1.train.update_checkpoint_state(checkpoint_dir, good[-1], all_model_checkpoint_paths=good)
+    if good:
+        return (f"The latest checkpoint is now {good[-1]}, the last whose weights gave a sane loss: re-run the "
+                "same command with a lower --learning_rate to resume from it, or check the data.")
+    return (f"No checkpoint before the bad step: use a new --model_dir (or delete "
+            f"{checkpoint_dir}) and a lower --learning_rate, or check the data.")
 
 
 def _build(cfg, strategy):
@@ -453,7 +500,8 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
         step = int(optimizer.iterations.numpy())
-        say(f"resuming from {latest}: global step {step}, epoch {int(epoch_variable.numpy())}, "
+        # The epoch of the last step trained, 1-based as in loss.log (epoch_variable counts completed ones).
+        say(f"resuming from {latest}: global step {step}, epoch {(max(step, 1) - 1) // num_steps_per_epoch + 1}, "
             f"learning rate {float(np.asarray(optimizer.learning_rate)):.6f}")
         if init_checkpoint:
             say("--init_checkpoint ignored: the run already has its own checkpoint")
@@ -498,12 +546,9 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
         else:
             say(f"{model_dir}: already trained to step {step} (train.total_steps={total})")
         if monitor.non_finite:
-            bad_step, names = monitor.non_finite
-            latest = manager.latest_checkpoint if chief else run_dir.latest_checkpoint(model_dir)
-            raise NonFiniteLossError(
-                f"non-finite loss at global step {bad_step}: {', '.join(names)}; training stopped, nothing "
-                f"saved after it (latest checkpoint: {latest or 'none'}). Lower --learning_rate or check "
-                "the data.")
+            bad_step, what = monitor.non_finite
+            raise NonFiniteLossError(f"{what}; training stopped, nothing saved after it. "
+                                     + _resume_advice(manager, checkpoint_dir, bad_step, chief, model_dir))
         step = int(optimizer.iterations.numpy())
         skipped = int(optimizer.skipped_steps.numpy()) if hasattr(optimizer, "skipped_steps") else 0
         if skipped:

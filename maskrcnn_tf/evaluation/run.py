@@ -35,8 +35,9 @@ import numpy as np
 import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import run_dir
 from maskrcnn_tf.data import pipeline, schema
-from maskrcnn_tf.evaluation.coco_evaluator import STAT_NAMES, COCOEvaluator, write_results_json
+from maskrcnn_tf.evaluation.coco_evaluator import STAT_NAMES, COCOEvaluator
 from maskrcnn_tf.evaluation.coco_results import detections_to_coco_results
 
 DETECTIONS_FILE = "detections.json"
@@ -178,12 +179,11 @@ def evaluate_model(model, cfg: config_lib.Config, eval_file_pattern, val_json: s
     metrics = evaluator.evaluate()
     print(format_metrics(metrics), flush=True)
     if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        write_results_json(os.path.join(output_dir, DETECTIONS_FILE), results)
+        tf.io.gfile.makedirs(output_dir)  # gfile: output_dir may be gs://... (a model_dir's eval/)
+        run_dir.write_text(os.path.join(output_dir, DETECTIONS_FILE), json.dumps(results))
         summary = {"metrics": metrics, "num_images": num_images, "num_detections": len(results),
                    "images_per_second": _rate(num_images, start, warm_images, warm_start, start + seconds),
                    "eval_file_pattern": eval_file_pattern, "val_json": os.path.abspath(val_json)}
-        with open(os.path.join(output_dir, METRICS_FILE), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
+        run_dir.write_text(os.path.join(output_dir, METRICS_FILE), json.dumps(summary, indent=1))
         print(f"eval: wrote {DETECTIONS_FILE} and {METRICS_FILE} into {output_dir}", flush=True)
     return metrics
