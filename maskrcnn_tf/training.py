@@ -104,7 +104,7 @@ class NonFiniteLossError(RuntimeError):
 # produced it are already ruined, and a finite loss would otherwise let them be saved and resumed from.
 EXPLOSION_FACTOR = 1e4
 EXPLOSION_WINDOW = 100  # logged losses the running median is taken over
-EXPLOSION_MIN_HISTORY = 3  # losses seen before the median is trusted
+EXPLOSION_MIN_HISTORY = 1  # earlier losses needed: one is enough, a 1e4 x jump is never training
 
 
 # ------------------------------------------------------------------------------------------- helpers
