@@ -17,6 +17,11 @@ per case and ours and the peer see the machine in the same state. Output, JSON l
      (see torchvision_model.py);
   4. for `infer` with `conv` in the same run: the effective GFLOP/s of our whole pass (FLOPs counted by
      ours_model.py / median seconds) next to the single large 3x3 conv's GFLOP/s, and their ratio.
+Each case line also has "process_wall_s" and "process_cpu" {"user_s", "system_s", "minor_faults"}: the
+whole child process's CPU seconds and minor page faults (getrusage of the waited-for child, so they
+include its start-up and model build); summary lines repeat them as "process_cpu_ours/_theirs". System
+seconds and faults measure the kernel's share (memory the allocator unmapped and faults in again) and,
+unlike wall time, barely move when the machine is shared.
 
 Cases and scripts: infer, train -> <side>_model.py; conv -> conv_peak.py --side=<side> (ours = TF,
 torchvision = torch; Model Garden has no conv case, it would measure the same TF); convert, pipeline ->
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -130,6 +136,14 @@ def command(case: str, side: str, args):
     return python_of(side, args), script, [f"--case={case}"] + flags
 
 
+def child_cpu(before, after) -> dict:
+    """CPU seconds and minor faults of the children waited for between two getrusage(RUSAGE_CHILDREN)
+    readings: with one case process at a time, that child (and any workers it waited for)."""
+    return {"user_s": round(after.ru_utime - before.ru_utime, 2),
+            "system_s": round(after.ru_stime - before.ru_stime, 2),
+            "minor_faults": after.ru_minflt - before.ru_minflt}
+
+
 def run_case(case: str, side: str, args, log_dir: str):
     """Runs one case script; returns its JSON record (or a skipped / error record)."""
     python, script, flags = command(case, side, args)
@@ -143,7 +157,7 @@ def run_case(case: str, side: str, args, log_dir: str):
                PYTHONUNBUFFERED="1")
     print(f"[compare] {case} / {side}: {python} {os.path.relpath(script, ROOT)} {' '.join(flags)}", file=sys.stderr,
           flush=True)
-    start = time.perf_counter()
+    start, usage_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log_path, "w") as log:
         try:
             result = subprocess.run([python, script] + flags, stdout=subprocess.PIPE, stderr=log, text=True,
@@ -151,13 +165,16 @@ def run_case(case: str, side: str, args, log_dir: str):
         except subprocess.TimeoutExpired:
             return dict(base, error=f"timeout after {args.timeout:.0f} s", stderr_log=log_path)
     wall = round(time.perf_counter() - start, 1)
+    process_cpu = child_cpu(usage_before, resource.getrusage(resource.RUSAGE_CHILDREN))
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         with open(log_path) as log:
             tail = log.read().strip().splitlines()[-ERROR_TAIL_LINES:]
-        return dict(base, error=f"exit code {result.returncode}", stderr_tail=tail, stderr_log=log_path)
+        return dict(base, error=f"exit code {result.returncode}", stderr_tail=tail, stderr_log=log_path,
+                    process_cpu=process_cpu)
     record = json.loads(lines[-1])
     record["process_wall_s"] = wall
+    record["process_cpu"] = process_cpu
     return record
 
 
@@ -181,6 +198,7 @@ def summarize(case: str, peer: str, ours: dict, theirs: dict) -> dict:
         peak_rss_mb_ours=rss_ours, peak_rss_mb_theirs=rss_theirs,
         # The memory goal is the product cases'; conv only measures the machine's convolution speed.
         rss_met=None if rss_ours is None or rss_theirs is None or case == "conv" else rss_ours <= rss_theirs,
+        process_cpu_ours=ours.get("process_cpu"), process_cpu_theirs=theirs.get("process_cpu"),
         load_avg_1m=[ours.get("load_avg_1m"), theirs.get("load_avg_1m")])
     # torchvision infer also reports a series with the same 1000 NMS candidates as ours (its threshold-0
     # series sends all 1000 x 90 candidates through NMS): the ratio against that one too.

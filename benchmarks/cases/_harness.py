@@ -12,6 +12,10 @@ Decisions:
   and timed calls), which is why compare.py runs every case in its own process.
 - `value` is the median of the timed runs; the first call (tracing, compilation, allocator warm-up) is
   reported separately as `first_s` and never enters the median.
+- `cpu` holds this process's user and system CPU seconds and minor page faults up to the record (model
+  build and all calls): kernel time spent faulting in freed-and-reallocated memory shows there, and
+  unlike wall time these do not grow when other processes share the machine. compare.py adds the same
+  counts for the whole child process (`process_cpu`).
 """
 
 from __future__ import annotations
@@ -90,6 +94,13 @@ def load_avg_1m() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def cpu_usage(who: int = resource.RUSAGE_SELF) -> dict:
+    """{"user_s", "system_s", "minor_faults"} of this process (or of its waited-for children)."""
+    usage = resource.getrusage(who)
+    return {"user_s": round(usage.ru_utime, 2), "system_s": round(usage.ru_stime, 2),
+            "minor_faults": usage.ru_minflt}
+
+
 def time_calls(fn: Callable[[], object], repeats: int) -> Tuple[float, List[float], object]:
     """Calls fn once (first_s), then `repeats` more times. Returns (first_s, runs, last result).
 
@@ -118,6 +129,7 @@ def record(case: str, side: str, metric: str, runs: Sequence[float], first_s: Op
         "runs": [round(r, 4) for r in runs],
         "first_s": None if first_s is None else round(first_s, 3),
         "peak_rss_mb": peak_rss_mb(),
+        "cpu": cpu_usage(),
         "load_avg_1m": load_avg_1m(),
         "versions": versions,
         **fields,

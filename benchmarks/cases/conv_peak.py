@@ -25,6 +25,9 @@ KERNEL = 3
 
 def tf_conv(args):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from maskrcnn_tf import host_allocator
+
+    host_allocator.configure()  # before TF allocates, as every program of ours does
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)

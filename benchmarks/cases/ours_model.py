@@ -296,6 +296,9 @@ def main():
     harness.claim_stdout()
     args = parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from maskrcnn_tf import host_allocator
+
+    allocator = host_allocator.configure()  # before TF allocates, as every program of ours does
     import keras
     import tensorflow as tf
 
@@ -312,7 +315,7 @@ def main():
         image_size=args.image_size, batch_size=fields.pop("batch_size", 1), config=args.config,
         jit_compile=args.jit_compile, intra_threads=args.threads,
         inter_threads=tf.config.threading.get_inter_op_parallelism_threads(),
-        counts=counts(cfg), **fields))
+        counts=counts(cfg), host_allocator=allocator, **fields))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ def main():
     pattern = args.records or _coco_bench.ensure_records(sys.executable, args.rebuild_records)
     label_map = os.path.join(os.path.dirname(pattern), "train_label_map.json")
 
+    from maskrcnn_tf import host_allocator
+
+    host_allocator.configure()  # before TF allocates, as every program of ours does
     import tensorflow as tf
 
     from maskrcnn_tf import config as config_lib

@@ -1,0 +1,145 @@
+"""Keeps freed host memory for reuse instead of handing it back to the kernel on every step.
+
+Why: TensorFlow's CPU tensors and its kernels' scratch buffers come from glibc malloc. glibc maps
+every block above its (dynamic) mmap threshold with mmap and unmaps it on free, and returns the top of
+a heap to the kernel as soon as it exceeds the trim threshold. A training step frees and reallocates
+the same buffers every step, so each step faults the same pages in again: on a 2-core AMD EPYC the
+demo's training spent a sizeable share of its CPU time in the kernel, in minor page faults
+(issue 15; the measurements are in benchmarks/README.md, "Host allocator").
+
+What `configure()` does, once, at the start of each program (train.py, eval.py, predict.py,
+export.py, the benchmark cases), before TensorFlow allocates anything:
+- glibc `mallopt`: M_MMAP_THRESHOLD = 32 MiB (the largest value glibc accepts on 64-bit: it refuses
+  more than half its 64 MiB per-thread heap), M_TRIM_THRESHOLD = 256 MiB, M_TOP_PAD = 64 MiB. Setting
+  the mmap threshold also turns glibc's dynamic threshold off, so blocks below 32 MiB always come from
+  the heaps and are reused; a heap's top is given back only beyond 256 MiB of free space.
+- Environment variables would need the program to re-execute itself (glibc reads them at startup);
+  `mallopt` through ctypes has the same effect in-process, so nothing is re-executed.
+
+Decisions:
+- host_memory.HeapTrimmer and these settings must not fight: malloc_trim releases every free page,
+  including the ones kept for the next step. While this module is active the trimmer asks
+  `trim_wanted()` first, which says yes only after a burst of frees: the heap's free bytes (mallinfo2)
+  rose more than `KEEP_FREE_BYTES` above their lowest value since the last trim. Graph building and
+  Grappler free hundreds of MB at once (the trimmer's purpose: the first step's peak RSS); a step's
+  own churn is reused by the next step and stays. The free-byte count itself cannot be the test: it
+  keeps counting pages that an earlier trim already released.
+- Only glibc has `mallopt` with these meanings. Without it (macOS, musl) `configure()` does nothing and
+  says so in its result, quietly: no warning, no error.
+- Off switch: MASKRCNN_TF_HOST_ALLOCATOR=off (or 0/false/no) in the environment; then glibc's defaults
+  stay and the trimmer trims every period as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from typing import Optional
+
+ENV_SWITCH = "MASKRCNN_TF_HOST_ALLOCATOR"
+_OFF_VALUES = ("0", "off", "false", "no")
+
+# glibc <malloc.h> parameter numbers.
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's maximum on 64-bit (HEAP_MAX_SIZE / 2)
+KEEP_FREE_BYTES = 256 << 20  # trim threshold: free heap kept for reuse
+TOP_PAD_BYTES = 64 << 20  # extra heap requested per sbrk/heap growth (virtual until touched)
+SETTINGS = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, KEEP_FREE_BYTES),
+            (M_TOP_PAD, TOP_PAD_BYTES))
+
+
+class _Mallinfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (glibc >= 2.33): ten size_t counters."""
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
+
+
+def _load_libc():
+    """The C library, or None when ctypes cannot load it."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def _glibc_function(libc, name: str, restype, argtypes):
+    """libc.<name> when libc is glibc and has it, else None (macOS, musl, or an older glibc)."""
+    if libc is None or getattr(libc, "gnu_get_libc_version", None) is None:
+        return None
+    function = getattr(libc, name, None)
+    if function is not None:
+        function.restype, function.argtypes = restype, argtypes
+    return function
+
+
+_LIBC = _load_libc()
+_active = False  # configure() applied the settings in this process
+
+
+def disabled_by_env(environ=None) -> bool:
+    """True when MASKRCNN_TF_HOST_ALLOCATOR says off."""
+    value = (os.environ if environ is None else environ).get(ENV_SWITCH, "")
+    return value.strip().lower() in _OFF_VALUES
+
+
+def configure(environ=None, libc=None) -> str:
+    """Applies the malloc settings above to this process (idempotent). Returns what happened:
+    "applied", "off" (switched off by MASKRCNN_TF_HOST_ALLOCATOR) or "unavailable" (no glibc mallopt,
+    or glibc refused a value). `libc` replaces the loaded C library (tests)."""
+    global _active
+    if disabled_by_env(environ):
+        return "off"
+    mallopt = _glibc_function(_LIBC if libc is None else libc, "mallopt", ctypes.c_int,
+                              [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
+        return "unavailable"
+    # mallopt returns 1 on success, 0 when glibc rejects the value.
+    if not all(mallopt(param, value) == 1 for param, value in SETTINGS):
+        return "unavailable"
+    _active = True
+    return "applied"
+
+
+def active() -> bool:
+    """True once `configure()` applied the settings in this process."""
+    return _active
+
+
+def heap_free_bytes(libc=None) -> Optional[int]:
+    """Free bytes held by glibc's heaps (mallinfo2 fordblks, all arenas), or None without glibc >= 2.33."""
+    mallinfo2 = _glibc_function(_LIBC if libc is None else libc, "mallinfo2", _Mallinfo2, [])
+    return None if mallinfo2 is None else int(mallinfo2().fordblks)
+
+
+class FreedBurst:
+    """Callable: True when the free heap grew more than `budget` bytes above its lowest value since the
+    last True (or since creation); `read` returns the free bytes (None: unknown, then always True)."""
+
+    def __init__(self, budget: int = KEEP_FREE_BYTES, read=heap_free_bytes):
+        self.budget, self._read, self._low = budget, read, None
+
+    def __call__(self) -> bool:
+        free = self._read()
+        if free is None:
+            return True
+        if self._low is None or free < self._low:
+            self._low = free
+        if free - self._low > self.budget:
+            self._low = free  # what is freed now is released by the trim that follows
+            return True
+        return False
+
+
+_freed_burst = FreedBurst()
+
+
+def trim_wanted() -> bool:
+    """Whether host_memory.HeapTrimmer should trim now: always when this module is not active (glibc's
+    defaults), else only after a burst of frees larger than KEEP_FREE_BYTES (see FreedBurst)."""
+    return True if not _active else _freed_burst()
