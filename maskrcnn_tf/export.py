@@ -5,6 +5,8 @@ Signatures (all outputs are batched, D = cfg.model.detection.max_detections):
     serving_default(images: string [None])            encoded image bytes (what tf.io.decode_image
                                                       reads: JPEG, PNG, GIF, BMP, WebP, JPEG XL), any size
     image_tensor(images: uint8 [None, None, None, 3]) RGB images of one common size
+    serving_box_masks(images: string [None])          as serving_default, without detection_masks_pasted
+    image_tensor_box_masks(images: uint8 [...])       as image_tensor, without detection_masks_pasted
     metadata()                                        class names, category ids, config JSON
 
     -> num_detections        int32   [B]
@@ -16,6 +18,12 @@ Signatures (all outputs are batched, D = cfg.model.detection.max_detections):
        detection_masks_pasted uint8  [B, D, H, W] 0/1 (only with include_pasted_masks), H, W = the
                                                 largest original size of the batch; 0 outside each
                                                 image's own extent (only for include_mask models)
+An empty batch (B = 0) gives empty outputs of these shapes (H = W = 0).
+
+Memory: the box-local outputs cost B x D x (M x M + 6) x 4 bytes. detection_masks_pasted costs B x D x H x W
+bytes of output, and pasting holds up to twice that (the pasted rows, then the stacked output) plus one
+float32 H x W buffer; the *_box_masks signatures skip it (clients paste the 28 x 28 masks into their
+boxes themselves, e.g. with ops/masks.paste_masks).
 
 Decisions:
 - Preprocessing is the evaluation pipeline's, built from the same functions (data/transforms.py):
@@ -32,9 +40,13 @@ Decisions:
   does: (box + offset) / scale, then clip to the original (h, w). Expressed in TF here because the
   NumPy version cannot run inside the graph.
 - Pasted masks use ops/masks.paste_masks with the back-mapped boxes (no second resampling) and the
-  evaluation threshold (>= 0.5). Pasting runs per image (tf.map_fn) so the float buffer is D x H x W,
-  not B x D x H x W; the uint8 output itself is B x D x H x W, so very large photos need
-  include_pasted_masks=False (then clients paste the 28 x 28 masks themselves).
+  evaluation threshold (>= 0.5). Pasting runs one detection at a time (tf.map_fn, one iteration in
+  flight), thresholding to uint8 at once, so the float buffer is one H x W image, not D x H x W: at a
+  4000 x 3000 photo and D = 100 that is 48 MB instead of 4.8 GB. The uint8 output itself is
+  B x D x H x W; clients that cannot afford it use the *_box_masks signatures (or export with
+  include_pasted_masks=False).
+- The model (the _detect function) is traced once and shared by every serving signature; pasting is a
+  separate step after it.
 - Class names, category ids and the config JSON are returned by a constant `metadata` signature, so a
   server (or `saved_model_cli`) can show names without any file besides the SavedModel.
 - The graph has no Python control flow on tensors, so the functions are traced with autograph=False
@@ -45,6 +57,7 @@ Decisions:
 """
 
 import json
+import logging
 import os
 
 import tensorflow as tf
@@ -66,7 +79,11 @@ _PADDING_BOX = -1.0
 NOT_AN_IMAGE = "is not a decodable image (JPEG, PNG, GIF, BMP, WebP or JPEG XL expected)"
 SIGNATURE_BYTES = "serving_default"
 SIGNATURE_TENSOR = "image_tensor"
+SIGNATURE_BYTES_BOX_MASKS = "serving_box_masks"
+SIGNATURE_TENSOR_BOX_MASKS = "image_tensor_box_masks"
 SIGNATURE_METADATA = "metadata"
+# Detections pasted at a time: one bounds the float32 buffer to H x W.
+_PASTE_PARALLEL_ITERATIONS = 1
 
 
 def _is_image(encoded: tf.Tensor) -> tf.Tensor:
@@ -116,17 +133,36 @@ def boxes_to_original(boxes: tf.Tensor, image_info: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value((boxes + offset) / scale, 0.0, upper)
 
 
-def _paste_one_image(args, height, width):
-    """(masks [D, M, M], boxes [D, 4] original pixels, original_hw float [2]) -> uint8 [D, H, W]."""
-    masks, boxes, original_hw = args
-    pasted = mask_ops.paste_masks(masks[None], boxes[None], (height, width))[0]  # [D, H, W]
-    binary = pasted >= MASK_THRESHOLD
+def _paste_one_detection(args, height, width):
+    """(mask [M, M], box [4] original pixels, original_hw float [2]) -> uint8 [H, W] 0/1."""
+    mask, box, original_hw = args
+    pasted = mask_ops.paste_masks(mask[None, None], box[None, None], (height, width))[0, 0]  # [H, W]
     # Pixels beyond this image's own extent (other images of the batch are larger) stay 0.
     hw = tf.cast(tf.round(original_hw), tf.int32)
     inside_rows = tf.range(height) < hw[0]  # [H]
     inside_cols = tf.range(width) < hw[1]  # [W]
     inside = inside_rows[:, None] & inside_cols[None, :]  # [H, W]
-    return tf.cast(binary & inside[None], tf.uint8)  # [D, H, W]
+    return tf.cast((pasted >= MASK_THRESHOLD) & inside, tf.uint8)  # [H, W]
+
+
+def paste_detections(masks: tf.Tensor, boxes: tf.Tensor, original_hw: tf.Tensor) -> tf.Tensor:
+    """masks float32 [B, D, M, M], boxes [B, D, 4] original pixels, original_hw float32 [B, 2]
+    -> uint8 [B, D, H, W] 0/1 at the largest original size of the batch (module docstring)."""
+    shape = tf.shape(masks)
+    batch, detections, mask_size = shape[0], shape[1], shape[2]
+    # max(.., 0): an empty batch gives H = W = 0 (reduce_max of nothing is -inf).
+    largest = tf.cast(tf.round(tf.maximum(tf.reduce_max(original_hw, axis=0), 0.0)), tf.int32)  # [2]
+    flat = (tf.reshape(masks, [-1, mask_size, mask_size]), tf.reshape(boxes, [-1, 4]),
+            tf.repeat(original_hw, detections, axis=0))  # [B * D, M, M], [B * D, 4], [B * D, 2]
+
+    def paste_all():
+        return tf.map_fn(lambda args: _paste_one_detection(args, largest[0], largest[1]), flat,
+                         fn_output_signature=tf.TensorSpec([None, None], tf.uint8),
+                         parallel_iterations=_PASTE_PARALLEL_ITERATIONS)  # [B * D, H, W]
+
+    # Stacking zero results of an unknown shape fails inside map_fn: no detection, no pasting.
+    pasted = tf.cond(batch * detections > 0, paste_all, lambda: tf.zeros([0, largest[0], largest[1]], tf.uint8))
+    return tf.reshape(pasted, tf.concat([[batch, detections], largest], axis=0))  # [B, D, H, W]
 
 
 class ServingModule(tf.Module):
@@ -164,27 +200,24 @@ class ServingModule(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")], autograph=False)
     def serve_bytes(self, images):
         """string [B] encoded images of any sizes -> the output dict of the module docstring."""
-        def decode_and_preprocess(args):
-            encoded, index = args
-            return preprocess_image(decode_image(encoded, index), self._cfg)
-
-        with tf.device("/cpu:0"):
-            indices = tf.range(tf.shape(images)[0])
-            inputs, image_info = tf.map_fn(
-                decode_and_preprocess, (images, indices),
-                fn_output_signature=(tf.TensorSpec(list(self._cfg.model.image_size) + [3], tf.float32),
-                                     tf.TensorSpec([4, 2], tf.float32)))  # [B, H, W, 3], [B, 4, 2]
-        return self._detect_fn(inputs, image_info)
+        return self._with_pasted_masks(*self._detect_fn(*self._preprocess_bytes(images)))
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
                  autograph=False)
     def serve_tensor(self, images):
         """uint8 RGB [B, h, w, 3] (one size for the batch) -> the output dict of the module docstring."""
-        inputs, image_info = tf.map_fn(
-            lambda image: preprocess_image(image, self._cfg), images,
-            fn_output_signature=(tf.TensorSpec(list(self._cfg.model.image_size) + [3], tf.float32),
-                                 tf.TensorSpec([4, 2], tf.float32)))  # [B, H, W, 3], [B, 4, 2]
-        return self._detect_fn(inputs, image_info)
+        return self._with_pasted_masks(*self._detect_fn(*self._preprocess_tensor(images)))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")], autograph=False)
+    def serve_bytes_box_masks(self, images):
+        """As serve_bytes, without detection_masks_pasted (memory independent of the image size)."""
+        return self._detect_fn(*self._preprocess_bytes(images))[0]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
+                 autograph=False)
+    def serve_tensor_box_masks(self, images):
+        """As serve_tensor, without detection_masks_pasted."""
+        return self._detect_fn(*self._preprocess_tensor(images))[0]
 
     @tf.function(input_signature=[], autograph=False)
     def metadata(self):
@@ -193,8 +226,36 @@ class ServingModule(tf.Module):
 
     # ------------------------------------------------------------------------------- the graph
 
+    def _preprocess_bytes(self, images):
+        """string [B] -> (float32 [B, H, W, 3] model inputs, image_info [B, 4, 2])."""
+        def decode_and_preprocess(args):
+            encoded, index = args
+            return preprocess_image(decode_image(encoded, index), self._cfg)
+
+        with tf.device("/cpu:0"):
+            indices = tf.range(tf.shape(images)[0])
+            return tf.map_fn(
+                decode_and_preprocess, (images, indices),
+                fn_output_signature=(tf.TensorSpec(list(self._cfg.model.image_size) + [3], tf.float32),
+                                     tf.TensorSpec([4, 2], tf.float32)))  # [B, H, W, 3], [B, 4, 2]
+
+    def _preprocess_tensor(self, images):
+        """uint8 [B, h, w, 3] -> (float32 [B, H, W, 3] model inputs, image_info [B, 4, 2])."""
+        return tf.map_fn(
+            lambda image: preprocess_image(image, self._cfg), images,
+            fn_output_signature=(tf.TensorSpec(list(self._cfg.model.image_size) + [3], tf.float32),
+                                 tf.TensorSpec([4, 2], tf.float32)))  # [B, H, W, 3], [B, 4, 2]
+
+    def _with_pasted_masks(self, result, image_info):
+        """Adds detection_masks_pasted to _detect's result when the module pastes."""
+        if self._include_pasted_masks:
+            result = dict(result, detection_masks_pasted=paste_detections(
+                result["detection_masks"], result["detection_boxes"], image_info[:, _ORIGINAL_SIZE]))
+        return result
+
     def _detect(self, inputs, image_info):
-        """Model + back-mapping on preprocessed inputs float32 [B, H, W, 3] and image_info [B, 4, 2]."""
+        """Model + back-mapping on preprocessed inputs float32 [B, H, W, 3] and image_info [B, 4, 2]
+        -> (the output dict without detection_masks_pasted, image_info)."""
         outputs = self._model_holder()({"images": inputs, "image_info": image_info}, training=False)
         num = outputs["num_detections"]  # [B]
         max_detections = tf.shape(outputs["detection_scores"])[1]
@@ -211,19 +272,14 @@ class ServingModule(tf.Module):
         if "detection_masks" in outputs:
             masks = tf.where(is_detection[..., None, None], outputs["detection_masks"], 0.0)  # [B, D, M, M]
             result["detection_masks"] = masks
-            if self._include_pasted_masks:
-                original_hw = image_info[:, _ORIGINAL_SIZE]  # [B, 2]
-                largest = tf.cast(tf.round(tf.reduce_max(original_hw, axis=0)), tf.int32)  # [2]
-                result["detection_masks_pasted"] = tf.map_fn(
-                    lambda args: _paste_one_image(args, largest[0], largest[1]),
-                    (masks, boxes, original_hw),
-                    fn_output_signature=tf.TensorSpec([None, None, None], tf.uint8))  # [B, D, H, W]
-        return result
+        return result, image_info
 
     def signatures(self) -> dict:
         return {
             SIGNATURE_BYTES: self.serve_bytes.get_concrete_function(),
             SIGNATURE_TENSOR: self.serve_tensor.get_concrete_function(),
+            SIGNATURE_BYTES_BOX_MASKS: self.serve_bytes_box_masks.get_concrete_function(),
+            SIGNATURE_TENSOR_BOX_MASKS: self.serve_tensor_box_masks.get_concrete_function(),
             SIGNATURE_METADATA: self.metadata.get_concrete_function(),
         }
 
@@ -234,5 +290,17 @@ def export_saved_model(model, cfg: config_lib.Config, export_dir: str, include_p
     """
     module = ServingModule(model, cfg, include_pasted_masks=include_pasted_masks)
     tf.io.gfile.makedirs(export_dir)  # gfile: export_dir may be gs://...
-    tf.saved_model.save(module, export_dir, signatures=module.signatures())
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(_drop_renamed_inputs_note)
+    try:
+        tf.saved_model.save(module, export_dir, signatures=module.signatures())
+    finally:
+        absl_logger.removeFilter(_drop_renamed_inputs_note)
     return export_dir
+
+
+def _drop_renamed_inputs_note(record: logging.LogRecord) -> bool:
+    """Logging filter: False for TF's INFO note that a signature's inputs "with unsupported characters"
+    get new names. Those inputs are the captured variables (numbered, renamed unknown_N), one note per
+    signature listing all of them: noise to a user, while the real input, `images`, keeps its name."""
+    return "with unsupported characters which will be renamed" not in record.getMessage()
