@@ -107,7 +107,8 @@ class HeadConfig:
     fc_dim: int = 1024
     mask_num_convs: int = 4
     mask_num_filters: int = 256
-    mask_size: int = 28  # output of the mask head (deconv x2 of mask_output_size)
+    # The mask head's output size is not a setting: one stride-2 deconvolution makes it
+    # 2 * roi.mask_output_size (28 by default).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,16 +444,25 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(d: dict, cls=Config):
-    """Rebuilds a config from `to_dict` output (unknown keys raise ValueError)."""
+# Fields older config.json files hold that no longer exist: dotted name -> why reading may ignore it.
+REMOVED_FIELDS = {
+    "model.heads.mask_size": "always 2 * model.roi.mask_output_size (validate() refused anything else)",
+}
+
+
+def from_dict(d: dict, cls=Config, _prefix=""):
+    """Rebuilds a config from `to_dict` output. Unknown keys raise ValueError, except REMOVED_FIELDS
+    (written by older versions), which are skipped."""
     kwargs = {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in d.items():
         if key not in fields:
+            if _prefix + key in REMOVED_FIELDS:
+                continue
             raise ValueError(f"config: unknown field {key!r} in {cls.__name__}; allowed: {', '.join(fields)}")
         default = getattr(cls(), key)
         if dataclasses.is_dataclass(default):
-            value = from_dict(value, type(default))
+            value = from_dict(value, type(default), f"{_prefix}{key}.")
         elif isinstance(value, list):
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         kwargs[key] = value
@@ -531,8 +541,6 @@ def validate(cfg: Config) -> Config:
     _check(m.resize_mode != "short_side" or 0 < m.resize_short_side <= m.resize_max_long_side,
            "model.resize_short_side/resize_max_long_side", (m.resize_short_side, m.resize_max_long_side),
            "0 < short side <= max long side")
-    _check(m.heads.mask_size == 2 * m.roi.mask_output_size, "model.heads.mask_size", m.heads.mask_size,
-           f"2 * model.roi.mask_output_size = {2 * m.roi.mask_output_size} (one stride-2 deconvolution)")
     _check(len(m.pixel_mean) == 3 and len(m.pixel_std) == 3 and all(s > 0 for s in m.pixel_std),
            "model.pixel_mean/pixel_std", (m.pixel_mean, m.pixel_std), "three values each, std > 0")
     _check(d.train_batch_size >= 1, "data.train_batch_size", d.train_batch_size, "an integer >= 1")

@@ -16,7 +16,7 @@ def test_presets_validate_and_round_trip_through_json(name, tmp_path):
 
 
 def test_standard_preset_matches_design_table():
-    # DESIGN.md section 6 values.
+    # docs/design.md section 10 (detectron2 / torchvision values).
     m = config_lib.coco_r50_fpn_1x().model
     assert m.image_size == (1024, 1024) and m.backbone.name == "resnet50" and m.backbone.freeze_at == 2
     assert m.anchors.sizes == (32, 64, 128, 256, 512) and m.anchors.aspect_ratios == (0.5, 1.0, 2.0)
@@ -61,3 +61,14 @@ def test_config_json_of_an_older_run_without_a_newer_field_loads_with_its_defaul
     cfg = config_lib.from_dict(d)
     assert cfg.train.recompute_backbone == "auto"  # on for CPU hosts (device_defaults.py)
     assert cfg == config_lib.tiny()
+
+
+def test_config_json_with_the_removed_heads_mask_size_loads():
+    # Run directories written before heads.mask_size was dropped (it could only be 2 * mask_output_size).
+    d = config_lib.to_dict(config_lib.tiny())
+    d["model"]["heads"]["mask_size"] = 28
+    assert config_lib.from_dict(d) == config_lib.tiny()
+    # Only where it lived: the same name elsewhere, or any other unknown field, is still refused.
+    d["model"]["roi"]["mask_size"] = 28
+    with pytest.raises(ValueError, match="unknown field 'mask_size' in RoIConfig"):
+        config_lib.from_dict(d)

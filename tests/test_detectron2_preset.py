@@ -33,7 +33,7 @@ def test_model_settings_are_detectron2s():
     assert (m.roi.background_iou_low, m.roi.background_iou_high) == (0.0, 0.5)
     assert m.roi.max_mask_rois >= int(512 * 0.25)  # every foreground RoI gets a mask loss, as detectron2
     assert (m.heads.num_fcs, m.heads.fc_dim, m.heads.mask_num_convs, m.heads.mask_num_filters) == (2, 1024, 4, 256)
-    assert (m.roi.box_output_size, m.roi.mask_output_size, m.heads.mask_size) == (7, 14, 28)
+    assert (m.roi.box_output_size, m.roi.mask_output_size) == (7, 14)  # 28x28 masks: one stride-2 deconv
     assert (m.detection.score_threshold, m.detection.nms_iou, m.detection.max_detections) == (0.05, 0.5, 100)
     assert (m.backbone.name, m.backbone.freeze_at) == ("resnet50", 2)
     assert (m.resize_mode, m.resize_short_side, m.resize_max_long_side) == ("short_side", 800, 1333)
