@@ -21,7 +21,11 @@ import math
 from typing import Optional, Tuple
 
 BACKBONES = ("resnet50", "resnet101", "tiny")
+# RoIAlign implementations (ops/roi_align.py; docs/design.md section 6); the one list of their names.
 ROI_ALIGN_BACKENDS = ("crop_and_resize", "gather")
+# A mask pixel is foreground at probability (or resampled 0/1 value) >= this, everywhere: mask targets,
+# evaluation, export, the predictor and drawings (detectron2 / Model Garden use 0.5 too).
+MASK_THRESHOLD = 0.5
 RESIZE_MODES = ("fit", "short_side")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("step", "cosine")

@@ -66,8 +66,8 @@ from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.data import transforms
 from maskrcnn_tf.ops import masks as mask_ops
 
-# A pasted mask pixel is foreground at probability >= this (detectron2 / Model Garden / coco_results).
-MASK_THRESHOLD = 0.5
+# A pasted mask pixel is foreground at probability >= this (one threshold for the package).
+MASK_THRESHOLD = config_lib.MASK_THRESHOLD
 # image_info rows (data pipeline contract).
 _ORIGINAL_SIZE, _SCALE, _OFFSET = 0, 2, 3
 # Leading bytes of the formats tf.io.decode_image reads besides JPEG (checked with tf.io.is_jpeg):
@@ -200,24 +200,24 @@ class ServingModule(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")], autograph=False)
     def serve_bytes(self, images):
         """string [B] encoded images of any sizes -> the output dict of the module docstring."""
-        return self._with_pasted_masks(*self._detect_fn(*self._preprocess_bytes(images)))
+        return self._with_pasted_masks(*self._detect_or_empty(*self._preprocess_bytes(images)))
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
                  autograph=False)
     def serve_tensor(self, images):
         """uint8 RGB [B, h, w, 3] (one size for the batch) -> the output dict of the module docstring."""
-        return self._with_pasted_masks(*self._detect_fn(*self._preprocess_tensor(images)))
+        return self._with_pasted_masks(*self._detect_or_empty(*self._preprocess_tensor(images)))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")], autograph=False)
     def serve_bytes_box_masks(self, images):
         """As serve_bytes, without detection_masks_pasted (memory independent of the image size)."""
-        return self._detect_fn(*self._preprocess_bytes(images))[0]
+        return self._detect_or_empty(*self._preprocess_bytes(images))[0]
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
                  autograph=False)
     def serve_tensor_box_masks(self, images):
         """As serve_tensor, without detection_masks_pasted."""
-        return self._detect_fn(*self._preprocess_tensor(images))[0]
+        return self._detect_or_empty(*self._preprocess_tensor(images))[0]
 
     @tf.function(input_signature=[], autograph=False)
     def metadata(self):
@@ -245,6 +245,15 @@ class ServingModule(tf.Module):
             lambda image: preprocess_image(image, self._cfg), images,
             fn_output_signature=(tf.TensorSpec(list(self._cfg.model.image_size) + [3], tf.float32),
                                  tf.TensorSpec([4, 2], tf.float32)))  # [B, H, W, 3], [B, 4, 2]
+
+    def _detect_or_empty(self, inputs, image_info):
+        """_detect_fn, or its outputs with zero rows for an empty batch (the model cannot run on none)."""
+        outputs = self._detect_fn.get_concrete_function().structured_outputs[0]  # static but for B
+
+        def empty():
+            return {k: tf.zeros([0] + t.shape[1:].as_list(), t.dtype) for k, t in outputs.items()}, image_info
+
+        return tf.cond(tf.shape(inputs)[0] > 0, lambda: self._detect_fn(inputs, image_info), empty)
 
     def _with_pasted_masks(self, result, image_info):
         """Adds detection_masks_pasted to _detect's result when the module pastes."""

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
-MASK_THRESHOLD = 0.5
+from maskrcnn_tf.config import MASK_THRESHOLD  # the evaluation threshold (config.py has no TF imports)
 MASK_ALPHA = 0.45
 BOX_THICKNESS = 2
 CONTOUR_THICKNESS = 1

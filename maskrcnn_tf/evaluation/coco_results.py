@@ -26,10 +26,9 @@ from typing import Dict, List, Sequence
 import numpy as np
 from pycocotools import mask as mask_util
 
+from maskrcnn_tf.config import MASK_THRESHOLD  # a pasted pixel is foreground at probability >= this
 from maskrcnn_tf.ops.masks import paste_masks
 
-# A pasted mask pixel is foreground at probability >= this (detectron2 / Model Garden).
-MASK_THRESHOLD = 0.5
 # Detections pasted at once: bounds the float32 [1, chunk, H, W] buffer (~40 MB for a 640x640 image).
 PASTE_CHUNK = 25
 # image_info rows (DESIGN.md section 4 / data pipeline).

@@ -10,7 +10,7 @@ import keras
 
 from maskrcnn_tf.ops import roi_align as roi_align_ops
 
-BACKENDS = ("crop_and_resize", "gather")
+BACKENDS = roi_align_ops.BACKENDS
 
 
 @keras.saving.register_keras_serializable(package="maskrcnn_tf")

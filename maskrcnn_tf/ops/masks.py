@@ -30,10 +30,11 @@ from typing import Tuple, Union
 
 import tensorflow as tf
 
+# Also the binarisation level of the resampled gt mask (bilinear of a {0, 1} mask).
+from maskrcnn_tf.config import MASK_THRESHOLD
+
 # Target cells average sampling_ratio x sampling_ratio bilinear samples (RoIAlign's default of 2).
 TARGET_SAMPLING_RATIO = 2
-# Binarisation level of the resampled gt mask (bilinear of a {0, 1} mask).
-MASK_THRESHOLD = 0.5
 # Smallest box extent divided by; keeps degenerate (padding) boxes finite: their weights become 0.
 _MIN_EXTENT = 1e-6
 

@@ -65,7 +65,8 @@ from typing import Dict, List, Sequence
 
 import tensorflow as tf
 
-BACKENDS = ("crop_and_resize", "gather")
+from maskrcnn_tf.config import ROI_ALIGN_BACKENDS as BACKENDS  # the one list of backend names
+
 # Gradient implementations of the crop_and_resize backend (which is deterministic where:
 # device_defaults.py): our sparse adjoint as one sparse_dense_matmul, the same adjoint as a segment
 # sum (deterministic on GPU under enable_op_determinism), or TensorFlow's CropAndResizeGradImage.
