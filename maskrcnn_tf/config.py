@@ -9,7 +9,7 @@
 eval/export/predict read it back). `validate(cfg)` raises ValueError naming the field and the allowed
 values; `build_model` and `build_dataset` call it, so a bad setting fails at build time.
 
-Semantics follow detectron2 / torchvision (DESIGN.md section 6). `num_classes` is K, the number of
+Semantics follow detectron2 / torchvision (docs/design.md section 10). `num_classes` is K, the number of
 foreground classes; classifier logits have K + 1 columns (column 0 = background).
 """
 
@@ -236,7 +236,7 @@ class Config:
 
 
 def coco_r50_fpn_1x() -> Config:
-    """ResNet-50-FPN, 1x schedule (90k steps at batch 16 = 12 COCO epochs), DESIGN.md section 6.
+    """ResNet-50-FPN, 1x schedule (90k steps at batch 16 = 12 COCO epochs), docs/design.md section 10.
 
     Command: `python train.py --config=coco_r50_fpn_1x --train_file_pattern=OUT/train-* ...`.
     Expected: about 37.7-38.6 box AP / 33.9-35.2 mask AP on COCO val2017 with ImageNet weights

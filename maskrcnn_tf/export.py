@@ -1,4 +1,4 @@
-"""SavedModel export: a tf.Module with serving signatures around the Keras MaskRCNN (DESIGN.md section 4).
+"""SavedModel export: a tf.Module with serving signatures around the Keras MaskRCNN (docs/design.md section 7).
 
 Signatures (all outputs are batched, D = cfg.model.detection.max_detections):
 

@@ -9,7 +9,7 @@
 padded), "detection_scores" [B, D], "detection_classes" int32 [B, D] (1..K, 0 padded),
 "detection_masks" float32 [B, D, 28, 28] probabilities (only with include_mask)}.
 
-`train_step` / `test_step` take a batch of the data contract (DESIGN.md section 4) and return the loss
+`train_step` / `test_step` take a batch of the data contract (docs/design.md section 5) and return the loss
 components named as the MindSpore original logs them: rpn_cls_loss, rpn_reg_loss, rpn_loss,
 rcnn_cls_loss, rcnn_reg_loss, rcnn_mask_loss, rcnn_loss, total_loss.
 

@@ -31,7 +31,7 @@ def test_box_losses_l1_and_smooth_l1():
     smooth = np.where(np.abs(diff) < beta, 0.5 * diff**2 / beta, np.abs(diff) - 0.5 * beta).sum()
     got = losses.rpn_box_loss(tf.constant(diff, tf.float32), tf.zeros([1, 1, 4]), tf.constant(positive), 1.0, beta)
     np.testing.assert_allclose(got.numpy(), smooth, rtol=1e-5)
-    # DESIGN.md: Huber(delta) == delta * smooth_l1(beta=delta); Keras' Huber averages the last axis (4).
+    # Huber(delta) == delta * smooth_l1(beta=delta); Keras' Huber averages the last axis (4).
     huber = tf.keras.losses.Huber(delta=beta, reduction="sum")(np.zeros((1, 4)), diff[0])
     np.testing.assert_allclose(4 * huber.numpy(), beta * smooth, rtol=1e-5)
     none = losses.rpn_box_loss(tf.constant(diff, tf.float32), tf.zeros([1, 1, 4]), tf.constant([[False]]), 1.0)

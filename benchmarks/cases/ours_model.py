@@ -21,7 +21,7 @@ Decisions:
   train.py's fit runs), i.e. the real Keras train_step (forward, losses, gradients, SGD momentum 0.9
   update). Batch of 2 images with 3 instances each (harness.TRAIN_INSTANCES_1024), gt padded to
   data.max_instances (100, what the input pipeline delivers) and gt masks cropped to their boxes at
-  data.gt_mask_size (112), the data contract of DESIGN.md section 4.
+  data.gt_mask_size (112), the data contract of docs/design.md section 5.
 - Threads: intra-op parallelism = --threads (2, as torch.set_num_threads on the peer side); inter-op
   as train.py sets it for `train` (distribute.configure_host_threads: 1 on this CPU-only host) and
   TF's default for `infer`, unless --inter_threads is given (0 = TF's default).

@@ -1,6 +1,6 @@
 """Label map JSON: the dataset's category ids <-> contiguous class ids 1..K.
 
-File `{output_prefix}_label_map.json`, written by the converters next to the shards (INTERFACES.md):
+File `{output_prefix}_label_map.json`, written by the converters next to the shards (docs/design.md section 4):
     [{"id": dataset_category_id, "contiguous_id": 1.., "name": "person"}, ...]   sorted by dataset id
 `load_label_map` returns what config.DataConfig wants: category_ids[i] is the dataset id of contiguous
 class i + 1, class_names[i] its name. Decisions: contiguous ids are assigned in dataset-id order (as

@@ -1,12 +1,12 @@
-"""tf.data input pipeline: sharded TFRecords (schema.py) -> batches of the DESIGN.md section 4 contract.
+"""tf.data input pipeline: sharded TFRecords (schema.py) -> batches of the docs/design.md section 5 contract.
 
-`build_dataset(file_pattern, config, training, input_context=None)` yields dicts (INTERFACES.md):
+`build_dataset(file_pattern, config, training, input_context=None)` yields dicts (docs/design.md section 5):
   images float32 [B, H, W, 3]; image_info float32 [B, 4, 2]; gt_boxes float32 [B, N, 4];
   gt_classes int32 [B, N]; gt_masks float32 [B, N, Mc, Mc]; has_masks int32 [B] (1/0);
   eval only: source_id int64 [B], is_valid int32 [B] (1/0).
 The per-image geometry is in transforms.py (its docstring states those decisions).
 
-Decisions (DESIGN.md is silent on them):
+Decisions (beyond docs/design.md):
 - Training repeats forever (training is step based, train.total_steps); `count_records` gives the
   number of images for epochs -> steps. Evaluation is one pass.
 - Sharding is per file: with an input_context of P input pipelines, pipeline i reads files i, i + P, ...

@@ -1,6 +1,6 @@
 """The TFRecord schema (tf.train.Example), compatible with TF Model Garden's COCO converter.
 
-One record per image. Keys (DESIGN.md section 4):
+One record per image. Keys (docs/design.md section 5):
   image/encoded         bytes   original JPEG/PNG file bytes, never re-encoded
   image/format          bytes   "jpeg" | "png"
   image/height, width   int64   original size in pixels

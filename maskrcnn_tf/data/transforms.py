@@ -1,7 +1,7 @@
 """Box- and mask-aware transforms of ONE decoded example (pure TF, no config objects).
 
 `transform_example` turns a decoded record into the per-image part of the batch contract
-(INTERFACES.md, "maskrcnn_tf/data/*"); `pipeline.build_dataset` maps it over the dataset and batches.
+(docs/design.md section 5); `pipeline.build_dataset` maps it over the dataset and batches.
 The smaller functions are public so tests can check each geometric step on its own.
 
 A decoded example (what `pipeline` hands over) is a dict:
@@ -13,7 +13,7 @@ A decoded example (what `pipeline` hands over) is a dict:
              record has no masks (then every value is 0 and has_masks is False)
   has_masks  bool []
 
-Decisions (DESIGN.md is silent on them):
+Decisions (beyond docs/design.md):
 - Order: crowd / unknown-class instances out -> flip -> normalise -> resize (+ scale-jitter crop)
   -> pad -> vanished instances out -> keep the N largest -> crop gt masks. Instances are never
   gathered before the end: every step narrows a `keep` mask over the record's n instances. The

@@ -31,7 +31,7 @@ from maskrcnn_tf.ops.masks import paste_masks
 
 # Detections pasted at once: bounds the float32 [1, chunk, H, W] buffer (~40 MB for a 640x640 image).
 PASTE_CHUNK = 25
-# image_info rows (DESIGN.md section 4 / data pipeline).
+# image_info rows (docs/design.md section 5).
 _ORIGINAL_SIZE, _SCALE, _OFFSET = 0, 2, 3
 
 

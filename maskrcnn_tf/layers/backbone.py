@@ -1,6 +1,6 @@
 """Backbone: images [B, H, W, 3] -> {"C2": stride 4, "C3": 8, "C4": 16, "C5": 32}.
 
-Decisions (DESIGN.md is silent on these):
+Decisions (beyond docs/design.md):
 
 - ResNet-50/101 are `keras.applications` networks (ResNet v1 with the stride in the first 1x1 conv of a
   block, the layout of the Keras ImageNet weights), built with `include_top=False, weights=None` and an

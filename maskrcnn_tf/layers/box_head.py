@@ -1,6 +1,6 @@
 """Box head (Fast R-CNN with FPN's 2-FC head): RoI features [B, S, P, P, C] -> class logits, box deltas.
 
-Decisions (DESIGN.md is silent on these):
+Decisions (beyond docs/design.md):
 - Flattening order is (y, x, channel) of the NHWC RoI features (detectron2 flattens NCHW; this matters
   only when porting its weights).
 - Initialisation as detectron2: FCs c2_xavier_fill (kaiming_uniform a=1 = Keras' lecun_uniform), classifier

@@ -4,7 +4,7 @@ P_l = conv3x3(lateral_l), lateral_l = conv1x1(C_l) + nearest_upsample_2x(lateral
 levels above 5 are stride-2 subsamplings of the level below (detectron2's LastLevelMaxPool: a 1x1
 max-pool with stride 2 of P5 is P5[:, ::2, ::2]), so P6 costs nothing and only feeds the RPN.
 
-Decisions (DESIGN.md is silent on these):
+Decisions (beyond docs/design.md):
 - Initialisation as detectron2's c2_xavier_fill (kaiming_uniform with a=1 = Keras' lecun_uniform),
   biases 0.
 - Input C_l must be exactly twice the size of C_{l+1} (image size divisible by 2**5; config requires

@@ -4,7 +4,7 @@ num_convs x (3x3 conv + ReLU), a 2x2 stride-2 transposed conv + ReLU, a 1x1 conv
 mask channels, then each RoI keeps the channel of its class (class c -> channel c - 1; no background
 channel). The RoI axis is folded into the batch for the convolutions ([B * S, 14, 14, C]).
 
-Decisions (DESIGN.md is silent on these):
+Decisions (beyond docs/design.md):
 - Initialisation as detectron2's MaskRCNNConvUpsampleHead: convs and the deconv c2_msra_fill
   (He normal, fan_out; Keras' fan_out of a Conv2DTranspose kernel [kh, kw, out, in] is kh * kw * in,
   the same number PyTorch computes for its [in, out, kh, kw] weight), the predictor normal(std 0.001),

@@ -17,7 +17,7 @@ BACKENDS = roi_align_ops.BACKENDS
 class MultilevelRoIAlign(keras.layers.Layer):
     """call(features {"P2": [B, H/4, W/4, C], .., "P5"}, boxes float32 [B, R, 4] [y1, x1, y2, x2] input
     pixels) -> [B, R, output_size, output_size, C] in the features' dtype. Levels P2..P5 only (P6 is
-    for the RPN), level per box from its size (DESIGN.md section 5)."""
+    for the RPN), level per box from its size (docs/design.md section 6)."""
 
     def __init__(self, *, output_size=7, sampling_ratio=2, backend="crop_and_resize", gradient="sparse_matmul",
                  aligned=True, **kwargs):

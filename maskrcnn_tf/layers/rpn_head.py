@@ -3,7 +3,7 @@
 One 3x3 conv + ReLU, then two sibling 1x1 convs: A objectness logits (sigmoid, one per anchor; not the
 2-way softmax of the paper, as detectron2) and A * 4 box deltas [dy, dx, dh, dw] per location.
 
-Decisions (DESIGN.md is silent on these):
+Decisions (beyond docs/design.md):
 - Initialisation as detectron2's StandardRPNHead: normal(std 0.01) kernels, zero biases, all three convs.
 - Channel layout: objectness channel a and delta channels 4a..4a+3 belong to aspect ratio a, so
   reshape [B, H_l, W_l, A] -> [B, H_l * W_l * A] and [B, H_l, W_l, A * 4] -> [B, H_l * W_l * A, 4] give

@@ -1,6 +1,6 @@
 """Multilevel anchor grid for the FPN levels P2..P6.
 
-Decisions DESIGN.md leaves open:
+Decisions beyond docs/design.md:
 - Anchors are computed once in NumPy (float64, cast to float32): they depend only on the static image
   size, so they enter the graph as constants and cost nothing per step.
 - One anchor size per level (detectron2 / torchvision FPN default), `len(aspect_ratios)` anchors per

@@ -3,7 +3,7 @@
 Boxes are `[y1, x1, y2, x2]` float32 in continuous pixel coordinates (height = y2 - y1, no +1);
 padded rows are -1 (package docstring). Every function broadcasts over leading dimensions.
 
-Decisions DESIGN.md leaves open:
+Decisions beyond docs/design.md:
 - A box is valid iff y2 > y1 and x2 > x1. Invalid boxes (padding rows, zero or negative extents) have
   area 0 and IoU 0 with everything, including themselves; IoU never divides by zero, so no NaN.
 - `clip_boxes`, `normalize_boxes` and `denormalize_boxes` are plain arithmetic: they do not try to
@@ -14,7 +14,7 @@ Decisions DESIGN.md leaves open:
 - `BoxCoder.decode` clamps only dh, dw (at log(1000/16), detectron2's `_DEFAULT_SCALE_CLAMP`), not
   dy, dx, and does not clip; callers clip to the image with `clip_boxes`.
 - All math is done in float32 even when the inputs are float16/bfloat16 (mixed precision keeps box
-  math in float32, DESIGN.md section 6).
+  math in float32, docs/design.md section 10).
 """
 
 import math

@@ -7,7 +7,7 @@ Both functions resample with separable bilinear weight matrices ("tent" weights 
 of a sample at cell coordinate u on cell j), so each is two batched matmuls: no gather, no per-RoI
 loop, XLA friendly, static shapes.
 
-Decisions DESIGN.md leaves open:
+Decisions beyond docs/design.md:
 
 - `mask_targets` is RoIAlign (aligned convention, 2 x 2 samples per target cell, averaged) of the
   matched gt mask, evaluated directly in the gt crop: the RoI is expressed in the gt box's frame, so

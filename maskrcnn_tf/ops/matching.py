@@ -9,7 +9,7 @@ IoU equals that gt's best IoU become positive (ties included), so every gt gets 
 even when no anchor reaches the positive threshold. The matched index of such a row stays its own
 argmax over gt (as detectron2 / torchvision), not necessarily the gt that rescued it.
 
-Decisions DESIGN.md leaves open:
+Decisions beyond docs/design.md:
 - Padded gt columns (gt_valid False) are never matched and never rescue rows.
 - A gt whose best IoU is 0 (e.g. it overlaps no anchor) rescues nothing, otherwise every row would
   become positive for it.

@@ -17,7 +17,7 @@ implements the tile-based scheme (as TF's padded NMS / Model Garden) with textbo
   overlaps it"; iterating that map from "all alive" fixes at least one more box per step in order, so
   it converges to exactly the greedy result, usually in a few steps (the length of the longest chain).
 
-Decisions DESIGN.md leaves open:
+Decisions beyond docs/design.md:
 - Only candidates take part: valid boxes (y2 > y1 and x2 > x1, so -1 padding and degenerate boxes are
   dropped) with score > score_threshold (strictly, as TF's NMS ops).
 - Output: indices into N sorted by descending score; padding slots hold index 0 and are beyond

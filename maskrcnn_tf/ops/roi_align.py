@@ -3,7 +3,7 @@
 Shape shorthand: B batch, R boxes per image, C channels, S = output_size, n = S * sampling_ratio
 (sample points per side of a box), L number of pyramid levels used.
 
-Contract (DESIGN.md section 5), identical for both backends:
+Contract (docs/design.md section 6), identical for both backends:
 
 - Half-pixel aligned convention (detectron2 ``ROIAlignV2``, ``aligned=True``): a box [y1, x1, y2, x2]
   in continuous coordinates is shifted by -0.5 so that pixel centres sit on integer positions; bin

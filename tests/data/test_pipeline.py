@@ -67,7 +67,7 @@ EVAL_SPEC = {**TRAIN_SPEC, "source_id": ((BATCH,), np.int64), "is_valid": ((BATC
 
 
 def _check_spec(dataset, spec):
-    # Static shapes (element_spec) and the values' shapes and dtypes, exactly as INTERFACES.md says.
+    # Static shapes (element_spec) and the values' shapes and dtypes, exactly as docs/design.md section 5 says.
     assert set(dataset.element_spec) == set(spec)
     for key, (shape, dtype) in spec.items():
         assert tuple(dataset.element_spec[key].shape) == shape, key

@@ -1,4 +1,4 @@
-"""Synthetic batches in the data contract (DESIGN.md section 4), made directly in NumPy.
+"""Synthetic batches in the data contract (docs/design.md section 5), made directly in NumPy.
 
 Model tests use these instead of the input pipeline so that a model failure never hides behind a data
 failure. Shapes: class 1 = filled rectangle, 2 = filled ellipse, 3 = filled triangle, on a dark

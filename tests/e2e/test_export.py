@@ -62,6 +62,14 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent("""
              sig["image_tensor"](images=tf.constant(inputs["batch_ac"])).items()})
     encoded = tf.constant([inputs["png_a"].tobytes(), inputs["png_b"].tobytes()])
     np.savez(out_dir + "/bytes.npz", **{k: v.numpy() for k, v in sig["serving_default"](images=encoded).items()})
+    np.savez(out_dir + "/bytes_box_masks.npz",
+             **{k: v.numpy() for k, v in sig["serving_box_masks"](images=encoded).items()})
+    np.savez(out_dir + "/tensor_box_masks.npz", **{k: v.numpy() for k, v in
+             sig["image_tensor_box_masks"](images=tf.constant(inputs["batch_ac"])).items()})
+    empty = {"serving_default": sig["serving_default"](images=tf.zeros([0], tf.string)),
+             "image_tensor": sig["image_tensor"](images=tf.zeros([0, 7, 9, 3], tf.uint8)),
+             "serving_box_masks": sig["serving_box_masks"](images=tf.zeros([0], tf.string))}
+    empty = {name: {k: [v.dtype.name] + v.shape.as_list() for k, v in out.items()} for name, out in empty.items()}
     try:
         sig["serving_default"](images=tf.constant([inputs["png_b"].tobytes(), b"%PDF-1.4 not an image"]))
         error = None
@@ -72,7 +80,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent("""
             "category_ids": meta["category_ids"].numpy().tolist(),
             "config_json": meta["config_json"].numpy().decode()}
     report = {"maskrcnn_tf_importable": importable, "maskrcnn_tf_loaded": "maskrcnn_tf" in sys.modules,
-              "error": error, "metadata": meta, "signatures": sorted(sig)}
+              "error": error, "metadata": meta, "signatures": sorted(sig), "empty": empty}
     with open(out_dir + "/report.json", "w") as f:
         json.dump(report, f)
 """)
@@ -133,6 +141,8 @@ def exported(tmp_path_factory):
     return {
         "cfg": cfg, "export_dir": export_dir, "images": images, "reference": reference,
         "tensor": dict(np.load(tmp / "tensor.npz")), "bytes": dict(np.load(tmp / "bytes.npz")),
+        "bytes_box_masks": dict(np.load(tmp / "bytes_box_masks.npz")),
+        "tensor_box_masks": dict(np.load(tmp / "tensor_box_masks.npz")),
         "report": json.loads((tmp / "report.json").read_text()),
     }
 
@@ -145,7 +155,7 @@ def _assert_same_detections(outputs, b, ref):
     np.testing.assert_allclose(outputs["detection_boxes"][b, :n], ref["boxes"], atol=TOLERANCE)
     np.testing.assert_array_equal(outputs["detection_classes"][b, :n], ref["classes"])
     np.testing.assert_allclose(outputs["detection_masks"][b, :n], ref["masks"], atol=TOLERANCE)
-    # Padding rows: class 0, boxes -1 (DESIGN.md convention).
+    # Padding rows: class 0, boxes -1 (docs/design.md sections 2 and 5).
     assert (outputs["detection_classes"][b, n:] == 0).all()
     assert (outputs["detection_boxes"][b, n:] == -1).all()
 
@@ -154,7 +164,28 @@ def test_fresh_process_has_no_maskrcnn_tf_and_all_signatures(exported):
     report = exported["report"]
     assert report["maskrcnn_tf_importable"] is False
     assert report["maskrcnn_tf_loaded"] is False
-    assert report["signatures"] == ["image_tensor", "metadata", "serving_default"]
+    assert report["signatures"] == ["image_tensor", "image_tensor_box_masks", "metadata", "serving_box_masks",
+                                    "serving_default"]
+
+
+def test_box_masks_signatures_are_the_full_outputs_without_pasting(exported):
+    for full, box in ((exported["bytes"], exported["bytes_box_masks"]),
+                      (exported["tensor"], exported["tensor_box_masks"])):
+        assert sorted(box) == sorted(set(full) - {"detection_masks_pasted"})
+        for key in box:
+            np.testing.assert_array_equal(box[key], full[key])  # same graph: bit-identical
+
+
+def test_empty_batch_gives_empty_outputs(exported):
+    d = exported["cfg"].model.detection.max_detections
+    m = exported["tensor"]["detection_masks"].shape[-1]
+    expected = {"num_detections": ["int32", 0], "detection_boxes": ["float32", 0, d, 4],
+                "detection_scores": ["float32", 0, d], "detection_classes": ["int32", 0, d],
+                "detection_masks": ["float32", 0, d, m]}
+    empty = exported["report"]["empty"]
+    assert empty["serving_box_masks"] == expected
+    for name in ("serving_default", "image_tensor"):
+        assert empty[name] == dict(expected, detection_masks_pasted=["uint8", 0, d, 0, 0])
 
 
 def test_image_tensor_matches_keras(exported):

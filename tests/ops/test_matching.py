@@ -5,7 +5,7 @@ import tensorflow as tf
 from maskrcnn_tf.ops import boxes as box_ops
 from maskrcnn_tf.ops.matching import match
 
-POS, NEG = 0.7, 0.3  # RPN thresholds (DESIGN.md section 6)
+POS, NEG = 0.7, 0.3  # RPN thresholds (docs/design.md section 10)
 
 
 def _match(similarity, gt_valid, low_quality, pos=POS, neg=NEG):

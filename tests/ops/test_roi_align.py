@@ -102,7 +102,7 @@ def random_boxes(rng, num, height, width, min_size, max_size, margin):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_known_answer(backend):
-    # DESIGN.md section 5 / detectron2 test_roi_align.py: an upsampled [[6, 7], [11, 12]].
+    # docs/design.md section 6 / detectron2 test_roi_align.py: an upsampled [[6, 7], [11, 12]].
     image = tf.reshape(tf.range(25, dtype=tf.float32), [1, 5, 5, 1])
     boxes = tf.constant([[[1.0, 1.0, 3.0, 3.0]]])
     expected = [[4.5, 5, 5.5, 6], [7, 7.5, 8, 8.5], [9.5, 10, 10.5, 11], [12, 12.5, 13, 13.5]]
