@@ -250,8 +250,13 @@ def test_exploding_loss_stops_and_the_advice_resumes_from_a_sane_checkpoint(coco
     assert training.weights_are_finite(model)
     assert max(float(np.abs(v.numpy()).max()) for v in model.trainable_variables) < 1e6
 
+    # A crash during a save leaves "<prefix>_temp/": the next start removes it.
+    unfinished = os.path.join(model_dir, run_dir.CHECKPOINT_DIR, f"ckpt-{bad_step + 5}_temp")
+    os.makedirs(unfinished)
+    open(os.path.join(unfinished, "part-00000-of-00001.data-00000-of-00001"), "wb").close()
     # The advice works: the same command with a lower rate resumes from that checkpoint and finishes.
     resumed = run_train(args + ["--learning_rate=0.01", f"--train_steps={bad_step + 1}"])
+    assert f"removed {unfinished}: an unfinished checkpoint save" in resumed.stdout and not os.path.exists(unfinished)
     assert f"resuming from {latest}: global step {bad_step - 2}" in resumed.stdout
     assert max(checkpoint_steps(model_dir)) == bad_step + 1
 
