@@ -1,16 +1,24 @@
-"""Importing torch (test-only oracle) into a process that already runs TensorFlow.
+"""torch / torchvision as test oracles in a process that already runs TensorFlow.
 
-torch.optim and torchvision import triton lazily, and loading triton's native library after
-TensorFlow's segfaults this process (torch 2.14 / triton with TF 2.21 on CPU: a segmentation fault in
-`import triton` from torch.optim.SGD's first call). No GPU here, so triton is never needed: it is hidden
-from the import system and torch falls back to its eager kernels, as on a machine without triton.
+Importing torchvision.ops pulls in torch._dynamo, which imports triton when it is installed; triton's C
+extension crashes (segmentation fault) when TensorFlow is already loaded, as it always is under pytest
+(conftest.py configures TensorFlow's devices). The oracles run on the CPU, where torch never needs
+triton, so the import is blocked and torch sees triton as not installed.
 """
 import sys
 
 import pytest
 
 
+def import_torchvision():
+    """(torch, torchvision), or skips the test when they are not installed."""
+    sys.modules.setdefault("triton", None)  # None in sys.modules: `import triton` raises ImportError
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    return torch, torchvision
+
+
 def import_torch():
-    """torch, or skip the test when it is not installed."""
-    sys.modules.setdefault("triton", None)  # a None entry makes `import triton` raise ImportError
+    """torch alone (torch.optim imports triton too), or skips the test when it is not installed."""
+    sys.modules.setdefault("triton", None)
     return pytest.importorskip("torch")
