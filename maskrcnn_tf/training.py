@@ -386,6 +386,15 @@ def weights_are_finite(model: keras.Model) -> bool:
                                if tf.as_dtype(v.dtype).is_floating]))
 
 
+def remove_unfinished_checkpoints(checkpoint_dir: str) -> List[str]:
+    """Deletes the "<prefix>_temp" directories a save interrupted by a crash leaves (TF writes a checkpoint's
+    shards there, then renames them); the checkpoint state never points at them. Returns their paths."""
+    leftovers = [p for p in tf.io.gfile.glob(os.path.join(checkpoint_dir, "*_temp")) if tf.io.gfile.isdir(p)]
+    for path in leftovers:
+        tf.io.gfile.rmtree(path)
+    return leftovers
+
+
 def _checkpoint_step(path: str) -> int:
     return int(path.rsplit("-", 1)[1])
 
@@ -473,6 +482,9 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
     tf.io.gfile.makedirs(model_dir)
     checkpoint_dir = os.path.join(model_dir, run_dir.CHECKPOINT_DIR)
     saved_config_path = os.path.join(model_dir, run_dir.CONFIG_FILE)
+    if chief:
+        for leftover in remove_unfinished_checkpoints(checkpoint_dir):
+            say(f"removed {leftover}: an unfinished checkpoint save of an interrupted run")
     latest = run_dir.latest_checkpoint(model_dir)
     if latest and tf.io.gfile.exists(saved_config_path):
         for change in check_resume_config(run_dir.load_config(model_dir), cfg, model_dir):

@@ -181,7 +181,7 @@ def test_empty_batch_gives_empty_outputs(exported):
     m = exported["tensor"]["detection_masks"].shape[-1]
     expected = {"num_detections": ["int32", 0], "detection_boxes": ["float32", 0, d, 4],
                 "detection_scores": ["float32", 0, d], "detection_classes": ["int32", 0, d],
-                "detection_masks": ["float32", 0, d, m]}
+                "detection_masks": ["float32", 0, d, m, m]}
     empty = exported["report"]["empty"]
     assert empty["serving_box_masks"] == expected
     for name in ("serving_default", "image_tensor"):
