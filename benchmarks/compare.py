@@ -50,13 +50,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CASES_DIR = os.path.join(HERE, "cases")
 DEFAULT_CASES = ("infer", "train", "conv")
-ALL_CASES = DEFAULT_CASES + ("convert", "pipeline")
+ALL_CASES = DEFAULT_CASES + ("convert", "pipeline", "gpu_train")  # gpu_train: NVIDIA GPUs only (ours_gpu_train.py)
 PEERS = ("torchvision", "modelgarden")
 MODEL_CASES = ("infer", "train")
 DATA_CASES = ("convert", "pipeline")
 # Which peers have each case (conv: Model Garden runs the same TF as ours; data: torchvision has none).
 CASE_PEERS = {"infer": PEERS, "train": PEERS, "conv": ("torchvision",), "convert": ("modelgarden",),
-              "pipeline": ("modelgarden",)}
+              "pipeline": ("modelgarden",), "gpu_train": ()}
 # (peer, case) -> (comparison, bound) on ours/theirs.
 GOALS = {
     ("torchvision", "infer"): ("<=", 0.75),
