@@ -67,4 +67,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from maskrcnn_tf import host_allocator
+
+    host_allocator.configure()  # keep freed memory for reuse; before TF allocates (host_allocator.py)
     app.run(main)

@@ -33,7 +33,7 @@ except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from maskrcnn_tf import config as config_lib
-from maskrcnn_tf import distribute
+from maskrcnn_tf import distribute, host_allocator
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("train_file_pattern", None, "Glob of training TFRecords (data_prep converters). "
@@ -353,5 +353,6 @@ def _configure_before_tf():
 
 
 if __name__ == "__main__":
+    host_allocator.configure()  # keep freed memory for reuse; before TF allocates (host_allocator.py)
     _configure_before_tf()
     app.run(main)

@@ -141,3 +141,26 @@ def test_trim_wanted_is_always_true_when_not_configured(monkeypatch):
     assert host_allocator.trim_wanted()
     monkeypatch.setattr(host_allocator, "_active", True)
     assert not host_allocator.trim_wanted()
+
+
+_RUN_PROGRAM = textwrap.dedent("""
+    import runpy, sys
+    from maskrcnn_tf import host_allocator
+    calls = []
+    host_allocator.configure = lambda *args, **kwargs: calls.append(sys.argv[0])
+    sys.argv = [sys.argv[1], "--helpshort"]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit:
+        pass
+    print("CONFIGURED", len(calls))
+""")
+
+
+@pytest.mark.parametrize("program", ["train.py", "eval.py", "predict.py", "export.py"])
+def test_every_program_configures_the_allocator_first(program):
+    # --helpshort makes absl exit inside app.run: configure() must have been called before that.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _RUN_PROGRAM, os.path.join(root, program)], cwd=root,
+                         capture_output=True, text=True, timeout=300).stdout
+    assert out.strip().splitlines()[-1] == "CONFIGURED 1", out[-2000:]
