@@ -6,7 +6,8 @@
 #    machine, each with its own TF_CONFIG (cluster + this task's index), the standard way Kubernetes /
 #    Kubeflow / Vertex AI launch TF jobs; MODEL_DIR must be shared storage that all workers can write
 #    (the chief writes checkpoints and logs).
-# The console output is also written to MODEL_DIR/train[-worker-I].log.
+# The console output is also written to MODEL_DIR/train[-worker-I].log (to ./train[-worker-I].log when
+# MODEL_DIR is a URL such as gs://bucket/run, which train.py writes through tf.io.gfile).
 set -euo pipefail
 
 usage() {
@@ -38,7 +39,9 @@ shift $(( $# < 3 ? $# : 3 ))
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python}
 
-[[ -d $RECORDS_DIR ]] || { echo "error: records directory $RECORDS_DIR not found" >&2; exit 1; }
+if [[ $RECORDS_DIR != *://* && ! -d $RECORDS_DIR ]]; then
+  echo "error: records directory $RECORDS_DIR not found" >&2; exit 1
+fi
 LOG_NAME=train.log
 if [[ $STRATEGY == multi_worker_mirrored ]]; then
   if [[ -z ${TF_CONFIG:-} ]]; then
@@ -57,11 +60,15 @@ else
   echo "training on $NUM_GPUS GPUs with MirroredStrategy"
 fi
 
-mkdir -p "$MODEL_DIR"
+LOG_FILE=$LOG_NAME
+if [[ $MODEL_DIR != *://* ]]; then  # a URL (gs://...) is created by train.py; the log stays local
+  mkdir -p "$MODEL_DIR"
+  LOG_FILE=$MODEL_DIR/$LOG_NAME
+fi
 "$PYTHON" "$REPO_DIR/train.py" \
   --config="${CONFIG:-coco_r50_fpn_1x}" \
   --train_file_pattern="$RECORDS_DIR/train-*" \
   --model_dir="$MODEL_DIR" \
   --strategy="$STRATEGY" \
   --pretrained="$PRETRAINED" \
-  "$@" 2>&1 | tee -a "$MODEL_DIR/$LOG_NAME"
+  "$@" 2>&1 | tee -a "$LOG_FILE"

@@ -1,6 +1,7 @@
 #!/bin/bash
 # COCO evaluation of a training run with eval.py: prints the bbox and segm tables, writes
-# MODEL_DIR/eval/detections.json and metrics.json, and the console output to MODEL_DIR/eval/eval.log.
+# MODEL_DIR/eval/detections.json and metrics.json, and the console output to MODEL_DIR/eval/eval.log
+# (to ./eval.log when MODEL_DIR is a URL such as gs://bucket/run; eval.py writes there through gfile).
 set -euo pipefail
 
 usage() {
@@ -23,14 +24,20 @@ CHECKPOINT=${4:-}
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python}
 
-[[ -d $MODEL_DIR ]] || { echo "error: model directory $MODEL_DIR not found" >&2; exit 1; }
+if [[ $MODEL_DIR != *://* && ! -d $MODEL_DIR ]]; then
+  echo "error: model directory $MODEL_DIR not found" >&2; exit 1
+fi
 [[ -f $VAL_JSON ]] || { echo "error: val json $VAL_JSON not found" >&2; exit 1; }
 CHECKPOINT_FLAG=()
 [[ -n $CHECKPOINT ]] && CHECKPOINT_FLAG=(--checkpoint="$CHECKPOINT")
-mkdir -p "$MODEL_DIR/eval"
+LOG_FILE=eval.log
+if [[ $MODEL_DIR != *://* ]]; then  # a URL (gs://...): eval.py writes eval/ itself, the log stays local
+  mkdir -p "$MODEL_DIR/eval"
+  LOG_FILE=$MODEL_DIR/eval/eval.log
+fi
 export CUDA_VISIBLE_DEVICES=${DEVICE_ID:-0}
 "$PYTHON" "$REPO_DIR/eval.py" \
   --model_dir="$MODEL_DIR" \
   --eval_file_pattern="$RECORDS_DIR/val-*" \
   --val_json="$VAL_JSON" \
-  "${CHECKPOINT_FLAG[@]}" 2>&1 | tee "$MODEL_DIR/eval/eval.log"
+  "${CHECKPOINT_FLAG[@]}" 2>&1 | tee "$LOG_FILE"

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Trains Mask R-CNN (ResNet-50-FPN, 1x schedule) on one GPU with train.py --strategy=one_device.
-# The console output is also written to MODEL_DIR/train.log. Re-running the same command resumes from
-# the latest checkpoint of MODEL_DIR.
+# The console output is also written to MODEL_DIR/train.log (to ./train.log when MODEL_DIR is a URL
+# such as gs://bucket/run, which train.py writes through tf.io.gfile). Re-running the same command
+# resumes from the latest checkpoint of MODEL_DIR.
 set -euo pipefail
 
 usage() {
@@ -27,8 +28,14 @@ shift $(( $# < 3 ? $# : 3 ))
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python}
 
-[[ -d $RECORDS_DIR ]] || { echo "error: records directory $RECORDS_DIR not found" >&2; exit 1; }
-mkdir -p "$MODEL_DIR"
+if [[ $RECORDS_DIR != *://* && ! -d $RECORDS_DIR ]]; then
+  echo "error: records directory $RECORDS_DIR not found" >&2; exit 1
+fi
+LOG_FILE=train.log
+if [[ $MODEL_DIR != *://* ]]; then  # a URL (gs://...) is created by train.py; the log stays local
+  mkdir -p "$MODEL_DIR"
+  LOG_FILE=$MODEL_DIR/train.log
+fi
 export CUDA_VISIBLE_DEVICES=${DEVICE_ID:-0}
 "$PYTHON" "$REPO_DIR/train.py" \
   --config="${CONFIG:-coco_r50_fpn_1x}" \
@@ -36,4 +43,4 @@ export CUDA_VISIBLE_DEVICES=${DEVICE_ID:-0}
   --model_dir="$MODEL_DIR" \
   --strategy=one_device \
   --pretrained="$PRETRAINED" \
-  "$@" 2>&1 | tee -a "$MODEL_DIR/train.log"
+  "$@" 2>&1 | tee -a "$LOG_FILE"

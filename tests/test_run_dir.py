@@ -4,6 +4,7 @@ predictions all write there, and nothing lands on the local disk (os.makedirs("r
 made a local folder "ram:/x")."""
 import json
 import os
+import subprocess
 import uuid
 
 import pytest
@@ -14,6 +15,7 @@ from maskrcnn_tf import distribute, run_dir, training
 from maskrcnn_tf.data.coco_converter import convert_coco
 from maskrcnn_tf.data.shapes import make_shapes_dataset
 from maskrcnn_tf.evaluation.run import DETECTIONS_FILE, METRICS_FILE
+from tests.conftest import REPO_ROOT
 from tests.e2e.synthetic import tiny_test_config
 
 
@@ -80,3 +82,23 @@ def test_worker_scratch_dir_is_fixed_per_run_and_task():
     assert a != distribute.worker_scratch_dir("runs/r50", "worker", 2)
     assert a != distribute.worker_scratch_dir("runs/other", "worker", 1)
     assert distribute.worker_scratch_dir("gs://bucket/run", "worker", 1).startswith(os.path.dirname(a))
+
+
+@pytest.mark.parametrize("script, args", [
+    ("run_standalone_train.sh", ["gs://bucket/records", "gs://bucket/run", "none"]),
+    ("run_distribute_train.sh", ["--multi_worker", "gs://bucket/records", "gs://bucket/run", "none"]),
+    ("run_eval.sh", ["gs://bucket/run", "gs://bucket/records", "VAL_JSON"]),
+])
+def test_scripts_pass_a_url_model_dir_to_python_and_log_locally(script, args, tmp_path):
+    # PYTHON=echo prints the command instead of running it: what matters is what the script does around it.
+    val_json = tmp_path / "instances_val.json"
+    val_json.write_text("{}")
+    args = [str(val_json) if a == "VAL_JSON" else a for a in args]
+    tf_config = '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}}'
+    proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / script), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHON="echo", TF_CONFIG=tf_config))
+    assert proc.returncode == 0, proc.stderr
+    assert "--model_dir=gs://bucket/run" in proc.stdout
+    assert not (tmp_path / "gs:").exists()  # no local folder named after the URL
+    logs = sorted(p.name for p in tmp_path.glob("*.log"))
+    assert len(logs) == 1 and "--model_dir=gs://bucket/run" in (tmp_path / logs[0]).read_text()
