@@ -18,9 +18,13 @@ returns its (indices [B, S], is_positive [B, S], is_valid [B, S]).
 import keras
 import tensorflow as tf
 
+from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.ops import boxes as box_ops
 from maskrcnn_tf.ops import matching
 from maskrcnn_tf.ops import sampling
+
+
+_RPN = config_lib.RPNConfig()  # defaults live in config.py
 
 
 @keras.saving.register_keras_serializable(package="maskrcnn_tf")
@@ -33,8 +37,9 @@ class AnchorLabeler(keras.layers.Layer):
       positive     bool    [B, A]     sampled positives (enter the box loss)
     """
 
-    def __init__(self, *, positive_iou=0.7, negative_iou=0.3, batch_size_per_image=256,
-                 positive_fraction=0.5, **kwargs):
+    def __init__(self, *, positive_iou=_RPN.positive_iou, negative_iou=_RPN.negative_iou,
+                 batch_size_per_image=_RPN.batch_size_per_image, positive_fraction=_RPN.positive_fraction,
+                 **kwargs):
         super().__init__(**kwargs)
         self.positive_iou = positive_iou
         self.negative_iou = negative_iou

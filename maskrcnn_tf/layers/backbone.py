@@ -60,6 +60,8 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from maskrcnn_tf import config as config_lib
+
 RESNETS = {
     "resnet50": keras.applications.ResNet50,
     "resnet101": keras.applications.ResNet101,
@@ -201,6 +203,9 @@ def _tiny_network(width: int) -> keras.Model:
     return keras.Model(images, x, name=TINY)
 
 
+_BACKBONE = config_lib.BackboneConfig()  # defaults live in config.py
+
+
 @keras.saving.register_keras_serializable(package="maskrcnn_tf")
 class Backbone(keras.layers.Layer):
     """ResNet-50/101 (frozen BN) or a tiny GroupNorm ResNet, returning C2..C5.
@@ -226,9 +231,10 @@ class Backbone(keras.layers.Layer):
     only decides whether `recompute` applies.
     """
 
-    def __init__(self, *, name: str = "resnet50", weights: Optional[str] = None, freeze_at: int = 2,
-                 tiny_width: int = 16, fold_batchnorm: bool = True, recompute: bool = True,
-                 stride_in_3x3: bool = False, norm_epsilon: Optional[float] = None, **kwargs):
+    def __init__(self, *, name: str = _BACKBONE.name, weights: Optional[str] = _BACKBONE.weights,
+                 freeze_at: int = _BACKBONE.freeze_at, tiny_width: int = _BACKBONE.tiny_width,
+                 fold_batchnorm: bool = True, recompute: bool = True,
+                 stride_in_3x3: bool = _BACKBONE.stride_in_3x3, norm_epsilon: Optional[float] = None, **kwargs):
         if name not in BACKBONE_NAMES:
             raise ValueError(f"Backbone: name={name!r}; expected one of {', '.join(BACKBONE_NAMES)}")
         if not 0 <= freeze_at <= NUM_STAGES:

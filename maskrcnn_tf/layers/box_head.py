@@ -16,10 +16,15 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from maskrcnn_tf import config as config_lib
+
 BOX_CODE_SIZE = 4  # [dy, dx, dh, dw]
 CLASSIFIER_INIT_STD = 0.01  # detectron2 FastRCNNOutputLayers
 BOX_REGRESSOR_INIT_STD = 0.001
 XAVIER_FILL = "lecun_uniform"  # detectron2 c2_xavier_fill: U(+-sqrt(3 / fan_in))
+
+
+_HEADS = config_lib.HeadConfig()  # defaults live in config.py
 
 
 @keras.saving.register_keras_serializable(package="maskrcnn_tf")
@@ -36,7 +41,7 @@ class BoxHead(keras.layers.Layer):
      box_deltas float32 [B, S, (K + 1) * 4], column block c = [dy, dx, dh, dw] of class c).
     """
 
-    def __init__(self, *, num_classes: int, num_fcs: int = 2, fc_dim: int = 1024, **kwargs):
+    def __init__(self, *, num_classes: int, num_fcs: int = _HEADS.num_fcs, fc_dim: int = _HEADS.fc_dim, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.num_fcs = num_fcs

@@ -17,8 +17,12 @@ Shapes: B batch, R RoIs, K foreground classes, D = max_detections.
 import keras
 import tensorflow as tf
 
+from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.ops import boxes as box_ops
 from maskrcnn_tf.ops import nms as nms_ops
+
+
+_DETECTION = config_lib.DetectionConfig()  # defaults live in config.py
 
 
 @keras.saving.register_keras_serializable(package="maskrcnn_tf")
@@ -32,8 +36,9 @@ class DetectionGenerator(keras.layers.Layer):
     Detections are sorted by descending score.
     """
 
-    def __init__(self, *, score_threshold=0.05, nms_iou=0.5, max_detections=100, pre_nms_top_k=1000,
-                 min_box_size=0.0, **kwargs):
+    def __init__(self, *, score_threshold=_DETECTION.score_threshold, nms_iou=_DETECTION.nms_iou,
+                 max_detections=_DETECTION.max_detections, pre_nms_top_k=_DETECTION.pre_nms_top_k,
+                 min_box_size=_DETECTION.min_box_size, **kwargs):
         super().__init__(**kwargs)
         self.score_threshold = score_threshold
         self.nms_iou = nms_iou

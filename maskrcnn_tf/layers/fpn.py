@@ -20,6 +20,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.layers.banded_conv import BandedConv2D
 
 # The backbone's deepest level: FPN levels above it are subsampled, not computed from C levels.
@@ -36,6 +37,9 @@ def _upsample_nearest_2x(x):
     return tf.repeat(x, UPSAMPLE_FACTOR, axis=2)  # [B, 2H, 2W, C]
 
 
+_MODEL = config_lib.ModelConfig()  # defaults live in config.py
+
+
 @keras.saving.register_keras_serializable(package="maskrcnn_tf")
 class FPN(keras.layers.Layer):
     """Feature pyramid with top-down nearest upsampling and lateral 1x1 convs.
@@ -50,7 +54,8 @@ class FPN(keras.layers.Layer):
     the compute dtype.
     """
 
-    def __init__(self, *, num_filters: int = 256, min_level: int = 2, max_level: int = 6, **kwargs):
+    def __init__(self, *, num_filters: int = _MODEL.fpn_num_filters, min_level: int = config_lib.MIN_LEVEL,
+                 max_level: int = config_lib.MAX_LEVEL, **kwargs):
         super().__init__(**kwargs)
         if not min_level <= BACKBONE_MAX_LEVEL <= max_level:
             raise ValueError(f"FPN: need min_level <= {BACKBONE_MAX_LEVEL} <= max_level, got "

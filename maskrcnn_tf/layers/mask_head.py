@@ -19,11 +19,16 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from maskrcnn_tf import config as config_lib
+
 UPSAMPLE_FACTOR = 2  # the deconv doubles 14x14 to 28x28
 PREDICTOR_INIT_STD = 0.001  # detectron2 MaskRCNNConvUpsampleHead
 # detectron2 c2_msra_fill: kaiming_normal_(mode="fan_out", nonlinearity="relu").
 MSRA_FILL = keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
 CHANNEL_AXIS = 4  # of the [B, S, M, M, K] mask logits
+
+
+_HEADS = config_lib.HeadConfig()  # defaults live in config.py
 
 
 @keras.saving.register_keras_serializable(package="maskrcnn_tf")
@@ -40,7 +45,8 @@ class MaskHead(keras.layers.Layer):
     mask logits float32 [B, S, 2M, 2M] for each RoI's class.
     """
 
-    def __init__(self, *, num_classes: int, num_convs: int = 4, num_filters: int = 256, **kwargs):
+    def __init__(self, *, num_classes: int, num_convs: int = _HEADS.mask_num_convs,
+                 num_filters: int = _HEADS.mask_num_filters, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.num_convs = num_convs

@@ -15,12 +15,16 @@ Slots left empty (fewer survivors than R) have `proposal_valid` False and box [0
 import keras
 import tensorflow as tf
 
+from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.ops import boxes as box_ops
 from maskrcnn_tf.ops import nms as nms_ops
 
 # Objectness given to removed candidates (tiny boxes); far below any real logit, still finite so that
 # NMS and top-k see ordinary numbers.
 _REMOVED_SCORE = -1e9
+
+
+_RPN = config_lib.RPNConfig()  # defaults live in config.py
 
 
 @keras.saving.register_keras_serializable(package="maskrcnn_tf")
@@ -34,8 +38,10 @@ class ProposalGenerator(keras.layers.Layer):
     (objectness logits), proposal_valid bool [B, R].
     """
 
-    def __init__(self, *, pre_nms_top_k_train=2000, post_nms_top_k_train=1000, pre_nms_top_k_test=1000,
-                 post_nms_top_k_test=1000, nms_iou=0.7, min_box_size=0.0, **kwargs):
+    def __init__(self, *, pre_nms_top_k_train=_RPN.pre_nms_top_k_train,
+                 post_nms_top_k_train=_RPN.post_nms_top_k_train, pre_nms_top_k_test=_RPN.pre_nms_top_k_test,
+                 post_nms_top_k_test=_RPN.post_nms_top_k_test, nms_iou=_RPN.nms_iou,
+                 min_box_size=_RPN.min_box_size, **kwargs):
         super().__init__(**kwargs)
         self.pre_nms_top_k_train = pre_nms_top_k_train
         self.post_nms_top_k_train = post_nms_top_k_train

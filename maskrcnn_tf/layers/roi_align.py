@@ -8,9 +8,12 @@ The "gather" backend compiles (TPUs, jit_compile=True train steps).
 
 import keras
 
+from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.ops import roi_align as roi_align_ops
 
 BACKENDS = roi_align_ops.BACKENDS
+
+_ROI = config_lib.RoIConfig()  # defaults live in config.py
 
 
 @keras.saving.register_keras_serializable(package="maskrcnn_tf")
@@ -19,8 +22,8 @@ class MultilevelRoIAlign(keras.layers.Layer):
     pixels) -> [B, R, output_size, output_size, C] in the features' dtype. Levels P2..P5 only (P6 is
     for the RPN), level per box from its size (docs/design.md section 6)."""
 
-    def __init__(self, *, output_size=7, sampling_ratio=2, backend="crop_and_resize", gradient="sparse_matmul",
-                 aligned=True, **kwargs):
+    def __init__(self, *, output_size=_ROI.box_output_size, sampling_ratio=_ROI.sampling_ratio,
+                 backend=_ROI.roi_align_backend, gradient="sparse_matmul", aligned=_ROI.aligned, **kwargs):
         super().__init__(**kwargs)
         if backend not in BACKENDS:
             raise ValueError(f"MultilevelRoIAlign: backend={backend!r}; allowed: {BACKENDS}")

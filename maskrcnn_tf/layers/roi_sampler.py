@@ -15,11 +15,15 @@ into the candidates (proposals, then gt boxes).
 import keras
 import tensorflow as tf
 
+from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.ops import boxes as box_ops
 from maskrcnn_tf.ops import matching
 from maskrcnn_tf.ops import sampling
 
 _IGNORE = -1
+
+
+_ROI = config_lib.RoIConfig()  # defaults live in config.py
 
 
 @keras.saving.register_keras_serializable(package="maskrcnn_tf")
@@ -36,8 +40,9 @@ class RoISampler(keras.layers.Layer):
       is_valid          bool    [B, S]     False for slots left empty (too few candidates)
     """
 
-    def __init__(self, *, num_samples=512, foreground_fraction=0.25, foreground_iou=0.5,
-                 background_iou_high=0.5, background_iou_low=0.0, append_gt_boxes=True, **kwargs):
+    def __init__(self, *, num_samples=_ROI.num_samples, foreground_fraction=_ROI.foreground_fraction,
+                 foreground_iou=_ROI.foreground_iou, background_iou_high=_ROI.background_iou_high,
+                 background_iou_low=_ROI.background_iou_low, append_gt_boxes=True, **kwargs):
         super().__init__(**kwargs)
         self.num_samples = num_samples
         self.foreground_fraction = foreground_fraction

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import keras
 
+from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.layers.banded_conv import BandedConv2D
 
 BOX_CODE_SIZE = 4  # [dy, dx, dh, dw]
 RPN_INIT_STD = 0.01  # detectron2 StandardRPNHead
+
+
+_MODEL = config_lib.ModelConfig()  # defaults live in config.py
 
 
 @keras.saving.register_keras_serializable(package="maskrcnn_tf")
@@ -37,7 +41,8 @@ class RPNHead(keras.layers.Layer):
     {"P2": float32 [B, H_2, W_2, A * 4] [dy, dx, dh, dw] per anchor, ...}, same keys as the input.
     """
 
-    def __init__(self, *, num_anchors_per_location: int = 3, num_filters: int = 256, **kwargs):
+    def __init__(self, *, num_anchors_per_location: int = len(_MODEL.anchors.aspect_ratios),
+                 num_filters: int = _MODEL.rpn_num_filters, **kwargs):
         super().__init__(**kwargs)
         self.num_anchors_per_location = num_anchors_per_location
         self.num_filters = num_filters
