@@ -88,8 +88,9 @@ class MaskRCNN(keras.Model):
 
     def __init__(self, *, backbone, fpn, rpn_head, anchor_labeler, proposal_generator, roi_sampler,
                  box_roi_align, box_head, detection_generator, mask_roi_align=None, mask_head=None,
-                 anchors, image_size, max_mask_rois=128, rpn_box_loss_beta=0.0, rcnn_box_loss_beta=0.0,
-                 clip_grad_norm=0.0, static_shapes=False, sampling_seed=None, **kwargs):
+                 anchors, image_size, max_mask_rois, rpn_box_loss_beta, rcnn_box_loss_beta,
+                 clip_grad_norm, static_shapes=False, sampling_seed=None, **kwargs):
+        # No defaults for config values: build_model passes them from the Config (config.py holds defaults).
         # The model itself is float32 so its inputs (image_info especially) are never cast to float16.
         super().__init__(dtype="float32", **kwargs)
         self.backbone = backbone
