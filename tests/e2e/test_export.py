@@ -244,3 +244,52 @@ def test_predictor_from_saved_model_matches_keras(exported):
     np.testing.assert_array_equal(result["category_ids"], ref["classes"])
     np.testing.assert_array_equal(np.array(CATEGORY_IDS)[result["classes"] - 1], ref["classes"])
     assert result["masks"].shape == (ref["num"],) + SIZE_B and result["masks"].dtype == np.uint8
+
+
+# A 4000 x 3000 photo with D = 100 detections, pasted in a fresh process whose peak RSS is measured.
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    import keras, numpy as np, tensorflow as tf
+    from maskrcnn_tf.export import ServingModule
+    from maskrcnn_tf.model import build_model
+    from tests.e2e.synthetic import tiny_test_config
+
+    cfg = tiny_test_config(**{"model.detection.score_threshold": 0.0, "model.detection.max_detections": 100,
+                              "model.detection.pre_nms_top_k": 300, "model.detection.nms_iou": 1.0,
+                              "model.rpn.post_nms_top_k_test": 100})
+    keras.utils.set_random_seed(1)
+    module = ServingModule(build_model(cfg), cfg)
+    peak_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    photo = tf.constant(np.random.default_rng(0).integers(0, 255, (1, 3000, 4000, 3), dtype=np.uint8))
+    module.serve_tensor(photo[:, :300, :400])  # trace both signatures on a small image first
+    module.serve_tensor_box_masks(photo[:, :300, :400])
+    traced = peak_mb()
+    module.serve_tensor_box_masks(photo)
+    box = peak_mb()
+    out = module.serve_tensor(photo)
+    pasted = peak_mb()
+    print(json.dumps({"traced": traced, "box": box, "pasted": pasted,
+                      "num": int(out["num_detections"][0]), "shape": out["detection_masks_pasted"].shape.as_list(),
+                      "foreground": int(tf.reduce_sum(tf.cast(out["detection_masks_pasted"], tf.int64)))}))
+""")
+
+
+@pytest.mark.slow
+def test_pasting_memory_of_a_4000x3000_photo_with_100_detections_is_bounded(tmp_path):
+    from tests.conftest import REPO_ROOT
+
+    script = tmp_path / "memory.py"
+    script.write_text(MEMORY_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    d, h, w = 100, 3000, 4000
+    assert measured["num"] == d and measured["shape"] == [1, d, h, w] and measured["foreground"] > 0
+    output_mb = d * h * w / 2**20  # the uint8 output: 1144 MB
+    # Bound (export.py docstring): the output, its stacked copy, and a few float32 H x W buffers (46 MB
+    # each). The former float32 D x H x W paste buffer alone was 4 x output_mb (4.6 GB).
+    assert measured["pasted"] - measured["box"] < 2 * output_mb + 256, measured
+    # The box-local signature has no D x H x W term: only preprocessing the photo (its float32 copy is
+    # 137 MB) on top of the traced model.
+    assert measured["box"] - measured["traced"] < 400, measured
