@@ -26,7 +26,7 @@ import numpy as np
 from maskrcnn_tf import config as config_lib
 from maskrcnn_tf import run_dir
 from maskrcnn_tf.data import coco_classes
-from maskrcnn_tf.weights import detectron2_mapping, detectron2_pickle, torch_pickle, torchvision_mapping
+from maskrcnn_tf.weights import detectron2_mapping, detectron2_pickle, layout, torch_pickle, torchvision_mapping
 
 CHECKPOINT_NAME = "ckpt-0"
 # torchvision's COCO_V1 category list names the ids that COCO 2017 does not use "N/A".
@@ -37,17 +37,23 @@ class Source(NamedTuple):
     preset: str
     read: Callable[[str], Dict[str, np.ndarray]]
     has_mask_head: Callable[[Dict[str, np.ndarray]], bool]
-    assign: Callable
+    # (state_dict, cfg) -> ({variable path: array}, {path: checkpoint key}): the key mapping, checked
+    # before the (slow) model build so that a checkpoint of another architecture fails fast.
+    variables: Callable
     # Contiguous class i + 1 <-> COCO category id; None = the 80 COCO 2017 categories in id order.
     category_ids: tuple
 
 
 SOURCES = {
     "torchvision": Source("torchvision_maskrcnn_r50_fpn", torch_pickle.load_state_dict,
-                          torchvision_mapping.has_mask_head, torchvision_mapping.assign_torchvision_weights,
+                          torchvision_mapping.has_mask_head,
+                          lambda sd, cfg: torchvision_mapping.torchvision_variables(
+                              sd, cfg.model.num_classes, cfg.model.roi.box_output_size, cfg.model.include_mask),
                           tuple(range(1, config_lib.TORCHVISION_COCO_NUM_CLASSES + 1))),
     "detectron2": Source("detectron2_r50_fpn_1x", detectron2_pickle.load_state_dict,
-                         detectron2_mapping.has_mask_head, detectron2_mapping.assign_detectron2_weights,
+                         detectron2_mapping.has_mask_head,
+                         lambda sd, cfg: detectron2_mapping.detectron2_variables(
+                             sd, cfg.model.num_classes, cfg.model.roi.box_output_size),
                          tuple(cid for cid, _ in coco_classes.COCO_CATEGORIES)),
 }
 
@@ -100,9 +106,11 @@ def import_weights(source: str, checkpoint: str, model_dir: str, overrides: Dict
 
     from maskrcnn_tf.model import build_model  # late import: building pulls in all of TF/Keras
 
-    model = build_model(cfg)
     try:
-        spec.assign(model, state_dict)
+        values, sources = spec.variables(state_dict, cfg)
+        model = build_model(cfg)
+        # The mappings' REQUIRED_PREFIXES are the same: the backbone and the four heads.
+        layout.assign(model, values, sources, torchvision_mapping.REQUIRED_PREFIXES)
     except ValueError as e:
         message = str(e)
         raise ValueError(message if message.startswith(checkpoint) else f"{checkpoint}: {message}") from None
@@ -114,7 +122,11 @@ def import_weights(source: str, checkpoint: str, model_dir: str, overrides: Dict
         _write_json(os.path.join(temporary, run_dir.CONFIG_FILE), config_lib.to_dict(cfg))
         _write_json(os.path.join(temporary, run_dir.LABEL_MAP_FILE), _categories(spec.category_ids))
         checkpoint_dir = os.path.join(temporary, run_dir.CHECKPOINT_DIR)
-        run_dir.make_checkpoint(model).write(os.path.join(checkpoint_dir, CHECKPOINT_NAME))
+        checkpoint_object = run_dir.make_checkpoint(model)
+        # Created before writing so it is saved: readers restore with assert_existing_objects_matched,
+        # which counts the save counter (Checkpoint.write alone would leave it out).
+        checkpoint_object.save_counter  # noqa: B018
+        checkpoint_object.write(os.path.join(checkpoint_dir, CHECKPOINT_NAME))
         # The state file tf.train.latest_checkpoint reads, with a path relative to its directory so that
         # the rename below (and any later move of the model directory) keeps it valid.
         with open(os.path.join(checkpoint_dir, "checkpoint"), "w", encoding="utf-8") as f:

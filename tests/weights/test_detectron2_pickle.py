@@ -16,7 +16,9 @@ import pickle
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.torch_oracle import import_torch  # noqa: E402
+
+torch = import_torch()
 F = torch.nn.functional
 
 from maskrcnn_tf import config as config_lib  # noqa: E402
@@ -26,7 +28,7 @@ from maskrcnn_tf.weights import detectron2_mapping, detectron2_pickle  # noqa: E
 NUM_CLASSES = 80
 R50_BLOCKS = (3, 4, 6, 3)
 STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths of res2..res5; outputs are 4x
-FROZEN_BN_EPS = 1e-5  # detectron2 FrozenBatchNorm2d
+FROZEN_BN_EPS = 1e-5  # detectron2 FrozenBatchNorm2d (the detectron2_r50_fpn_1x preset's norm_epsilon)
 IMAGE_SIZE = 64
 
 
@@ -137,7 +139,7 @@ def d2_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def d2_model(d2_checkpoint):
     path, _ = d2_checkpoint
-    cfg = config_lib.replace(config_lib.get_preset("coco_r50_fpn_1x"), **{
+    cfg = config_lib.replace(config_lib.get_preset("detectron2_r50_fpn_1x"), **{
         "model.image_size": (IMAGE_SIZE, IMAGE_SIZE), "model.backbone.weights": None,
         "model.rpn.pre_nms_top_k_test": 50, "model.rpn.post_nms_top_k_test": 20,
         "model.detection.max_detections": 10, "model.detection.pre_nms_top_k": 50})
@@ -228,7 +230,7 @@ def test_mask_head_equals_detectron2(d2_checkpoint, d2_model):
 
 
 def _build(include_mask=True):
-    cfg = config_lib.replace(config_lib.get_preset("coco_r50_fpn_1x"), **{
+    cfg = config_lib.replace(config_lib.get_preset("detectron2_r50_fpn_1x"), **{
         "model.image_size": (IMAGE_SIZE, IMAGE_SIZE), "model.backbone.weights": None,
         "model.include_mask": include_mask, "model.rpn.pre_nms_top_k_test": 50,
         "model.rpn.post_nms_top_k_test": 20, "model.detection.max_detections": 10,

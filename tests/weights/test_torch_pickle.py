@@ -6,7 +6,9 @@ import zipfile
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.torch_oracle import import_torch  # noqa: E402
+
+torch = import_torch()
 
 from maskrcnn_tf.weights import torch_pickle  # noqa: E402
 
