@@ -137,3 +137,16 @@ def test_txt_paths_with_spaces_and_a_repeated_image(tmp_path, capsys):
                                                                 "the annotation file lists files like 'gone dir/x.jpg'"):
         txt_converter.convert_txt(str(image_dir), str(tmp_path / "gone.txt"), str(tmp_path / "out" / "g"),
                                   progress=False)
+
+
+def test_unwritable_output_prefix_is_a_one_line_error(tmp_path):
+    root = shared_data("coco_val2017_10")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = _coco_to_tfrecord(f"--image_dir={root / 'images'}",
+                             f"--annotation_file={root / 'annotations' / 'instances_val2017_subset.json'}",
+                             f"--output_prefix={blocker / 'out' / 'val'}", "--num_shards=1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(blocker) in last, last
+    assert blocker.read_text() == "not a directory" and os.listdir(tmp_path) == ["a_file"]

@@ -105,3 +105,14 @@ def test_export_cli_reports_missing_checkpoint(tmp_path):
                cwd=tmp_path)
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1].startswith("error: ") and "no checkpoint" in run.stderr
+
+
+def test_read_image_says_empty_file(tmp_path):
+    from maskrcnn_tf.predictor import read_image
+
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="^empty file$"):
+        read_image(str(tmp_path / "empty.jpg"))
+    (tmp_path / "one.png").write_bytes(cv2.imencode(".png", np.zeros((3, 5, 3), np.uint8))[1].tobytes())
+    assert read_image(str(tmp_path / "one.png")).shape == (3, 5, 3)  # the check does not refuse real files
+
