@@ -3,7 +3,9 @@
 `Predictor` wraps either a model directory (Keras model restored from its checkpoint, wrapped in the same
 export.ServingModule the SavedModel is made of, so both paths run identical graph code) or a SavedModel
 written by export.py (loaded with plain `tf.saved_model.load`; its `metadata` signature gives the class
-names). `predict(image)` returns the detections of one RGB image in ORIGINAL pixels.
+names). `predict(images)` takes image paths, encoded bytes or uint8 RGB arrays, one or a list, and
+returns the detections of each in ORIGINAL pixels; `maskrcnn_tf.load(path)` (loading.py) picks the
+constructor from what is on disk.
 
 `predict_files` writes per input image `<stem>.png` (masks, boxes, "name score" labels drawn with
 visualize.draw_detections) and `<stem>.json`:
@@ -38,7 +40,8 @@ DEFAULT_SCORE_THRESHOLD = 0.5
 
 
 class Predictor:
-    """Detections of single RGB images. Build with `from_model_dir` or `from_saved_model`."""
+    """Detections of RGB images. Build with `maskrcnn_tf.load`, `from_model_dir`, `from_saved_model` or
+    `from_keras_model`."""
 
     def __init__(self, detect_fn, category_ids: Sequence[int], class_names: Sequence[str]):
         """detect_fn: uint8 [1, h, w, 3] tensor -> output dict of export.py's image_tensor signature.
