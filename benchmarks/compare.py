@@ -23,8 +23,14 @@ include its start-up and model build); summary lines repeat them as "process_cpu
 seconds and faults measure the kernel's share (memory the allocator unmapped and faults in again) and,
 unlike wall time, barely move when the machine is shared.
 
-Cases and scripts: infer, train -> <side>_model.py; conv -> conv_peak.py --side=<side> (ours = TF,
-torchvision = torch; Model Garden has no conv case, it would measure the same TF); convert, pipeline ->
+infer_800 (not in the defaults): the same seeded random torchvision weights on both sides, one 800 x 1333
+image, batch 1, each side's COCO inference settings (ours: the torchvision_maskrcnn_r50_fpn preset with
+the weights imported by maskrcnn_tf.weights, canvas --ours_canvas or the preset's 1344 x 1344). compare.py
+first has the torchvision script write the shared .pth (--write_weights), then runs ours, then torchvision.
+
+Cases and scripts: infer, train -> <side>_model.py; infer_800 -> <side>_infer_800.py;
+conv -> conv_peak.py --side=<side> (ours = TF, torchvision = torch; Model Garden has no conv case, it
+would measure the same TF); convert, pipeline ->
 <side>_convert.py / <side>_pipeline.py (Model Garden only). A script that does not exist yet or a peer
 python that is missing gives a JSON line saying so, never a crash. --image_size/--repeats go to the model
 and conv cases only; data cases get --data_flags verbatim.
@@ -50,13 +56,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CASES_DIR = os.path.join(HERE, "cases")
 DEFAULT_CASES = ("infer", "train", "conv")
-ALL_CASES = DEFAULT_CASES + ("convert", "pipeline", "gpu_train")  # gpu_train: NVIDIA GPUs only (ours_gpu_train.py)
+ALL_CASES = DEFAULT_CASES + ("convert", "pipeline", "gpu_train", "infer_800")  # gpu_train: NVIDIA GPUs only (ours_gpu_train.py)
 PEERS = ("torchvision", "modelgarden")
 MODEL_CASES = ("infer", "train")
 DATA_CASES = ("convert", "pipeline")
 # Which peers have each case (conv: Model Garden runs the same TF as ours; data: torchvision has none).
 CASE_PEERS = {"infer": PEERS, "train": PEERS, "conv": ("torchvision",), "convert": ("modelgarden",),
-              "pipeline": ("modelgarden",), "gpu_train": ()}
+              "pipeline": ("modelgarden",), "gpu_train": (), "infer_800": ("torchvision",)}
 # (peer, case) -> (comparison, bound) on ours/theirs.
 GOALS = {
     ("torchvision", "infer"): ("<=", 0.75),
@@ -86,6 +92,7 @@ def parse_args(argv=None):
                         help="Model Garden box head (default 2fc, as ours and torchvision)")
     parser.add_argument("--tv_candidates", type=int, default=None,
                         help="torchvision infer: NMS candidates of its second series (default 1000; 0 = off)")
+    parser.add_argument("--ours_canvas", default=None, help="infer_800, ours: HxW canvas (default: the preset's)")
     parser.add_argument("--data_flags", default="", help="extra flags for the convert/pipeline scripts")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per case process")
     parser.add_argument("--log_dir", default=None, help="where each process's stderr goes (default: a tmp dir)")
@@ -113,12 +120,16 @@ def command(case: str, side: str, args):
     """(python, script path, flags) of one case on one side."""
     if case == "conv":
         script, flags = os.path.join(CASES_DIR, "conv_peak.py"), [f"--side={side}"]
+    elif case == "infer_800":
+        script, flags = os.path.join(CASES_DIR, f"{side}_infer_800.py"), [f"--weights={args.shared_weights}"]
+        if side == "ours" and args.ours_canvas:
+            flags.append(f"--canvas={args.ours_canvas}")
     elif case in MODEL_CASES:
         script, flags = os.path.join(CASES_DIR, f"{side}_model.py"), []
     else:
         script, flags = os.path.join(CASES_DIR, f"{side}_{case}.py"), shlex.split(args.data_flags)
     if case not in DATA_CASES:
-        if args.image_size and case != "conv":
+        if args.image_size and case not in ("conv", "infer_800"):
             flags.append(f"--image_size={args.image_size}")
         if args.repeats:
             flags.append(f"--repeats={args.repeats}")
@@ -176,6 +187,25 @@ def run_case(case: str, side: str, args, log_dir: str):
     record["process_wall_s"] = wall
     record["process_cpu"] = process_cpu
     return record
+
+
+def prepare_shared_weights(args, log_dir: str):
+    """infer_800: the torchvision script writes the checkpoint both sides load. None when done, else a
+    skipped / error record."""
+    python, script, flags = command("infer_800", "torchvision", args)
+    base = {"case": "infer_800"}
+    if "torchvision" not in args.peer_list:
+        return dict(base, skipped="infer_800 needs the torchvision peer (it writes the shared weights)")
+    if not os.path.exists(python):
+        return dict(base, skipped=f"python not found: {python}")
+    log_path = os.path.join(log_dir, "infer_800_write_weights.stderr")
+    with open(log_path, "w") as log:
+        result = subprocess.run([python, script] + flags + ["--write_weights"], stdout=subprocess.PIPE, stderr=log,
+                                text=True, cwd=ROOT, timeout=args.timeout)
+    if result.returncode != 0 or not os.path.exists(args.shared_weights):
+        return dict(base, error=f"writing the shared weights failed (exit code {result.returncode})",
+                    stderr_log=log_path)
+    return None
 
 
 def summarize(case: str, peer: str, ours: dict, theirs: dict) -> dict:
@@ -260,8 +290,15 @@ def main(argv=None):
     print(f"[compare] stderr of each case process goes to {log_dir}", file=sys.stderr, flush=True)
     emit(meta(args))
     results = {}
+    args.shared_weights = os.path.join(log_dir, "infer_800_torchvision_weights.pth")
     for case in args.case_list:
         peers = [p for p in args.peer_list if p in CASE_PEERS[case]]
+        if case == "infer_800":
+            prepared = prepare_shared_weights(args, log_dir)
+            if prepared is not None:  # no shared weights: neither side can run
+                for side in ["ours"] + peers:
+                    emit(dict(prepared, side=side))
+                continue
         for side in ["ours"] + peers:
             results[(case, side)] = run_case(case, side, args, log_dir)
             emit(results[(case, side)])

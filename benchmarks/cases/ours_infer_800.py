@@ -1,0 +1,90 @@
+"""maskrcnn_tf side of `infer_800`: the torchvision checkpoint that torchvision_infer_800.py runs, imported
+with maskrcnn_tf.weights (no torch), on the same 800 x 1333 image. One JSON line on stdout, logs on stderr.
+
+  python benchmarks/cases/ours_infer_800.py --case=infer_800 --weights=FILE.pth [--repeats=5] [--canvas=HxW]
+
+The model is the torchvision_maskrcnn_r50_fpn preset (short side 800 / long side <= 1333) with the
+weights assigned by torchvision_mapping; the timed call is export.ServingModule.serve_tensor on the uint8
+image: preprocessing (normalise, resize at scale 1, pad to the canvas), the network, back-mapping and
+masks pasted at the image size, the work torchvision's model(images) does. The preset's canvas is
+1344 x 1344 (either orientation at full scale); --canvas=832x1344 gives the landscape canvas torchvision
+pads this image to (800 x 1344 rounded up to our multiple of 64). The JSON holds the canvas, the number
+of detections and the import time (reading the .pth and assigning the weights, not timed in `value`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as harness  # noqa: E402
+
+SIDE = "ours"
+HEIGHT, WIDTH = 800, 1333
+
+
+def parse_args():
+    parser = harness.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--weights", required=True, help="the shared torchvision state dict (.pth)")
+    # Smaller settings only to check the script quickly; the case is 800 x 1333, short side 800, long <= 1333.
+    parser.add_argument("--height", type=int, default=HEIGHT)
+    parser.add_argument("--width", type=int, default=WIDTH)
+    parser.add_argument("--short_side", type=int, default=800)
+    parser.add_argument("--max_long_side", type=int, default=1333)
+    parser.add_argument("--canvas", default=None, help="HxW model canvas (default: the preset's)")
+    args = parser.parse_args()
+    if args.case != "infer_800":
+        parser.error("--case must be infer_800")
+    args.repeats = args.repeats or 5
+    return args
+
+
+def main():
+    harness.claim_stdout()
+    args = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from maskrcnn_tf import host_allocator
+
+    allocator = host_allocator.configure()  # before TF allocates, as every program of ours does
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    from maskrcnn_tf.export import ServingModule
+    from maskrcnn_tf.model import build_model
+    from maskrcnn_tf.weights import importer, layout, torch_pickle, torchvision_mapping
+
+    overrides = {"model.resize_short_side": args.short_side, "model.resize_max_long_side": args.max_long_side}
+    if args.canvas:
+        overrides["model.image_size"] = tuple(int(v) for v in args.canvas.lower().split("x"))
+    start = time.perf_counter()
+    state_dict = torch_pickle.load_state_dict(args.weights)
+    cfg = importer.import_config("torchvision", torchvision_mapping.has_mask_head(state_dict), overrides)
+    values, sources = importer.SOURCES["torchvision"].variables(state_dict, cfg)
+    model = build_model(cfg)
+    layout.assign(model, values, sources, torchvision_mapping.REQUIRED_PREFIXES)
+    import_s = time.perf_counter() - start
+    serving = ServingModule(model, cfg)
+    rgb = harness.smooth_noise_image(np, max(args.height, args.width))[:args.height, :args.width]
+    # [800, 1333, 3] uint8 by default, the same image as the torchvision side
+    images = tf.constant(np.ascontiguousarray(rgb)[None])
+
+    def run():
+        outputs = serving.serve_tensor(images)
+        return int(outputs["num_detections"].numpy()[0]), list(outputs["detection_masks_pasted"].shape)
+
+    first, runs, (num_detections, mask_shape) = harness.time_calls(run, args.repeats)
+    harness.emit(harness.record(
+        args.case, SIDE, "seconds", runs, first,
+        versions={"tensorflow": tf.__version__, "keras": keras.__version__},
+        image_hw=[args.height, args.width], short_side=args.short_side, max_long_side=args.max_long_side,
+        batch_size=1, canvas=list(cfg.model.image_size), intra_threads=args.threads,
+        config="torchvision_maskrcnn_r50_fpn", import_s=round(import_s, 2), num_detections=num_detections,
+        mask_output_shape=mask_shape, host_allocator=allocator))
+
+
+if __name__ == "__main__":
+    main()
