@@ -18,12 +18,12 @@ export.py, the benchmark cases), before TensorFlow allocates anything:
 
 Decisions:
 - host_memory.HeapTrimmer and these settings must not fight: malloc_trim releases every free page,
-  including the ones kept for the next step. While this module is active the trimmer asks
-  `trim_wanted()` first, which says yes only after a burst of frees: the heap's free bytes (mallinfo2)
-  rose more than `KEEP_FREE_BYTES` above their lowest value since the last trim. Graph building and
-  Grappler free hundreds of MB at once (the trimmer's purpose: the first step's peak RSS); a step's
-  own churn is reused by the next step and stays. The free-byte count itself cannot be the test: it
-  keeps counting pages that an earlier trim already released.
+  including the ones kept for the next step. The trimmer exists for the peak RSS (graph building and
+  Grappler free hundreds of MB inside the first step), so while this module is active it trims only
+  when the resident set is within PEAK_MARGIN_BYTES of its high-water mark (`trim_wanted()`,
+  `NearPeak`): while the first step climbs to the peak it trims every period as before; below the
+  peak, freed memory stays for reuse. A rule on free heap bytes (mallinfo2) does not work: they keep
+  counting pages an earlier trim already released, and a step's own churn can exceed any budget.
 - Only glibc has `mallopt` with these meanings. Without it (macOS, musl) `configure()` does nothing and
   says so in its result, quietly: no warning, no error.
 - Off switch: MASKRCNN_TF_HOST_ALLOCATOR=off (or 0/false/no) in the environment; then glibc's defaults
@@ -48,15 +48,9 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's maximum on 64-bit (HEAP_MAX_SIZE / 2)
 KEEP_FREE_BYTES = 256 << 20  # trim threshold: free heap kept for reuse
 TOP_PAD_BYTES = 64 << 20  # extra heap requested per sbrk/heap growth (virtual until touched)
+PEAK_MARGIN_BYTES = 64 << 20  # HeapTrimmer trims only this close to the peak RSS (trim_wanted)
 SETTINGS = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, KEEP_FREE_BYTES),
             (M_TOP_PAD, TOP_PAD_BYTES))
-
-
-class _Mallinfo2(ctypes.Structure):
-    """glibc's struct mallinfo2 (glibc >= 2.33): ten size_t counters."""
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-                 "fordblks", "keepcost")]
 
 
 def _load_libc():
@@ -111,35 +105,40 @@ def active() -> bool:
     return _active
 
 
-def heap_free_bytes(libc=None) -> Optional[int]:
-    """Free bytes held by glibc's heaps (mallinfo2 fordblks, all arenas), or None without glibc >= 2.33."""
-    mallinfo2 = _glibc_function(_LIBC if libc is None else libc, "mallinfo2", _Mallinfo2, [])
-    return None if mallinfo2 is None else int(mallinfo2().fordblks)
+def resident_bytes() -> Optional[int]:
+    """This process's resident set size now (Linux /proc/self/statm), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
-class FreedBurst:
-    """Callable: True when the free heap grew more than `budget` bytes above its lowest value since the
-    last True (or since creation); `read` returns the free bytes (None: unknown, then always True)."""
+def peak_resident_bytes() -> Optional[int]:
+    """The kernel's high-water mark of this process's RSS (ru_maxrss, KiB on Linux), or None."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    def __init__(self, budget: int = KEEP_FREE_BYTES, read=heap_free_bytes):
-        self.budget, self._read, self._low = budget, read, None
+
+class NearPeak:
+    """Callable: True when the resident set is within `margin` bytes of its high-water mark, the only
+    time a trim can lower the peak RSS; `read` / `read_peak` give the two (None: unknown, then True)."""
+
+    def __init__(self, margin: int = PEAK_MARGIN_BYTES, read=resident_bytes, read_peak=peak_resident_bytes):
+        self.margin, self._read, self._read_peak = margin, read, read_peak
 
     def __call__(self) -> bool:
-        free = self._read()
-        if free is None:
-            return True
-        if self._low is None or free < self._low:
-            self._low = free
-        if free - self._low > self.budget:
-            self._low = free  # what is freed now is released by the trim that follows
-            return True
-        return False
+        rss, peak = self._read(), self._read_peak()
+        return rss is None or peak is None or rss >= peak - self.margin
 
 
-_freed_burst = FreedBurst()
+_near_peak = NearPeak()
 
 
 def trim_wanted() -> bool:
     """Whether host_memory.HeapTrimmer should trim now: always when this module is not active (glibc's
-    defaults), else only after a burst of frees larger than KEEP_FREE_BYTES (see FreedBurst)."""
-    return True if not _active else _freed_burst()
+    defaults), else only near the peak RSS (see NearPeak)."""
+    return True if not _active else _near_peak()

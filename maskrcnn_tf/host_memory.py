@@ -66,7 +66,7 @@ class HeapTrimmer:
 
     def _run(self):
         while not self._stop.wait(self.period_s):
-            # With host_allocator's settings, only a burst of frees is trimmed (a step's reuse stays).
+            # With host_allocator's settings active, only near the peak RSS (below it, freed memory is reused).
             if host_allocator.trim_wanted():
                 trim()
                 self.trims += 1

@@ -1,5 +1,6 @@
 """host_allocator: the malloc settings really apply (and keep freed blocks for reuse), the off switch and a
-C library without glibc's mallopt leave everything alone quietly, and the trimmer's burst rule."""
+C library without glibc's mallopt leave everything alone quietly, every program configures it, and the
+trimmer's near-the-peak rule."""
 import ctypes
 import json
 import os
@@ -10,9 +11,18 @@ import textwrap
 import pytest
 
 from maskrcnn_tf import host_allocator
-from maskrcnn_tf.host_allocator import FreedBurst
+from maskrcnn_tf.host_allocator import NearPeak
 
-GLIBC = host_allocator._glibc_function(host_allocator._LIBC, "mallinfo2", host_allocator._Mallinfo2, []) is not None
+
+
+class Mallinfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (glibc >= 2.33): ten size_t counters."""
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
+
+
+GLIBC = host_allocator._glibc_function(host_allocator._LIBC, "mallinfo2", Mallinfo2, []) is not None
 
 # A fresh interpreter: configures (or not) as a program's first line would, then mallocs a 16 MiB block,
 # touches it and frees it, then counts the page faults of 20 more such rounds. With glibc's defaults the
@@ -22,10 +32,13 @@ _PROBE = textwrap.dedent("""
     import ctypes, json, resource, sys
     from maskrcnn_tf import host_allocator
     status = host_allocator.configure()
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                    "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
     libc = host_allocator._LIBC
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    mallinfo2 = host_allocator._glibc_function(libc, "mallinfo2", host_allocator._Mallinfo2, [])
+    mallinfo2 = host_allocator._glibc_function(libc, "mallinfo2", Mallinfo2, [])
     size = 16 << 20
     mapped_before = mallinfo2().hblks  # blocks mapped by the interpreter's start-up
     pointer = libc.malloc(size)
@@ -100,7 +113,6 @@ def test_without_glibc_nothing_happens_quietly(capfd):
     macos_like = _LibcWithout("malloc", "free")  # no mallopt at all
     for libc in (musl_like, macos_like):
         assert host_allocator.configure(environ={}, libc=libc) == "unavailable"
-        assert host_allocator.heap_free_bytes(libc=libc) is None
     assert musl_like.calls == []  # never called a mallopt whose parameter numbers may mean something else
     assert capfd.readouterr() == ("", "")
 
@@ -122,22 +134,27 @@ def test_settings_are_the_documented_values():
     assert all(0 < value < 2**31 for value in settings.values())  # mallopt takes a C int
 
 
-def test_freed_burst_trims_only_after_a_burst_of_frees():
+def test_near_peak_trims_only_close_to_the_high_water_mark():
     mib = 1 << 20
-    readings = iter([500, 450, 520, 700, 710, 400, 690, 940, None])
-    burst = FreedBurst(budget=256 * mib, read=lambda: (lambda v: None if v is None else v * mib)(next(readings)))
-    # 500 (low 500), 450 (low 450), 520 (+70 over low), 700 (+250): a step's churn stays.
-    assert [burst() for _ in range(4)] == [False, False, False, False]
-    # 710: +260 over the low of 450 -> a burst: trim, and 710 becomes the new reference.
-    assert burst()
-    # 400 (new low), 690 (+290 over 400) -> trim; 940 is +250 over 690 -> no trim.
-    assert [burst(), burst(), burst()] == [False, True, False]
-    assert burst()  # unknown free bytes (no mallinfo2): trim, as without this module
+    rss = iter([1000, 990, 900, 960, 1100, None, 800])
+    peak = iter([1000, 1000, 1000, 1000, 1100, 1100, None])
+    near = NearPeak(margin=64 * mib, read=lambda: (lambda v: v and v * mib)(next(rss)),
+                    read_peak=lambda: (lambda v: v and v * mib)(next(peak)))
+    # at the peak, 10 MiB below, 100 MiB below (no), 40 MiB below, a new peak
+    assert [near() for _ in range(5)] == [True, True, False, True, True]
+    assert near() and near()  # RSS or peak unknown (not Linux): trim, as without this module
+
+
+def test_near_peak_reads_this_process():
+    rss, peak = host_allocator.resident_bytes(), host_allocator.peak_resident_bytes()
+    if rss is None:
+        pytest.skip("no /proc/self/statm")
+    assert 0 < rss <= peak * 1.01  # the high-water mark is at least the current RSS (sampling aside)
 
 
 def test_trim_wanted_is_always_true_when_not_configured(monkeypatch):
     monkeypatch.setattr(host_allocator, "_active", False)
-    monkeypatch.setattr(host_allocator, "_freed_burst", lambda: False)
+    monkeypatch.setattr(host_allocator, "_near_peak", lambda: False)
     assert host_allocator.trim_wanted()
     monkeypatch.setattr(host_allocator, "_active", True)
     assert not host_allocator.trim_wanted()
