@@ -505,6 +505,8 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
         scratch = distribute.worker_scratch_dir(model_dir, resolver.task_type, resolver.task_id)
         if tf.io.gfile.exists(scratch):  # left by a killed run of this worker
             tf.io.gfile.rmtree(scratch)
+            if verbose:  # this worker's own console (say() prints on the chief only)
+                print(f"removed {scratch}: scratch checkpoints of an earlier run of this worker", flush=True)
         tf.io.gfile.makedirs(scratch)
         manager_dir = scratch
     manager = tf.train.CheckpointManager(checkpoint, manager_dir, max_to_keep=cfg.train.keep_checkpoints,

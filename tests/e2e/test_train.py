@@ -177,6 +177,9 @@ def test_train_on_coco_writes_run_dir_and_loss_log(coco_run, coco_records):
     assert {f"loss/{name}" for name in training.LOSS_LOG_NAMES} <= set(scalars)
     assert re.search(r"steps/s [\d.]+ images/s", proc.stdout)
     assert f"done: global step {COCO_STEPS}" in proc.stdout
+    # No Python INFO lines (absl's "I<mmdd> <time> <thread> <file>.py:<line>]", e.g. one "Sharding callback
+    # duration" per checkpoint save) among the progress lines.
+    assert not re.search(r"^I\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]", proc.stderr, re.M), proc.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -302,7 +305,8 @@ def test_multi_worker_mirrored_two_local_workers(coco_records, tmp_path):
     assert "2 replica(s) (CollectiveAllReduceStrategy)" in outputs[0][0]  # MWMS class name
     assert "done: global step 3" in outputs[1][0]  # the other worker ran to the end as well
     assert loss_log_steps(model_dir) == [1, 2, 3] and checkpoint_steps(model_dir) == [3]  # chief only
-    assert not os.path.exists(scratch)  # emptied at the start, removed at the end
+    assert f"removed {scratch}: scratch checkpoints of an earlier run" in outputs[1][0]  # emptied at the start
+    assert not os.path.exists(scratch)  # and removed at the end
 
 
 @pytest.fixture(scope="module")
