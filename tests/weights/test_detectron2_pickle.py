@@ -181,7 +181,8 @@ def test_rpn_head_equals_detectron2(d2_checkpoint, d2_model):
     x = np.random.default_rng(2).normal(0, 1, (1, 8, 8, 256)).astype(np.float32)
     scores, deltas = d2_model.rpn_head({"P3": x})
     with torch.no_grad():
-        hidden = F.relu(F.conv2d(torch.from_numpy(x.transpose(0, 3, 1, 2)), _t(sd, "proposal_generator.rpn_head.conv.weight"),
+        hidden = F.relu(F.conv2d(torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                                 _t(sd, "proposal_generator.rpn_head.conv.weight"),
                                  _t(sd, "proposal_generator.rpn_head.conv.bias"), padding=1))
         logits = F.conv2d(hidden, _t(sd, "proposal_generator.rpn_head.objectness_logits.weight"),
                           _t(sd, "proposal_generator.rpn_head.objectness_logits.bias"))
@@ -222,7 +223,8 @@ def test_mask_head_equals_detectron2(d2_checkpoint, d2_model):
     with torch.no_grad():
         x = torch.from_numpy(features[0].transpose(0, 3, 1, 2).copy())
         for i in range(1, 5):
-            x = F.relu(F.conv2d(x, _t(sd, f"{prefix}.mask_fcn{i}.weight"), _t(sd, f"{prefix}.mask_fcn{i}.bias"), padding=1))
+            x = F.relu(F.conv2d(x, _t(sd, f"{prefix}.mask_fcn{i}.weight"), _t(sd, f"{prefix}.mask_fcn{i}.bias"),
+                                padding=1))
         x = F.relu(F.conv_transpose2d(x, _t(sd, f"{prefix}.deconv.weight"), _t(sd, f"{prefix}.deconv.bias"), stride=2))
         logits = F.conv2d(x, _t(sd, f"{prefix}.predictor.weight"), _t(sd, f"{prefix}.predictor.bias")).numpy()
     for roi, cls in enumerate(classes[0]):
@@ -251,7 +253,8 @@ def test_wrong_architectures_name_the_key(d2_model):
     rng = np.random.default_rng(6)
     keypoint = r50_fpn_state_dict(rng)
     keypoint["roi_heads.keypoint_head.conv_fcn1.weight"] = np.zeros((512, 256, 3, 3), np.float32)
-    with pytest.raises(ValueError, match=r"key roi_heads\.keypoint_head\.conv_fcn1\.weight \(shape \(512, 256, 3, 3\)\)"):
+    keypoint_error = r"key roi_heads\.keypoint_head\.conv_fcn1\.weight \(shape \(512, 256, 3, 3\)\)"
+    with pytest.raises(ValueError, match=keypoint_error):
         detectron2_mapping.assign_detectron2_weights(d2_model, keypoint)
     r101 = r50_fpn_state_dict(rng, blocks=(3, 4, 23, 3))
     with pytest.raises(ValueError, match=r"backbone\.bottom_up\.res4\.6\.conv1\.weight: the model has no variable"):

@@ -177,6 +177,7 @@ def test_predict_export_and_saved_model_equal_torchvision(imported):
           f"largest score difference {worst_score:.2e}")
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_1_naming_the_file_and_leave_nothing(tmp_path, imported):
     work, model, _, _ = imported
     state = model.state_dict()
@@ -242,3 +243,34 @@ def test_existing_model_dir_is_refused(imported):
     assert result.returncode == 1
     assert "already exists" in result.stderr
     assert pathlib.Path(model_dir, "config.json").exists()
+
+
+@pytest.mark.slow
+def test_detectron2_model_zoo_pickle_imports_with_coco_label_map(tmp_path):
+    """A detectron2 model-zoo style .pkl (the full mask_rcnn_R_50_FPN key set) -> 80 COCO classes in id
+    order; the written checkpoint restores into the model eval/export/predict build (run_dir)."""
+    from maskrcnn_tf import run_dir
+    from maskrcnn_tf.data import coco_classes
+    from tests.weights.test_detectron2_pickle import r50_fpn_state_dict, write_model_zoo_pickle
+
+    state_dict = r50_fpn_state_dict(np.random.default_rng(7))
+    checkpoint = tmp_path / "model_final_test.pkl"
+    write_model_zoo_pickle(checkpoint, state_dict)
+    model_dir = tmp_path / "d2_run"
+    result = _run(str(REPO_ROOT / "import_weights.py"), "--source=detectron2", f"--checkpoint={checkpoint}",
+                  f"--model_dir={model_dir}", "--params_override=model.image_size=[128,128]",
+                  "--params_override=model.resize_short_side=128", "--params_override=model.resize_max_long_side=128")
+    assert result.returncode == 0, result.stderr[-2000:]
+    label_map = json.loads((model_dir / "label_map.json").read_text())
+    assert [(e["id"], e["name"]) for e in label_map] == list(coco_classes.COCO_CATEGORIES)
+    assert [e["contiguous_id"] for e in label_map] == list(range(1, 81))
+    cfg, model = run_dir.restore_model(str(model_dir))
+    assert cfg.model.num_classes == 80 and cfg.model.backbone.norm_epsilon == 1e-5
+    assert cfg.data.category_ids[-1] == 90 and cfg.data.class_names[0] == "person"
+    # Background is detectron2's last cls_score row and our column 0.
+    np.testing.assert_array_equal(model.box_head.classifier.kernel.numpy()[:, 0],
+                                  state_dict["roi_heads.box_predictor.cls_score.weight"][80])
+    # The stem kernel takes RGB: detectron2's BGR input channels reversed.
+    stem = state_dict["backbone.bottom_up.stem.conv1.weight"]  # [out, in (BGR), kh, kw]
+    np.testing.assert_array_equal(model.backbone.network.get_layer("conv1_conv").kernel.numpy(),
+                                  stem.transpose(2, 3, 1, 0)[:, :, ::-1])
