@@ -267,7 +267,9 @@ class TrainingMonitor(keras.callbacks.Callback):
             if chief else None
         self.eval_writer = tf.summary.create_file_writer(os.path.join(model_dir, run_dir.TENSORBOARD_DIR, "eval")) \
             if chief and evaluate else None
-        self.non_finite = None  # (step, what went wrong) once a loss is NaN/inf or exploded
+        # (first checkpoint step that holds bad weights, what went wrong) once a loss is NaN/inf or exploded
+        # (the weights of the step before produced it) or the weights are not finite.
+        self.non_finite = None
         self.recent_totals = collections.deque(maxlen=EXPLOSION_WINDOW)  # total losses seen by this run
         self.last_saved_step = None
         self.last_eval_step = None
@@ -291,10 +293,10 @@ class TrainingMonitor(keras.callbacks.Callback):
         total = _scalar(logs["total_loss"])
         if not math.isfinite(total):
             bad = [n for n in LOSS_LOG_NAMES if not math.isfinite(_scalar(logs[n]))]
-            self.non_finite = (step, f"non-finite loss at global step {step}: {', '.join(bad)}")
+            self.non_finite = (step - 1, f"non-finite loss at global step {step}: {', '.join(bad)}")
         elif len(self.recent_totals) >= EXPLOSION_MIN_HISTORY and \
                 total > EXPLOSION_FACTOR * float(np.median(self.recent_totals)):
-            self.non_finite = (step, f"exploding loss at global step {step}: total_loss {total:.4g} > "
+            self.non_finite = (step - 1, f"exploding loss at global step {step}: total_loss {total:.4g} > "
                                      f"{EXPLOSION_FACTOR:g} x its running median "
                                      f"{float(np.median(self.recent_totals)):.4g}")
         if self.non_finite:
@@ -399,23 +401,23 @@ def _checkpoint_step(path: str) -> int:
     return int(path.rsplit("-", 1)[1])
 
 
-def _resume_advice(manager, checkpoint_dir: str, bad_step: int, chief: bool, model_dir: str) -> str:
-    """Which checkpoint a re-run resumes from after a bad loss at bad_step, made a sane one.
+def _resume_advice(manager, checkpoint_dir: str, first_bad: int, chief: bool, model_dir: str) -> str:
+    """Makes the latest checkpoint the last one before step first_bad, and says so.
 
     The loss of step k is computed from the weights saved as ckpt-(k - 1): when it is bad, that checkpoint
-    (and any later) holds the weights that produced it, and resuming from it fails again. So the latest
-    checkpoint becomes the last one before them, and the later ones are dropped from the state file (their
-    files stay until a resumed run overwrites them)."""
+    (and any later) holds the weights that produced it (first_bad = k - 1), and resuming from it fails
+    again. So the latest checkpoint becomes the last one before them, and the later ones are dropped from
+    the state file (their files stay until a resumed run overwrites them)."""
     if not chief:
         return f"Lower --learning_rate or check the data; see {model_dir} for the checkpoint to resume from."
     paths = list(manager.checkpoints)
-    good = [p for p in paths if _checkpoint_step(p) < bad_step - 1]
+    good = [p for p in paths if _checkpoint_step(p) < first_bad]
     if good != paths and good:
         tf.compat.v1.train.update_checkpoint_state(checkpoint_dir, good[-1], all_model_checkpoint_paths=good)
     if good:
         return (f"The latest checkpoint is now {good[-1]}, the last whose weights gave a sane loss: re-run the "
                 "same command with a lower --learning_rate to resume from it, or check the data.")
-    return (f"No checkpoint before the bad step: use a new --model_dir (or delete "
+    return (f"No checkpoint holds sane weights: use a new --model_dir (or delete "
             f"{checkpoint_dir}) and a lower --learning_rate, or check the data.")
 
 
@@ -433,6 +435,9 @@ def _build(cfg, strategy):
         optimizer.build(model.trainable_variables)  # slots exist before a restore
         model.compile(optimizer=optimizer, jit_compile=bool(cfg.train.jit_compile),
                       steps_per_execution=cfg.train.steps_per_loop)
+        if cfg.train.jit_compile and not model.jit_compile:  # Keras would only warn and run without XLA
+            raise ValueError("train.jit_compile=true, but a layer of this model cannot be XLA-compiled "
+                             "(check model.roi.roi_align_backend=gather)")
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     # Keras' fit under a strategy first MEAN-reduces one input batch over the replicas to build the model
     # symbolically; MultiWorkerMirroredStrategy cannot reduce a dict batch ("unsupported type dict").
@@ -560,9 +565,9 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
         else:
             say(f"{model_dir}: already trained to step {step} (train.total_steps={total})")
         if monitor.non_finite:
-            bad_step, what = monitor.non_finite
+            first_bad, what = monitor.non_finite
             raise NonFiniteLossError(f"{what}; training stopped, nothing saved after it. "
-                                     + _resume_advice(manager, checkpoint_dir, bad_step, chief, model_dir))
+                                     + _resume_advice(manager, checkpoint_dir, first_bad, chief, model_dir))
         step = int(optimizer.iterations.numpy())
         skipped = int(optimizer.skipped_steps.numpy()) if hasattr(optimizer, "skipped_steps") else 0
         if skipped:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -59,7 +60,10 @@ def loss_log_steps(model_dir):
 
 
 def checkpoint_steps(model_dir):
-    directory = os.path.join(model_dir, run_dir.CHECKPOINT_DIR)
+    return checkpoint_steps_in(os.path.join(model_dir, run_dir.CHECKPOINT_DIR))
+
+
+def checkpoint_steps_in(directory):
     state = tf.train.get_checkpoint_state(directory)
     return [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths] if state else []
 
@@ -105,6 +109,31 @@ def test_loss_line_has_the_originals_format_and_round_trips():
     epoch, step, parsed = training.parse_loss_line(line)
     assert (epoch, step) == (1, 7393) and parsed == pytest.approx(losses)
     assert training.parse_loss_line("epoch: 1 step: 3, total_loss: 1.0") is None
+
+
+def test_after_a_bad_step_the_latest_checkpoint_is_the_last_sane_one(tmp_path):
+    variable = tf.Variable(0.0)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=variable), str(tmp_path), max_to_keep=10,
+                                         checkpoint_name="ckpt")
+    for step in (2, 4, 6, 8):
+        manager.save(checkpoint_number=step)
+    # A bad loss at step 7 was computed from ckpt-6's weights: ckpt-6 and later are dropped from the state.
+    advice = training._resume_advice(manager, str(tmp_path), 6, True, str(tmp_path))
+    assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-4")
+    assert checkpoint_steps_in(str(tmp_path)) == [2, 4]
+    assert advice.startswith(f"The latest checkpoint is now {tmp_path / 'ckpt-4'}")
+    reloaded = tf.train.CheckpointManager(tf.train.Checkpoint(v=variable), str(tmp_path), max_to_keep=10,
+                                          checkpoint_name="ckpt")
+    assert "No checkpoint holds sane weights: use a new --model_dir" in training._resume_advice(
+        reloaded, str(tmp_path), 1, True, str(tmp_path))
+    assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-4")  # nothing better to offer
+
+
+def test_weights_are_finite():
+    model = keras.Sequential([keras.Input([3]), keras.layers.Dense(2)])
+    assert training.weights_are_finite(model)
+    model.layers[0].bias.assign([0.0, float("inf")])
+    assert not training.weights_are_finite(model)
 
 
 def test_resume_config_check_refuses_model_changes_and_allows_schedule_changes():
