@@ -454,6 +454,11 @@ REMOVED_FIELDS = {
 }
 
 
+# Fields whose default changed the training recipe when they were added, with the value that gives
+# the behaviour of runs written before them (their checkpoints hold that optimizer's state).
+FIELDS_ADDED_WITH_OLD_BEHAVIOUR = {"train.weight_decay_type": "decoupled"}
+
+
 def from_dict(d: dict, cls=Config, _prefix=""):
     """Rebuilds a config from `to_dict` output. Unknown keys raise ValueError, except REMOVED_FIELDS
     (written by older versions), which are skipped."""
@@ -470,6 +475,10 @@ def from_dict(d: dict, cls=Config, _prefix=""):
         elif isinstance(value, list):
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         kwargs[key] = value
+    for key, value in FIELDS_ADDED_WITH_OLD_BEHAVIOUR.items():
+        # A config.json written before the field existed ran the old behaviour: a resumed run keeps it.
+        if key.startswith(_prefix) and "." not in key[len(_prefix):] and key[len(_prefix):] not in d:
+            kwargs[key[len(_prefix):]] = value
     return cls(**kwargs)
 
 

@@ -111,3 +111,11 @@ def test_schedule_is_detectron2_warmup_multistep():
     for step, expected in [(0, 0.02 * 0.001), (50, 0.02 * (0.001 * 0.5 + 0.5)), (100, 0.02), (599, 0.02),
                            (600, 0.002), (799, 0.002), (800, 0.0002)]:
         assert float(schedule(step)) == pytest.approx(expected, rel=1e-6), step
+
+
+def test_a_run_written_before_weight_decay_type_resumes_with_the_decoupled_optimizer():
+    # Its checkpoints hold Keras SGD's momentum (sgd/...); the coupled optimizer would not match them.
+    saved = config_lib.to_dict(config_lib.tiny())
+    del saved["train"]["weight_decay_type"]
+    assert config_lib.from_dict(saved).train.weight_decay_type == "decoupled"
+    assert config_lib.from_dict(config_lib.to_dict(config_lib.tiny())).train.weight_decay_type == "coupled"
