@@ -375,7 +375,8 @@ def detectron2_r50_fpn_1x() -> Config:
     | seed                      | SEED -1 (random)                    | train.seed None (random)           | Def         |
 
     Deviations, chosen: the short side is drawn uniformly from [640, 800] instead of from the six values
-    640, 672, ..., 800 (same range and mean); images without annotations are not filtered by the
+    640, 672, ..., 800 (same range and mean); for images longer than 1333:800 the jitter scales the
+    size capped by the long side (detectron2 caps after drawing, so it jitters those less); images without annotations are not filtered by the
     trainer (converters may drop them); every image sits on the fixed 1344 x 1344 canvas instead of
     a batch padded to its largest image (aspect-ratio grouping): more compute, the same math up to the
     zero border (ModelConfig.resize_mode). The box losses' normalizer is the fixed 512 x images where
