@@ -292,3 +292,15 @@ def test_disallowed_global_is_refused_and_never_runs(tmp_path):
     truncated.write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match=r"truncated\.pkl: not a readable detectron2 checkpoint"):
         detectron2_pickle.load_state_dict(str(truncated))
+
+
+def test_detectron2_training_checkpoint_pth_is_read_through_torch_pickle(tmp_path):
+    """detectron2's own checkpoints (.pth: torch.save of {"model": ..., "iteration": ...}) read the same."""
+    state_dict = {"backbone.fpn_lateral2.weight": np.random.default_rng(8).normal(size=(4, 3, 1, 1)).astype(np.float32),
+                  "roi_heads.box_predictor.cls_score.bias": np.arange(5, dtype=np.float32)}
+    path = tmp_path / "model_0004999.pth"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in state_dict.items()}, "iteration": 4999}, path)
+    loaded = detectron2_pickle.load_state_dict(str(path))
+    assert sorted(loaded) == sorted(state_dict)
+    for key, value in state_dict.items():
+        np.testing.assert_array_equal(loaded[key], value)

@@ -109,6 +109,24 @@ def _iou(a, b):
     return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
 
+def test_faster_rcnn_checkpoint_gives_a_box_only_config():
+    """torchvision's fasterrcnn_resnet50_fpn keys: no mask head -> include_mask False, and every key maps
+    (no unused or missing key; shapes are checked when the model is built)."""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    from maskrcnn_tf.weights import importer, torchvision_mapping
+
+    torch.manual_seed(0)
+    state = {k: v.numpy() for k, v in fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                                               num_classes=91).state_dict().items()}
+    assert not torchvision_mapping.has_mask_head(state)
+    cfg = importer.import_config("torchvision", include_mask=False)
+    assert cfg.model.include_mask is False and cfg.model.num_classes == 90
+    values, _ = importer.SOURCES["torchvision"].variables(state, cfg)
+    assert not any(path.startswith("mask_rcnn/mask_head/") for path in values)
+    assert values["mask_rcnn/box_head/classifier/kernel"].shape == (1024, 91)
+
+
 def test_run_directory_and_label_map(imported):
     _, _, _, model_dir = imported
     assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "label_map.json"]
