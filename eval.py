@@ -42,7 +42,9 @@ def run() -> None:
     from maskrcnn_tf.evaluation.run import evaluate_model
 
     # Cheap checks first: the val json and the records, before building a model.
-    if not os.path.isfile(FLAGS.val_json):
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(FLAGS.val_json) or tf.io.gfile.isdir(FLAGS.val_json):  # gfile: may be gs://...
         raise ValueError(f"val json {FLAGS.val_json!r} not found")
     cfg, model = run_dir.restore_model(FLAGS.model_dir, FLAGS.checkpoint)
     if FLAGS.batch_size:

@@ -220,6 +220,8 @@ def resolve_config(preset: str, train_file_pattern: str, label_map_path=None, ex
 
 def run_training(train_file_pattern, model_dir, preset, label_map_path=None, extra_overrides=None,
                  eval_file_pattern=None, val_json=None):
+    import tensorflow as tf
+
     from maskrcnn_tf import training
 
     cfg, label_map_path, steps_per_epoch = resolve_config(preset, train_file_pattern, label_map_path,
@@ -232,7 +234,7 @@ def run_training(train_file_pattern, model_dir, preset, label_map_path=None, ext
         import keras
 
         keras.utils.set_random_seed(cfg.train.seed)  # weight initialisation (Keras initialisers, NumPy)
-    if val_json and not os.path.exists(val_json):
+    if val_json and not tf.io.gfile.exists(val_json):  # gfile: may be gs://...
         raise ValueError(f"--val_json={val_json}: file not found")
     strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
     if (eval_file_pattern is None) != (val_json is None):

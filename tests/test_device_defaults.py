@@ -6,6 +6,10 @@ gradients. TensorFlow's own CropAndResize gradient ("native", the GPU default wi
 not compared: its CPU kernel loses updates between threads (ops/roi_align.py), so it is only checked
 to be wired.
 """
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -16,6 +20,7 @@ from maskrcnn_tf import device_defaults
 from maskrcnn_tf.layers.banded_conv import BandedConv2D
 from maskrcnn_tf.model import LOSS_NAMES, build_model
 from maskrcnn_tf.ops import roi_align as roi_align_ops
+from tests.conftest import REPO_ROOT
 from tests.e2e.synthetic import TWO_IMAGES, make_batch, tiny_test_config
 
 CPU_PATH = {"train.recompute_backbone": True, "train.banded_conv_gradients": True, "train.heap_trim": True,
@@ -53,6 +58,16 @@ def test_explicit_switches_are_kept_and_refused_combinations_fail():
     with pytest.raises(ValueError, match="train.roi_align_gradient"):
         config_lib.validate(config_lib.replace(config_lib.tiny(), **{"train.roi_align_gradient": "atomic"}))
     assert device_defaults.device_kind() == ("gpu" if tf.config.list_logical_devices("GPU") else "cpu")
+
+
+def test_tpu_client_keeps_tensorflows_inter_op_threads():
+    # A remote-TPU client sees only its CPU, which alone would give it one inter-op thread.
+    code = ("from maskrcnn_tf import distribute; import tensorflow as tf; distribute.configure_cpu_devices(1); "
+            "print(distribute.configure_host_threads(-1, 'tpu'), distribute.configure_host_threads(-1, 'one_device'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "1"]
 
 
 def test_build_model_wires_the_switches():

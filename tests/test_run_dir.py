@@ -49,7 +49,10 @@ def test_train_resume_eval_export_predict_in_ram_filesystem(shapes_records, tmp_
         "data.train_batch_size": 2, "data.eval_batch_size": 2, "train.total_steps": 2,
         "train.log_every_steps": 1, "train.checkpoint_every_steps": 1, "train.warmup_steps": 1}), label_map)
     strategy = distribute.get_strategy("one_device")
-    kwargs = dict(label_map_path=label_map, eval_file_pattern=records["val"], val_json=paths["val_annotations"],
+    val_json = f"{model_dir}-annotations/instances_val.json"  # pycocotools reads it through a local copy
+    tf.io.gfile.makedirs(os.path.dirname(val_json))
+    tf.io.gfile.copy(paths["val_annotations"], val_json)
+    kwargs = dict(label_map_path=label_map, eval_file_pattern=records["val"], val_json=val_json,
                   eval_every_epochs=1, verbose=False)
     first = training.train(cfg, model_dir, records["train"], strategy, label_map_path=label_map, verbose=False)
     assert first["global_step"] == 2 and first["restored_from"] is None
@@ -64,7 +67,7 @@ def test_train_resume_eval_export_predict_in_ram_filesystem(shapes_records, tmp_
     assert tf.io.gfile.glob(f"{model_dir}/{run_dir.TENSORBOARD_DIR}/train/events.*")
     eval_dir = f"{model_dir}/{run_dir.EVAL_DIR}"
     metrics = json.loads("\n".join(_lines(f"{eval_dir}/{METRICS_FILE}")))
-    assert metrics["num_images"] == 2 and "bbox/AP" in metrics["metrics"]
+    assert metrics["num_images"] == 2 and "bbox/AP" in metrics["metrics"] and metrics["val_json"] == val_json
     assert isinstance(json.loads("\n".join(_lines(f"{eval_dir}/{DETECTIONS_FILE}"))), list)
 
     export_dir = export_saved_model(longer["model"], run_dir.load_config(model_dir), f"{model_dir}/export")

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Dict, Optional
 
@@ -52,13 +54,22 @@ _IDS_SHOWN = 5
 
 def _load_evaluator(val_json: str, include_mask: bool) -> COCOEvaluator:
     """COCOEvaluator over val_json; ValueError naming the file when it is missing or not COCO JSON."""
-    if not val_json or not os.path.isfile(val_json):
+    if not val_json or not tf.io.gfile.exists(val_json) or tf.io.gfile.isdir(val_json):
         raise ValueError(f"val json {val_json!r} not found (the COCO instances JSON of the evaluated "
                          "images, e.g. annotations/instances_val2017.json)")
+    # pycocotools opens local files only: a gs://... JSON is read through a local temporary copy.
+    local_dir = tempfile.mkdtemp(prefix="maskrcnn_tf_val_json_") if "://" in val_json else None
     try:
-        return COCOEvaluator(val_json, include_mask=include_mask)
+        local = val_json
+        if local_dir:
+            local = os.path.join(local_dir, os.path.basename(val_json))
+            tf.io.gfile.copy(val_json, local)
+        return COCOEvaluator(local, include_mask=include_mask)  # loads the whole JSON into memory
     except (ValueError, KeyError, TypeError, AssertionError) as e:  # json errors are ValueErrors
         raise ValueError(f"val json {val_json}: not a COCO instances file ({type(e).__name__}: {e})") from e
+    finally:
+        if local_dir:
+            shutil.rmtree(local_dir, ignore_errors=True)
 
 
 def _record_image_ids(eval_file_pattern) -> np.ndarray:
@@ -183,7 +194,8 @@ def evaluate_model(model, cfg: config_lib.Config, eval_file_pattern, val_json: s
         run_dir.write_text(os.path.join(output_dir, DETECTIONS_FILE), json.dumps(results))
         summary = {"metrics": metrics, "num_images": num_images, "num_detections": len(results),
                    "images_per_second": _rate(num_images, start, warm_images, warm_start, start + seconds),
-                   "eval_file_pattern": eval_file_pattern, "val_json": os.path.abspath(val_json)}
+                   "eval_file_pattern": eval_file_pattern,
+                   "val_json": val_json if "://" in val_json else os.path.abspath(val_json)}
         run_dir.write_text(os.path.join(output_dir, METRICS_FILE), json.dumps(summary, indent=1))
         print(f"eval: wrote {DETECTIONS_FILE} and {METRICS_FILE} into {output_dir}", flush=True)
     return metrics
