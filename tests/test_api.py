@@ -143,3 +143,16 @@ def test_load_and_predict_name_the_bad_input(saved, tmp_path):
         detector.predict(b"abc")
     with pytest.raises(ValueError, match=r"uint8 \[h, w, 3\] RGB array, got ndarray float32"):
         detector.predict(np.zeros((4, 4, 3), np.float32))
+
+
+def test_load_of_a_saved_model_equals_the_run_directory(saved):
+    export_dir = str(saved["tmp"] / "saved_model")
+    export_lib.export_saved_model(saved["model"], saved["cfg"], export_dir)
+    with pytest.raises(ValueError, match="checkpoint= applies to run directories only"):
+        maskrcnn_tf.load(export_dir, checkpoint="ckpt-1")
+    image = _image()
+    expected = maskrcnn_tf.load(saved["run"]).predict(image)
+    actual = maskrcnn_tf.load(export_dir).predict([image])[0]
+    assert actual["category_names"] == expected["category_names"]
+    for key in ("boxes", "scores", "category_ids", "masks"):
+        np.testing.assert_allclose(actual[key], expected[key], atol=TOLERANCE, err_msg=key)
