@@ -6,6 +6,13 @@ Decisions (beyond docs/design.md):
   block, the layout of the Keras ImageNet weights), built with `include_top=False, weights=None` and an
   `(None, None, 3)` input, so any batch and any image size divisible by 32 work. C2..C5 are the outputs of
   the last block of each stage (`conv{n}_blockK_out`).
+- torchvision's ResNets put the stride in the 3x3 conv (`stride_in_3x3=True`): the folded path runs
+  the same Keras variables with the 1x1 at stride 1 and the 3x3 at the block's stride, padded 1 pixel
+  on every side as torch does (TF's "SAME" pads (0, 1) at stride 2 on even sizes, a shifted grid). The
+  unfolded Keras network cannot move its strides, so fold_batchnorm=False refuses that combination.
+  `norm_epsilon` overrides every BatchNormalization's epsilon (torchvision's COCO_V1 Mask R-CNN: 0).
+  A `weights` path ending in .pth is a torchvision ImageNet classification checkpoint: read without
+  torch (weights/torch_pickle.py) and mapped by weights/torchvision_mapping.py; RGB, no reversal.
 - Frozen BatchNorm, as detectron2's FrozenBatchNorm2d: every BatchNormalization layer is
   `trainable=False` (gamma, beta not trained) and the network is always called with `training=False`
   (moving statistics are used and never updated), whatever `training` the caller passes. Detection batches
