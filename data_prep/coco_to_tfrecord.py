@@ -4,8 +4,9 @@
       --annotation_file=coco/annotations/instances_train2017.json --output_prefix=records/train \
       --num_shards=32 --num_workers=2
 
-A missing or unreadable annotation file exits with a one-line message (status 1); bad images and
-annotations are skipped, counted by reason in {output_prefix}_summary.json, and the run goes on.
+A missing or unreadable annotation file, an unwritable output or no image written at all exits with a
+one-line message (status 1); bad images and annotations are skipped, counted by reason in
+{output_prefix}_summary.json, and the run goes on (a warning when many images are missing).
 """
 import json
 import os
