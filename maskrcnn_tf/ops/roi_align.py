@@ -84,10 +84,11 @@ _HALF_PIXEL = 0.5
 _PAD = 1
 # Adaptive sampling (sampling_ratio=0): ceil(roi_size / output_size) samples per bin and axis, at most this
 # many. Shapes are static, so every box carries this many sample slots per bin and axis, the unused ones
-# masked: the gather holds [B, R, 2 * S * 4, 2 * S * 4, C]. Exact (as detectron2 / torchvision) for RoI
-# sides up to 4 * output_size level pixels, which covers square boxes on P2..P4 (a box pooled from level
-# l < 5 has sqrt(area) < 224 * 2**(l - 3), i.e. under 28 level pixels); longer sides (elongated boxes,
-# P5 boxes over 28 * 32 = 896 px at output 7) are averaged over 4 samples per bin instead of more.
+# weighted 0, gathered one (row slot, column slot) pair at a time ([B, R, 2S, 2S, C] each, 16 gathers).
+# Exact (as detectron2 / torchvision) for RoI sides up to 4 * output_size level pixels, which covers
+# square boxes on P2..P4 (a box pooled from level l < 5 has sqrt(area) < 224 * 2**(l - 3), i.e. under 28
+# level pixels); longer sides (elongated boxes, P5 boxes over 28 * 32 = 896 px at output 7) are averaged
+# over 4 samples per bin instead of more.
 MAX_ADAPTIVE_SAMPLING_RATIO = 4
 # Un-aligned RoIAlign (aligned=False) enlarges RoIs to at least this many level pixels per side.
 _UNALIGNED_MIN_SIZE = 1.0
@@ -429,30 +430,45 @@ def _roi_align_gather(
     box_widths = tf.gather(widths, level_index)  # [B, R] int32, row stride of the flat index
     box_offsets = tf.gather(offsets, level_index)  # [B, R]
 
+    def pooled_taps(rows, row_weights, cols, col_weights, taps_per_bin):
+        """Sum over each bin's taps of the weighted gathered pixels: [B, R, S, S, C]."""
+        flat_indices = (
+            box_offsets[..., None, None]
+            + rows[..., :, None] * box_widths[..., None, None]
+            + cols[..., None, :]
+        )  # [B, R, 2n, 2n]
+        taps = tf.gather(flat_features, flat_indices, batch_dims=1)  # [B, R, 2n, 2n, C]
+        kernel = row_weights[..., :, None] * col_weights[..., None, :]  # [B, R, 2n, 2n]
+        taps = taps * tf.cast(kernel, dtype)[..., None]
+        taps = tf.reshape(
+            taps, [batch_size, num_boxes, output_size, taps_per_bin, output_size, taps_per_bin, channels]
+        )  # [B, R, S, 2k, S, 2k, C]
+        return tf.reduce_sum(taps, axis=[3, 5])  # [B, R, S, S, C]
+
     y1, x1, y2, x2 = tf.unstack(boxes, axis=-1)
     if sampling_ratio == 0:
+        # One gather per (row slot, column slot) pair instead of one over all G x G slots: the same sum
+        # with a G**2 times smaller gathered tensor ([B, R, 2S, 2S, C] each). The adaptive weights
+        # already divide by the sample count.
+        max_grid = MAX_ADAPTIVE_SAMPLING_RATIO
         rows, row_weights = _adaptive_axis_taps(y1, y2 - y1, box_heights, output_size)
         cols, col_weights = _adaptive_axis_taps(x1, x2 - x1, tf.cast(box_widths, tf.float32), output_size)
-    else:
-        rows, row_weights = _axis_taps(y1, y2 - y1, box_heights, output_size, sampling_ratio)
-        cols, col_weights = _axis_taps(
-            x1, x2 - x1, tf.cast(box_widths, tf.float32), output_size, sampling_ratio
-        )
-    flat_indices = (
-        box_offsets[..., None, None]
-        + rows[..., :, None] * box_widths[..., None, None]
-        + cols[..., None, :]
-    )  # [B, R, 2n, 2n]
-    taps = tf.gather(flat_features, flat_indices, batch_dims=1)  # [B, R, 2n, 2n, C]
-    kernel = row_weights[..., :, None] * col_weights[..., None, :]  # [B, R, 2n, 2n]
-    taps = taps * tf.cast(kernel, dtype)[..., None]
-    taps_per_bin = 2 * (sampling_ratio or MAX_ADAPTIVE_SAMPLING_RATIO)
-    taps = tf.reshape(
-        taps, [batch_size, num_boxes, output_size, taps_per_bin, output_size, taps_per_bin, channels]
-    )  # [B, R, S, 2k, S, 2k, C]
-    pooled = tf.reduce_sum(taps, axis=[3, 5])  # [B, R, S, S, C]
-    if sampling_ratio == 0:  # the adaptive weights already divide by the sample count
+
+        def slot(values, k):  # [B, R, S * G * 2] -> taps of slot k of every bin, [B, R, S * 2]
+            values = tf.reshape(values, [batch_size, num_boxes, output_size, max_grid, 2])[:, :, :, k]
+            return tf.reshape(values, [batch_size, num_boxes, 2 * output_size])
+
+        pooled = None
+        for ky in range(max_grid):
+            for kx in range(max_grid):
+                part = pooled_taps(slot(rows, ky), slot(row_weights, ky), slot(cols, kx), slot(col_weights, kx), 2)
+                pooled = part if pooled is None else pooled + part
         return pooled
+    rows, row_weights = _axis_taps(y1, y2 - y1, box_heights, output_size, sampling_ratio)
+    cols, col_weights = _axis_taps(
+        x1, x2 - x1, tf.cast(box_widths, tf.float32), output_size, sampling_ratio
+    )
+    pooled = pooled_taps(rows, row_weights, cols, col_weights, 2 * sampling_ratio)
     return pooled / tf.cast(sampling_ratio * sampling_ratio, dtype)
 
 
