@@ -101,6 +101,9 @@ class RoIConfig:
     # True: half-pixel aligned RoIAlign (detectron2 ROIAlignV2, today's default); False: the original
     # un-aligned one (torchvision's MultiScaleRoIAlign): no -0.5 shift, RoIs at least 1 pixel.
     aligned: bool = True
+    # FPN level of a RoI: floor(4 + log2(sqrt(area) / 224 + 1e-6)) (False, today) or torchvision's
+    # LevelMapper floor(4 + log2(sqrt(area) / 224) + 1e-6) (True); they differ within ~1e-6 of a boundary.
+    torchvision_level_mapper: bool = False
     roi_align_backend: str = "crop_and_resize"
     box_loss_beta: float = 0.0
 
@@ -311,7 +314,7 @@ def torchvision_maskrcnn_r50_fpn() -> Config:
             anchors=AnchorConfig(offset=0.0, round_base_anchors=True),
             rpn=RPNConfig(pre_nms_top_k_train=2000, post_nms_top_k_train=2000, pre_nms_top_k_test=1000,
                           post_nms_top_k_test=1000, nms_iou=0.7, min_box_size=1e-3),
-            roi=RoIConfig(sampling_ratio=2, aligned=False),
+            roi=RoIConfig(sampling_ratio=2, aligned=False, torchvision_level_mapper=True),
             detection=DetectionConfig(score_threshold=0.05, nms_iou=0.5, max_detections=100,
                                       pre_nms_top_k=2000, min_box_size=1e-2),
             pixel_mean=TORCHVISION_PIXEL_MEAN,

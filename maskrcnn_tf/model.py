@@ -339,7 +339,9 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
             mask_roi_align=MultilevelRoIAlign(output_size=m.roi.mask_output_size,
                                               sampling_ratio=m.roi.sampling_ratio,
                                               backend=m.roi.roi_align_backend, gradient=switches.roi_align_gradient,
-                                              aligned=m.roi.aligned, name="mask_roi_align"),
+                                              aligned=m.roi.aligned,
+                                              torchvision_level_mapper=m.roi.torchvision_level_mapper,
+                                              name="mask_roi_align"),
             mask_head=MaskHead(num_classes=m.num_classes, num_convs=m.heads.mask_num_convs,
                                num_filters=m.heads.mask_num_filters, name="mask_head"))
     model = MaskRCNN(
@@ -362,7 +364,9 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
                                background_iou_low=m.roi.background_iou_low, name="roi_sampler", **box_math),
         box_roi_align=MultilevelRoIAlign(output_size=m.roi.box_output_size, sampling_ratio=m.roi.sampling_ratio,
                                          backend=m.roi.roi_align_backend, gradient=switches.roi_align_gradient,
-                                         aligned=m.roi.aligned, name="box_roi_align"),
+                                         aligned=m.roi.aligned,
+                                         torchvision_level_mapper=m.roi.torchvision_level_mapper,
+                                         name="box_roi_align"),
         box_head=BoxHead(num_classes=m.num_classes, num_fcs=m.heads.num_fcs, fc_dim=m.heads.fc_dim,
                          name="box_head"),
         detection_generator=DetectionGenerator(

@@ -8,6 +8,7 @@ from maskrcnn_tf import config as config_lib
 CONVENTION_DEFAULTS = {
     "model.backbone.stride_in_3x3": False, "model.backbone.norm_epsilon": 1.001e-5,
     "model.anchors.offset": 0.5, "model.anchors.round_base_anchors": False, "model.roi.aligned": True,
+    "model.roi.torchvision_level_mapper": False,
     "model.detection.min_box_size": 0.0, "model.resize_mode": "fit", "model.resize_short_side": 800,
     "model.resize_max_long_side": 1333,
 }
@@ -52,6 +53,7 @@ def test_torchvision_preset_has_torchvision_settings():
     assert (m.num_classes, m.backbone.stride_in_3x3, m.backbone.norm_epsilon) == (90, True, 0.0)
     assert (m.anchors.offset, m.anchors.round_base_anchors, m.roi.aligned, m.roi.sampling_ratio) == (0.0, True, False, 2)
     assert (m.rpn.min_box_size, m.detection.min_box_size, m.detection.score_threshold) == (1e-3, 1e-2, 0.05)
+    assert m.roi.torchvision_level_mapper
     assert (m.rpn.pre_nms_top_k_test, m.rpn.post_nms_top_k_test, m.rpn.post_nms_top_k_train) == (1000, 1000, 2000)
     assert m.pixel_mean == pytest.approx([255 * v for v in (0.485, 0.456, 0.406)])
     assert m.pixel_std == pytest.approx([255 * v for v in (0.229, 0.224, 0.225)])

@@ -23,7 +23,8 @@ class MultilevelRoIAlign(keras.layers.Layer):
     for the RPN), level per box from its size (docs/design.md section 6)."""
 
     def __init__(self, *, output_size=_ROI.box_output_size, sampling_ratio=_ROI.sampling_ratio,
-                 backend=_ROI.roi_align_backend, gradient="sparse_matmul", aligned=_ROI.aligned, **kwargs):
+                 backend=_ROI.roi_align_backend, gradient="sparse_matmul", aligned=_ROI.aligned,
+                 torchvision_level_mapper=_ROI.torchvision_level_mapper, **kwargs):
         super().__init__(**kwargs)
         if backend not in BACKENDS:
             raise ValueError(f"MultilevelRoIAlign: backend={backend!r}; allowed: {BACKENDS}")
@@ -34,6 +35,8 @@ class MultilevelRoIAlign(keras.layers.Layer):
         self.gradient = gradient
         # False: torchvision's un-aligned RoIAlign (ops/roi_align.py); sampling_ratio 0 = adaptive.
         self.aligned = aligned
+        # True: torchvision's LevelMapper epsilon placement (ops/roi_align.assign_levels).
+        self.torchvision_level_mapper = torchvision_level_mapper
         self.supports_jit = backend != "crop_and_resize"
         # Keep boxes float32 under mixed precision (Keras would cast every float input to float16,
         # a 0.5-pixel step at 1024); the op returns the features' dtype.
@@ -43,10 +46,12 @@ class MultilevelRoIAlign(keras.layers.Layer):
         levels = {name: features[name] for name in ("P2", "P3", "P4", "P5")}
         return roi_align_ops.multilevel_roi_align(
             levels, boxes, output_size=self.output_size, sampling_ratio=self.sampling_ratio,
-            backend=self.backend, gradient=self.gradient, aligned=self.aligned)
+            backend=self.backend, gradient=self.gradient, aligned=self.aligned,
+            torchvision_level_mapper=self.torchvision_level_mapper)
 
     def get_config(self):
         config = super().get_config()
         config.update(output_size=self.output_size, sampling_ratio=self.sampling_ratio, backend=self.backend,
-                      gradient=self.gradient, aligned=self.aligned)
+                      gradient=self.gradient, aligned=self.aligned,
+                      torchvision_level_mapper=self.torchvision_level_mapper)
         return config

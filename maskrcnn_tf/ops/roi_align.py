@@ -106,6 +106,7 @@ def assign_levels(
     max_level: int = 5,
     canonical_size: float = CANONICAL_SIZE,
     canonical_level: int = CANONICAL_LEVEL,
+    torchvision_epsilon: bool = False,
 ) -> tf.Tensor:
     """FPN level of each box: floor(canonical_level + log2(sqrt(area) / canonical_size)), clamped.
 
@@ -114,6 +115,9 @@ def assign_levels(
         (-1) and other zero-area boxes get min_level.
       min_level, max_level: inclusive clamp range.
       canonical_size, canonical_level: a box of side canonical_size maps to canonical_level.
+      torchvision_epsilon: add the 1e-6 guard after the log (torchvision's LevelMapper:
+        floor(k0 + log2(s / s0) + 1e-6)) instead of to the ratio; the two differ for boxes within a
+        relative ~1e-6 of a level boundary.
 
     Returns:
       int32 [B, R] levels in [min_level, max_level].
@@ -121,8 +125,12 @@ def assign_levels(
     boxes = tf.cast(boxes, tf.float32)
     heights = tf.maximum(boxes[..., 2] - boxes[..., 0], 0.0)
     widths = tf.maximum(boxes[..., 3] - boxes[..., 1], 0.0)
-    ratio = tf.sqrt(heights * widths) / canonical_size + _LEVEL_EPSILON
-    log2_ratio = tf.math.log(ratio) / tf.math.log(2.0)
+    if torchvision_epsilon:
+        # log2(0) = -inf for zero-area boxes: floor and clamp give min_level, as torchvision's clamp does.
+        log2_ratio = tf.math.log(tf.sqrt(heights * widths) / canonical_size) / tf.math.log(2.0) + _LEVEL_EPSILON
+    else:
+        ratio = tf.sqrt(heights * widths) / canonical_size + _LEVEL_EPSILON
+        log2_ratio = tf.math.log(ratio) / tf.math.log(2.0)
     levels = tf.floor(float(canonical_level) + log2_ratio)
     levels = tf.clip_by_value(levels, float(min_level), float(max_level))
     return tf.cast(levels, tf.int32)
@@ -549,6 +557,7 @@ def multilevel_roi_align(
     canonical_level: int = CANONICAL_LEVEL,
     gradient: str = "sparse_matmul",
     aligned: bool = True,
+    torchvision_level_mapper: bool = False,
 ) -> tf.Tensor:
     """RoIAlign of every box on its FPN level (FPN paper eq. 1).
 
@@ -559,6 +568,7 @@ def multilevel_roi_align(
         sampled on min_level and their output is to be ignored by the caller).
       output_size, sampling_ratio, backend, gradient, aligned: as in `roi_align`.
       min_level, max_level, canonical_size, canonical_level: as in `assign_levels`.
+      torchvision_level_mapper: `assign_levels`' torchvision_epsilon.
 
     Returns:
       [B, R, S, S, C] in the dtype of the features.
@@ -567,7 +577,8 @@ def multilevel_roi_align(
         features[_level_key(level)] for level in range(min_level, max_level + 1)
     ]
     boxes = tf.cast(boxes, tf.float32)
-    levels = assign_levels(boxes, min_level, max_level, canonical_size, canonical_level)  # [B, R]
+    levels = assign_levels(boxes, min_level, max_level, canonical_size, canonical_level,
+                           torchvision_epsilon=torchvision_level_mapper)  # [B, R]
     strides = tf.pow(2.0, tf.cast(levels, tf.float32))  # [B, R]
     level_boxes = boxes / strides[..., None]  # [B, R, 4] in each box's level pixels
     return _dispatch(

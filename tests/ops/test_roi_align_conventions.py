@@ -102,3 +102,20 @@ def test_multilevel_unaligned_matches_torchvision_multiscale_roi_align(backend):
     ours = multilevel_roi_align({k: tf.constant(v) for k, v in levels.items()}, tf.constant(boxes), OUTPUT_SIZE, 2,
                                 backend, aligned=False).numpy()
     np.testing.assert_allclose(ours, expected, rtol=0, atol=TOLERANCE)
+
+
+def test_torchvision_level_mapper_matches_at_level_boundaries():
+    """Square boxes within a few 1e-6 of every level boundary: torchvision_epsilon reproduces torchvision's
+    LevelMapper (epsilon after the log); the default (epsilon added to the ratio) differs on some of them."""
+    from torchvision.ops.poolers import LevelMapper
+
+    from maskrcnn_tf.ops.roi_align import assign_levels
+
+    offsets = np.array([0.0, 3e-7, 1e-6, 1.4e-6, 1.8e-6, 3e-6, 1e-5])
+    sides = np.concatenate([224.0 * 2.0**m * (1 + sign * offsets) for m in (-2, -1, 0, 1) for sign in (-1, 1)])
+    boxes = np.stack([np.zeros_like(sides), np.zeros_like(sides), sides, sides], -1).astype(np.float32)  # [N, 4]
+    expected = LevelMapper(2, 5)([torch.from_numpy(boxes[:, [1, 0, 3, 2]])]).numpy() + 2
+    ours = assign_levels(tf.constant(boxes[None]), torchvision_epsilon=True).numpy()[0]
+    np.testing.assert_array_equal(ours, expected)
+    default = assign_levels(tf.constant(boxes[None])).numpy()[0]
+    assert (default != expected).any()
