@@ -11,6 +11,7 @@ config field names, JSON values, repeatable) for anything else; the resolved con
 MODEL_DIR/config.json and read back by eval.py, export.py and predict.py.
 Environment: TF_CONFIG for --strategy=multi_worker_mirrored; MASKRCNN_TF_CPU_DEVICES=N splits the CPU
 into N logical devices (so --strategy=mirrored can be tried on a machine without GPUs).
+MASKRCNN_TF_HOST_ALLOCATOR=off keeps glibc's malloc defaults (maskrcnn_tf/host_allocator.py; all programs).
 
 Errors in flags, data or model dir end the program with a one-line `error: ...` message (status 1).
 """
