@@ -12,7 +12,8 @@ export.py, the benchmark cases), before TensorFlow allocates anything:
 - glibc `mallopt`: M_MMAP_THRESHOLD = 32 MiB (the largest value glibc accepts on 64-bit: it refuses
   more than half its 64 MiB per-thread heap), M_TRIM_THRESHOLD = 256 MiB, M_TOP_PAD = 64 MiB. Setting
   the mmap threshold also turns glibc's dynamic threshold off, so blocks below 32 MiB always come from
-  the heaps and are reused; a heap's top is given back only beyond 256 MiB of free space.
+  the heaps and are reused; a heap's top is given back only beyond 256 MiB of free space (per-thread
+  heaps hold at most 64 MiB, so only malloc_trim shrinks them).
 - Environment variables would need the program to re-execute itself (glibc reads them at startup);
   `mallopt` through ctypes has the same effect in-process, so nothing is re-executed.
 
@@ -24,6 +25,9 @@ Decisions:
   `NearPeak`): while the first step climbs to the peak it trims every period as before; below the
   peak, freed memory stays for reuse. A rule on free heap bytes (mallinfo2) does not work: they keep
   counting pages an earlier trim already released, and a step's own churn can exceed any budget.
+- Not kept (measured in benchmarks/README.md): TensorFlow's BFC allocator on CPU
+  (TF_CPU_ALLOCATOR_USE_BFC) removed fewer faults and none in the R50 step; tcmalloc and jemalloc have
+  no PyPI wheel and would need LD_PRELOAD, i.e. a re-exec.
 - Only glibc has `mallopt` with these meanings. Without it (macOS, musl) `configure()` does nothing and
   says so in its result, quietly: no warning, no error.
 - Off switch: MASKRCNN_TF_HOST_ALLOCATOR=off (or 0/false/no) in the environment; then glibc's defaults
