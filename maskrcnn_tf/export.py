@@ -136,13 +136,19 @@ def boxes_to_original(boxes: tf.Tensor, image_info: tf.Tensor) -> tf.Tensor:
 def _paste_one_detection(args, height, width):
     """(mask [M, M], box [4] original pixels, original_hw float [2]) -> uint8 [H, W] 0/1."""
     mask, box, original_hw = args
-    pasted = mask_ops.paste_masks(mask[None, None], box[None, None], (height, width))[0, 0]  # [H, W]
-    # Pixels beyond this image's own extent (other images of the batch are larger) stay 0.
-    hw = tf.cast(tf.round(original_hw), tf.int32)
-    inside_rows = tf.range(height) < hw[0]  # [H]
-    inside_cols = tf.range(width) < hw[1]  # [W]
-    inside = inside_rows[:, None] & inside_cols[None, :]  # [H, W]
-    return tf.cast((pasted >= MASK_THRESHOLD) & inside, tf.uint8)  # [H, W]
+
+    def paste():
+        pasted = mask_ops.paste_masks(mask[None, None], box[None, None], (height, width))[0, 0]  # [H, W]
+        # Pixels beyond this image's own extent (other images of the batch are larger) stay 0.
+        hw = tf.cast(tf.round(original_hw), tf.int32)
+        inside_rows = tf.range(height) < hw[0]  # [H]
+        inside_cols = tf.range(width) < hw[1]  # [W]
+        inside = inside_rows[:, None] & inside_cols[None, :]  # [H, W]
+        return tf.cast((pasted >= MASK_THRESHOLD) & inside, tf.uint8)  # [H, W]
+
+    # Padding rows (box -1) and other empty boxes paste to zeros: skip their H x W work.
+    has_area = (box[2] > box[0]) & (box[3] > box[1])
+    return tf.cond(has_area, paste, lambda: tf.zeros([height, width], tf.uint8))
 
 
 def paste_detections(masks: tf.Tensor, boxes: tf.Tensor, original_hw: tf.Tensor) -> tf.Tensor:
