@@ -16,6 +16,19 @@ setup(
         "opencv-python-headless",
         "absl-py",
     ],
+    # Console scripts; the root files (train.py, eval.py, ..., data_prep/*.py) run the same main().
+    entry_points={
+        "console_scripts": [
+            "maskrcnn-train=maskrcnn_tf.programs.train:main",
+            "maskrcnn-eval=maskrcnn_tf.programs.eval:main",
+            "maskrcnn-export=maskrcnn_tf.programs.export:main",
+            "maskrcnn-predict=maskrcnn_tf.programs.predict:main",
+            "maskrcnn-import=maskrcnn_tf.programs.import_weights:main",
+            "maskrcnn-coco-to-tfrecord=maskrcnn_tf.programs.coco_to_tfrecord:main",
+            "maskrcnn-txt-to-tfrecord=maskrcnn_tf.programs.txt_to_tfrecord:main",
+            "maskrcnn-make-shapes=maskrcnn_tf.programs.make_shapes_dataset:main",
+        ],
+    },
     extras_require={
         # torch/torchvision are executable oracles for the equivalence tests, never runtime dependencies.
         "test": ["pytest", "pytest-xdist", "torch==2.14.1", "torchvision==0.29.1"],

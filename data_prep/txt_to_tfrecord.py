@@ -1,47 +1,5 @@
-"""The MindSpore original's text list -> box-only TFRecords (logic: maskrcnn_tf/data/txt_converter.py).
-
-  python data_prep/txt_to_tfrecord.py --image_dir=my_data --annotation_file=my_data/train.txt \
-      --output_prefix=records/train [--class_names=my_data/names.txt] [--num_shards=4]
-
-Each line: `relative/path.jpg x1,y1,x2,y2,cls x1,y1,x2,y2,cls ...` (pixels; cls an integer id; line i
-of names.txt names class i; the path may contain spaces). Lines with paths escaping --image_dir or bad fields are skipped and listed
-with their line numbers in {output_prefix}_summary.json. Records have no masks: train with masks off.
-"""
-import json
-import os
-import sys
-
-from absl import app, flags
-
-try:
-    from maskrcnn_tf.data import conversion_report, txt_converter
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from maskrcnn_tf.data import conversion_report, txt_converter
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("image_dir", None, "Folder the list's paths are relative to.")
-flags.DEFINE_string("annotation_file", None, "The text list.")
-flags.DEFINE_string("output_prefix", None, "Output path prefix, e.g. records/train.")
-flags.DEFINE_string("class_names", None, "Optional names file: line i names class id i.")
-flags.DEFINE_integer("num_shards", 1, "Number of TFRecord shards.", lower_bound=1)
-flags.DEFINE_integer("num_workers", 1, "Worker processes (each writes whole shards).", lower_bound=1)
-flags.DEFINE_boolean("skip_empty", False, "Leave out images without any (valid) box.")
-flags.mark_flags_as_required(["image_dir", "annotation_file", "output_prefix"])
-
-
-def main(argv):
-    del argv
-    try:
-        summary = txt_converter.convert_txt(
-            FLAGS.image_dir, FLAGS.annotation_file, FLAGS.output_prefix, FLAGS.num_shards,
-            class_names_file=FLAGS.class_names, num_workers=FLAGS.num_workers,
-            skip_empty=FLAGS.skip_empty)
-    except (conversion_report.ConversionError, OSError) as e:  # OSError: unwritable output, full disk
-        sys.exit(f"error: {e}")
-    brief = {k: v for k, v in summary.items() if k not in ("shards", "examples")}
-    print(json.dumps(brief, indent=1))
-
+"""`maskrcnn-txt-to-tfrecord` (the console script); the program is maskrcnn_tf/programs/txt_to_tfrecord.py."""
+from maskrcnn_tf.programs.txt_to_tfrecord import main
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

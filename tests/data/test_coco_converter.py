@@ -141,17 +141,13 @@ def test_unreadable_annotation_file_stops_with_a_clear_message(tmp_path):
         coco_converter.convert_coco(str(tmp_path), str(broken), str(tmp_path / "o"), 1)
     assert not glob.glob(str(tmp_path / "o*"))
     # The CLI turns it into a one-line message and exit status 1 (absl app: SystemExit, no traceback).
-    import importlib.util
+    from maskrcnn_tf.programs import coco_to_tfrecord as cli
 
-    spec = importlib.util.spec_from_file_location("coco_to_tfrecord_cli",
-                                                  REPO_ROOT / "data_prep" / "coco_to_tfrecord.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     cli.FLAGS(["coco_to_tfrecord", f"--image_dir={tmp_path}", f"--annotation_file={broken}",
                f"--output_prefix={tmp_path / 'o'}"])
     try:
         with pytest.raises(SystemExit, match="^error: cannot read annotation file"):
-            cli.main([])
+            cli.app_main([])
     finally:
         cli.FLAGS.unparse_flags()
 

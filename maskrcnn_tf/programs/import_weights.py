@@ -1,0 +1,79 @@
+"""Import a COCO-trained torchvision or detectron2 Mask R-CNN checkpoint as a model directory.
+
+  python import_weights.py --source=torchvision --checkpoint=maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth \
+      --model_dir=runs/torchvision_coco
+  python import_weights.py --source=detectron2 --checkpoint=model_final_f10217.pkl --model_dir=runs/d2_3x
+
+The model directory (config.json, label_map.json, checkpoints/ckpt-0) is what train.py writes, so
+eval.py, export.py, predict.py and `train.py --init_checkpoint` take it unchanged. Neither torch nor
+detectron2 is needed: the files are read with an allow-list unpickler that refuses anything but array
+builders (maskrcnn_tf/weights/). Faster R-CNN checkpoints give a box-only model. Bad input (unreadable or
+unsafe file, another architecture, another class count) ends with a one-line "error: ..." naming the
+file, the key and the shapes, exit status 1, and no model directory.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging
+
+from maskrcnn_tf.programs import launch
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("source", None, ["torchvision", "detectron2"], "Who trained the checkpoint.")
+flags.DEFINE_string("checkpoint", None, "torchvision .pth, or detectron2 model-zoo .pkl / .pth file.")
+flags.DEFINE_string("model_dir", None, "Model directory to create (must not exist).")
+flags.DEFINE_multi_string("params_override", [], "Config field of the imported model: dotted.name=JSON value, "
+                          "e.g. model.detection.score_threshold=0.3 (repeatable).")
+flags.mark_flags_as_required(["source", "checkpoint", "model_dir"])
+
+# Longest error message printed.
+MAX_ERROR_CHARS = 600
+
+
+def _one_line(error) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + " ..."
+
+
+def _overrides(items):
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--params_override={item!r}: expected dotted.field=value")
+        name, value = item.split("=", 1)
+        try:
+            overrides[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[name.strip()] = value  # a bare string
+    return overrides
+
+
+def app_main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    import tensorflow as tf
+
+    # Checkpoint writing logs at INFO through absl; keep the console to this program's lines.
+    logging.set_verbosity(logging.WARNING)
+    from maskrcnn_tf.weights.importer import import_weights
+
+    try:
+        written = import_weights(FLAGS.source, FLAGS.checkpoint, FLAGS.model_dir,
+                                 _overrides(FLAGS.params_override))
+    except (ValueError, OSError, tf.errors.OpError) as e:
+        message = e.message if isinstance(e, tf.errors.OpError) else e
+        print(f"error: {_one_line(message)}", file=sys.stderr)
+        sys.exit(1)
+    print(f"import_weights: {FLAGS.checkpoint} -> {written}", flush=True)
+
+
+def main() -> None:
+    """Console script `maskrcnn-import`; also `python import_weights.py` (the root shim)."""
+    launch.run(app_main, __name__)
+
+
+if __name__ == "__main__":
+    main()
