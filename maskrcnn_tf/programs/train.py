@@ -25,16 +25,12 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
-
-try:
-    import maskrcnn_tf  # noqa: F401
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from maskrcnn_tf import config as config_lib
 from maskrcnn_tf import distribute, host_allocator
+from maskrcnn_tf.programs import launch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("train_file_pattern", None, "Glob of training TFRecords (data_prep converters). "
@@ -303,7 +299,7 @@ def run_demo():
     return metrics
 
 
-def main(argv):
+def app_main(argv):
     # TF's own INFO lines (e.g. one per checkpoint save) would drown the progress lines. Some go through
     # Python's "tensorflow" logger, others (checkpoint sharding's "Sharding callback duration") through
     # absl, whose verbosity app.run sets to INFO; --verbosity=0 brings them back.
@@ -355,7 +351,12 @@ def _configure_before_tf():
         sys.exit(f"error: {e}")
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Console script `maskrcnn-train`; also `python train.py` (the root shim)."""
     host_allocator.configure()  # keep freed memory for reuse; before TF allocates (host_allocator.py)
     _configure_before_tf()
-    app.run(main)
+    launch.run(app_main, __name__)
+
+
+if __name__ == "__main__":
+    main()
