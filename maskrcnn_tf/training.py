@@ -64,7 +64,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -452,6 +451,126 @@ def _build(cfg, strategy):
     return model, optimizer, epoch
 
 
+def _device_switches(cfg, strategy):
+    """The CPU-only techniques' switches resolved for the strategy's devices (device_defaults.py); refuses
+    a crop_and_resize RoIAlign on a TPU."""
+    device_kind = device_defaults.device_kind(strategy)
+    if device_kind == "tpu" and cfg.model.roi.roi_align_backend != "gather":
+        raise ValueError("a TPU needs model.roi.roi_align_backend=gather (CropAndResize has no XLA kernel); "
+                         f"got {cfg.model.roi.roi_align_backend!r}")
+    return device_defaults.resolve(cfg, device_kind).train  # ValueError for a refused combination
+
+
+def _prepare_run_dir(cfg, model_dir, label_map_path, chief, say) -> Optional[str]:
+    """Creates model_dir, clears interrupted checkpoint saves, reports config changes of a resumed run and
+    writes config.json / label_map.json (chief). Returns the run's latest checkpoint or None."""
+    tf.io.gfile.makedirs(model_dir)
+    if chief:
+        for leftover in remove_unfinished_checkpoints(os.path.join(model_dir, run_dir.CHECKPOINT_DIR)):
+            say(f"removed {leftover}: an unfinished checkpoint save of an interrupted run")
+    latest = run_dir.latest_checkpoint(model_dir)
+    if latest and tf.io.gfile.exists(os.path.join(model_dir, run_dir.CONFIG_FILE)):
+        for change in check_resume_config(run_dir.load_config(model_dir), cfg, model_dir):
+            say(f"resume: config changed {change}")
+    if chief:
+        write_run_files(cfg, model_dir, label_map_path)
+    return latest
+
+
+def _checkpoint_manager(checkpoint, cfg, model_dir, strategy, chief, verbose):
+    """(CheckpointManager, scratch dir or None). Non-chief workers must take part in saving, but into a
+    per-task directory nobody reads; a killed run's leftovers there are removed first."""
+    scratch = None
+    manager_dir = os.path.join(model_dir, run_dir.CHECKPOINT_DIR)
+    if not chief:
+        resolver = strategy.cluster_resolver
+        scratch = distribute.worker_scratch_dir(model_dir, resolver.task_type, resolver.task_id)
+        if tf.io.gfile.exists(scratch):  # left by a killed run of this worker
+            tf.io.gfile.rmtree(scratch)
+            if verbose:  # this worker's own console (say() prints on the chief only)
+                print(f"removed {scratch}: scratch checkpoints of an earlier run of this worker", flush=True)
+        tf.io.gfile.makedirs(scratch)
+        manager_dir = scratch
+    manager = tf.train.CheckpointManager(checkpoint, manager_dir, max_to_keep=cfg.train.keep_checkpoints,
+                                         checkpoint_name=_CHECKPOINT_NAME)
+    return manager, scratch
+
+
+def _restore(model, optimizer, checkpoint, latest, init_checkpoint, model_dir, num_steps_per_epoch, chief, say):
+    """Resumes from the run's own latest checkpoint, or else initialises from init_checkpoint (shape-matched
+    variables only), or else keeps the fresh weights."""
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+        step = int(optimizer.iterations.numpy())
+        # The epoch of the last step trained, 1-based as in loss.log (epoch_variable counts completed ones).
+        say(f"resuming from {latest}: global step {step}, epoch {(max(step, 1) - 1) // num_steps_per_epoch + 1}, "
+            f"learning rate {float(np.asarray(optimizer.learning_rate)):.6f}")
+        if init_checkpoint:
+            say("--init_checkpoint ignored: the run already has its own checkpoint")
+        if chief:
+            _truncate_loss_log(os.path.join(model_dir, run_dir.LOSS_LOG), step)
+    elif init_checkpoint:
+        restored, skipped = load_matching_weights(model, init_checkpoint)
+        logging.info("init_checkpoint %s: restored %d variables: %s", init_checkpoint, len(restored), restored)
+        logging.info("init_checkpoint %s: kept fresh %d variables: %s", init_checkpoint, len(skipped), skipped)
+        say(f"initialised from {resolve_checkpoint(init_checkpoint)}: {len(restored)} variables restored, "
+            f"{len(skipped)} kept at their fresh initialisation" + (":" if skipped else ""))
+        for line in skipped:
+            say(f"  not restored: {line}")
+
+
+def _evaluation(model, cfg, model_dir, eval_file_pattern, val_json, eval_every_epochs):
+    """A no-argument function running COCO evaluation into model_dir/eval, or None when it is off."""
+    if not (eval_file_pattern and val_json and eval_every_epochs):
+        return None
+
+    def evaluate():
+        from maskrcnn_tf.evaluation.run import evaluate_model  # late: owned by the evaluation module
+
+        return evaluate_model(model, cfg, eval_file_pattern, val_json,
+                              output_dir=os.path.join(model_dir, run_dir.EVAL_DIR))
+
+    return evaluate
+
+
+def _fit(model, cfg, strategy, train_file_pattern, monitor, num_steps_per_epoch, switches, model_dir, say):
+    """model.fit from the optimizer's step to cfg.train.total_steps (nothing when already there)."""
+    step, total = int(model.optimizer.iterations.numpy()), cfg.train.total_steps
+    if step >= total:
+        say(f"{model_dir}: already trained to step {step} (train.total_steps={total})")
+        return
+    dataset = strategy.distribute_datasets_from_function(
+        lambda context: pipeline.build_dataset(train_file_pattern, cfg, training=True, input_context=context))
+    say(f"training {model_dir}: steps {step} -> {total}, {num_steps_per_epoch} steps per epoch, "
+        f"global batch {cfg.data.train_batch_size}, {strategy.num_replicas_in_sync} replica(s) "
+        f"({type(strategy).__name__})")
+    # HeapTrimmer: graph building and optimisation leave freed C++ heap resident (host_memory.py).
+    trimmer = HeapTrimmer() if switches.heap_trim else contextlib.nullcontext()
+    with warnings.catch_warnings(), trimmer:
+        warnings.filterwarnings("ignore", message=".*shuffle=True.*")  # Keras: tf.data ignores shuffle
+        model.fit(dataset, steps_per_epoch=num_steps_per_epoch, epochs=-(-total // num_steps_per_epoch),
+                  initial_epoch=step // num_steps_per_epoch, callbacks=[monitor], verbose=0)
+
+
+def _finish(model, optimizer, monitor, manager, evaluate, model_dir, chief, say) -> int:
+    """After fit: raises NonFiniteLossError for a stopped run, else saves the final checkpoint and runs the
+    last evaluation. Returns the global step."""
+    if monitor.non_finite:
+        first_bad, what = monitor.non_finite
+        checkpoint_dir = os.path.join(model_dir, run_dir.CHECKPOINT_DIR)
+        raise NonFiniteLossError(f"{what}; training stopped, nothing saved after it. "
+                                 + _resume_advice(manager, checkpoint_dir, first_bad, chief, model_dir))
+    step = int(optimizer.iterations.numpy())
+    skipped = int(optimizer.skipped_steps.numpy()) if hasattr(optimizer, "skipped_steps") else 0
+    if skipped:
+        say(f"loss scaling: {skipped} step(s) of this run had overflowing float16 gradients; their update "
+            "was skipped (the loss scale halved) and they count as steps")
+    monitor.save(step)
+    if evaluate and monitor.last_eval_step != step:
+        monitor.run_evaluation(step)
+    return step
+
+
 def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: tf.distribute.Strategy, *,
           label_map_path: Optional[str] = None, init_checkpoint: Optional[str] = None,
           eval_file_pattern=None, val_json: Optional[str] = None, eval_every_epochs: int = 0,
@@ -477,108 +596,28 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
       NonFiniteLossError: a NaN/inf loss; the latest checkpoint is the last good one.
     """
     config_lib.validate(cfg)
-    device_kind = device_defaults.device_kind(strategy)
-    if device_kind == "tpu" and cfg.model.roi.roi_align_backend != "gather":
-        raise ValueError("a TPU needs model.roi.roi_align_backend=gather (CropAndResize has no XLA kernel); "
-                         f"got {cfg.model.roi.roi_align_backend!r}")
-    switches = device_defaults.resolve(cfg, device_kind).train  # ValueError for a refused combination
+    switches = _device_switches(cfg, strategy)
     chief = distribute.is_chief(strategy)
     say = print if (verbose and chief) else (lambda *a, **k: None)
-    tf.io.gfile.makedirs(model_dir)
-    checkpoint_dir = os.path.join(model_dir, run_dir.CHECKPOINT_DIR)
-    saved_config_path = os.path.join(model_dir, run_dir.CONFIG_FILE)
-    if chief:
-        for leftover in remove_unfinished_checkpoints(checkpoint_dir):
-            say(f"removed {leftover}: an unfinished checkpoint save of an interrupted run")
-    latest = run_dir.latest_checkpoint(model_dir)
-    if latest and tf.io.gfile.exists(saved_config_path):
-        for change in check_resume_config(run_dir.load_config(model_dir), cfg, model_dir):
-            say(f"resume: config changed {change}")
-    if num_steps_per_epoch is None:
+    if num_steps_per_epoch is None:  # counted first: no records is an error before anything is written
         num_steps_per_epoch = steps_per_epoch(pipeline.count_training_records(train_file_pattern),
                                               cfg.data.train_batch_size)
-    if chief:
-        write_run_files(cfg, model_dir, label_map_path)
+    latest = _prepare_run_dir(cfg, model_dir, label_map_path, chief, say)
 
     model, optimizer, epoch_variable = _build(cfg, strategy)
     checkpoint = run_dir.make_checkpoint(model, optimizer, epoch=epoch_variable)
-    scratch = None
-    if chief:
-        manager_dir = checkpoint_dir
-    else:  # non-chief workers must take part in saving, but into a directory nobody reads
-        resolver = strategy.cluster_resolver
-        scratch = distribute.worker_scratch_dir(model_dir, resolver.task_type, resolver.task_id)
-        if tf.io.gfile.exists(scratch):  # left by a killed run of this worker
-            tf.io.gfile.rmtree(scratch)
-            if verbose:  # this worker's own console (say() prints on the chief only)
-                print(f"removed {scratch}: scratch checkpoints of an earlier run of this worker", flush=True)
-        tf.io.gfile.makedirs(scratch)
-        manager_dir = scratch
-    manager = tf.train.CheckpointManager(checkpoint, manager_dir, max_to_keep=cfg.train.keep_checkpoints,
-                                         checkpoint_name=_CHECKPOINT_NAME)
-    if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-        step = int(optimizer.iterations.numpy())
-        # The epoch of the last step trained, 1-based as in loss.log (epoch_variable counts completed ones).
-        say(f"resuming from {latest}: global step {step}, epoch {(max(step, 1) - 1) // num_steps_per_epoch + 1}, "
-            f"learning rate {float(np.asarray(optimizer.learning_rate)):.6f}")
-        if init_checkpoint:
-            say("--init_checkpoint ignored: the run already has its own checkpoint")
-        if chief:
-            _truncate_loss_log(os.path.join(model_dir, run_dir.LOSS_LOG), step)
-    elif init_checkpoint:
-        restored, skipped = load_matching_weights(model, init_checkpoint)
-        logging.info("init_checkpoint %s: restored %d variables: %s", init_checkpoint, len(restored), restored)
-        logging.info("init_checkpoint %s: kept fresh %d variables: %s", init_checkpoint, len(skipped), skipped)
-        say(f"initialised from {resolve_checkpoint(init_checkpoint)}: {len(restored)} variables restored, "
-            f"{len(skipped)} kept at their fresh initialisation" + (":" if skipped else ""))
-        for line in skipped:
-            say(f"  not restored: {line}")
-    step = int(optimizer.iterations.numpy())
-
-    evaluate = None
-    if eval_file_pattern and val_json and eval_every_epochs:
-        def evaluate():
-            from maskrcnn_tf.evaluation.run import evaluate_model  # late: owned by the evaluation module
-
-            return evaluate_model(model, cfg, eval_file_pattern, val_json,
-                                  output_dir=os.path.join(model_dir, run_dir.EVAL_DIR))
-
+    manager, scratch = _checkpoint_manager(checkpoint, cfg, model_dir, strategy, chief, verbose)
+    _restore(model, optimizer, checkpoint, latest, init_checkpoint, model_dir, num_steps_per_epoch, chief, say)
+    evaluate = _evaluation(model, cfg, model_dir, eval_file_pattern, val_json, eval_every_epochs)
     monitor = TrainingMonitor(cfg=cfg, model_dir=model_dir, manager=manager, epoch_variable=epoch_variable,
                               steps_per_epoch=num_steps_per_epoch, chief=chief, evaluate=evaluate,
                               eval_every_epochs=eval_every_epochs, verbose=verbose)
-    total = cfg.train.total_steps
     try:
-        if step < total:
-            dataset = strategy.distribute_datasets_from_function(
-                lambda context: pipeline.build_dataset(train_file_pattern, cfg, training=True,
-                                                       input_context=context))
-            say(f"training {model_dir}: steps {step} -> {total}, {num_steps_per_epoch} steps per epoch, "
-                f"global batch {cfg.data.train_batch_size}, {strategy.num_replicas_in_sync} replica(s) "
-                f"({type(strategy).__name__})")
-            # HeapTrimmer: graph building and optimisation leave freed C++ heap resident (host_memory.py).
-            trimmer = HeapTrimmer() if switches.heap_trim else contextlib.nullcontext()
-            with warnings.catch_warnings(), trimmer:
-                warnings.filterwarnings("ignore", message=".*shuffle=True.*")  # Keras: tf.data ignores shuffle
-                model.fit(dataset, steps_per_epoch=num_steps_per_epoch, epochs=-(-total // num_steps_per_epoch),
-                          initial_epoch=step // num_steps_per_epoch, callbacks=[monitor], verbose=0)
-        else:
-            say(f"{model_dir}: already trained to step {step} (train.total_steps={total})")
-        if monitor.non_finite:
-            first_bad, what = monitor.non_finite
-            raise NonFiniteLossError(f"{what}; training stopped, nothing saved after it. "
-                                     + _resume_advice(manager, checkpoint_dir, first_bad, chief, model_dir))
-        step = int(optimizer.iterations.numpy())
-        skipped = int(optimizer.skipped_steps.numpy()) if hasattr(optimizer, "skipped_steps") else 0
-        if skipped:
-            say(f"loss scaling: {skipped} step(s) of this run had overflowing float16 gradients; their update "
-                "was skipped (the loss scale halved) and they count as steps")
-        monitor.save(step)
-        if evaluate and monitor.last_eval_step != step:
-            monitor.run_evaluation(step)
+        _fit(model, cfg, strategy, train_file_pattern, monitor, num_steps_per_epoch, switches, model_dir, say)
+        step = _finish(model, optimizer, monitor, manager, evaluate, model_dir, chief, say)
     finally:
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+        if scratch and tf.io.gfile.exists(scratch):
+            tf.io.gfile.rmtree(scratch)
     return {"model": model, "global_step": step, "epoch": int(epoch_variable.numpy()),
             "losses": monitor.last_losses, "eval_metrics": monitor.eval_metrics,
             "restored_from": latest}
