@@ -35,6 +35,16 @@ def _split_cpu_into_two_logical_devices():
 _split_cpu_into_two_logical_devices()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _seed_module():
+    """The same seeds before a module's own module-scoped fixtures (autouse fixtures of a scope run first),
+    so that a model such a fixture builds does not depend on which tests ran before it in this worker."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Python, NumPy, TensorFlow and Keras seeds (Keras initializers without a seed draw from Python's
