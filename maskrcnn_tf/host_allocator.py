@@ -18,13 +18,10 @@ export.py, the benchmark cases), before TensorFlow allocates anything:
   `mallopt` through ctypes has the same effect in-process, so nothing is re-executed.
 
 Decisions:
-- host_memory.HeapTrimmer and these settings must not fight: malloc_trim releases every free page,
-  including the ones kept for the next step. The trimmer exists for the peak RSS (graph building and
-  Grappler free hundreds of MB inside the first step), so while this module is active it trims only
-  when the resident set is within PEAK_MARGIN_BYTES of its high-water mark (`trim_wanted()`,
-  `NearPeak`): while the first step climbs to the peak it trims every period as before; below the
-  peak, freed memory stays for reuse. A rule on free heap bytes (mallinfo2) does not work: they keep
-  counting pages an earlier trim already released, and a step's own churn can exceed any budget.
+- host_memory.HeapTrimmer stays as it is (malloc_trim every 0.5 s around fit). It releases free pages
+  the settings keep, so part of the gain goes (the demo keeps about two thirds of its fault reduction),
+  but it holds the R50 step's peak RSS where it was. Rules that trimmed less (only after a burst of
+  frees, only near the peak RSS) raised that peak.
 - Not kept (measured in benchmarks/README.md): TensorFlow's BFC allocator on CPU
   (TF_CPU_ALLOCATOR_USE_BFC) removed fewer faults and none in the R50 step; tcmalloc and jemalloc have
   no PyPI wheel and would need LD_PRELOAD, i.e. a re-exec.
@@ -39,7 +36,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from typing import Optional
 
 ENV_SWITCH = "MASKRCNN_TF_HOST_ALLOCATOR"
 _OFF_VALUES = ("0", "off", "false", "no")
@@ -52,7 +48,6 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's maximum on 64-bit (HEAP_MAX_SIZE / 2)
 KEEP_FREE_BYTES = 256 << 20  # trim threshold: free heap kept for reuse
 TOP_PAD_BYTES = 64 << 20  # extra heap requested per sbrk/heap growth (virtual until touched)
-PEAK_MARGIN_BYTES = 64 << 20  # HeapTrimmer trims only this close to the peak RSS (trim_wanted)
 SETTINGS = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, KEEP_FREE_BYTES),
             (M_TOP_PAD, TOP_PAD_BYTES))
 
@@ -107,42 +102,3 @@ def configure(environ=None, libc=None) -> str:
 def active() -> bool:
     """True once `configure()` applied the settings in this process."""
     return _active
-
-
-def resident_bytes() -> Optional[int]:
-    """This process's resident set size now (Linux /proc/self/statm), or None elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def peak_resident_bytes() -> Optional[int]:
-    """The kernel's high-water mark of this process's RSS (ru_maxrss, KiB on Linux), or None."""
-    try:
-        import resource
-    except ImportError:  # not a Unix
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class NearPeak:
-    """Callable: True when the resident set is within `margin` bytes of its high-water mark, the only
-    time a trim can lower the peak RSS; `read` / `read_peak` give the two (None: unknown, then True)."""
-
-    def __init__(self, margin: int = PEAK_MARGIN_BYTES, read=resident_bytes, read_peak=peak_resident_bytes):
-        self.margin, self._read, self._read_peak = margin, read, read_peak
-
-    def __call__(self) -> bool:
-        rss, peak = self._read(), self._read_peak()
-        return rss is None or peak is None or rss >= peak - self.margin
-
-
-_near_peak = NearPeak()
-
-
-def trim_wanted() -> bool:
-    """Whether host_memory.HeapTrimmer should trim now: always when this module is not active (glibc's
-    defaults), else only near the peak RSS (see NearPeak)."""
-    return True if not _active else _near_peak()

@@ -23,8 +23,6 @@ import ctypes.util
 import threading
 from typing import Optional
 
-from maskrcnn_tf import host_allocator
-
 DEFAULT_PERIOD_S = 0.5
 
 
@@ -60,16 +58,14 @@ class HeapTrimmer:
         if period_s <= 0:
             raise ValueError(f"period_s must be > 0, got {period_s}")
         self.period_s = period_s
-        self.trims = 0  # trims made so far
+        self.trims = 0  # calls made so far
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def _run(self):
         while not self._stop.wait(self.period_s):
-            # With host_allocator's settings active, only near the peak RSS (below it, freed memory is reused).
-            if host_allocator.trim_wanted():
-                trim()
-                self.trims += 1
+            trim()
+            self.trims += 1
 
     def __enter__(self):
         if self.available:

@@ -1,6 +1,5 @@
 """host_allocator: the malloc settings really apply (and keep freed blocks for reuse), the off switch and a
-C library without glibc's mallopt leave everything alone quietly, every program configures it, and the
-trimmer's near-the-peak rule."""
+C library without glibc's mallopt leave everything alone quietly, and every program configures it."""
 import ctypes
 import json
 import os
@@ -11,7 +10,6 @@ import textwrap
 import pytest
 
 from maskrcnn_tf import host_allocator
-from maskrcnn_tf.host_allocator import NearPeak
 
 
 
@@ -132,32 +130,6 @@ def test_settings_are_the_documented_values():
     assert settings[host_allocator.M_MMAP_THRESHOLD] == 32 * 1024 * 1024
     assert settings[host_allocator.M_TRIM_THRESHOLD] == host_allocator.KEEP_FREE_BYTES
     assert all(0 < value < 2**31 for value in settings.values())  # mallopt takes a C int
-
-
-def test_near_peak_trims_only_close_to_the_high_water_mark():
-    mib = 1 << 20
-    rss = iter([1000, 990, 900, 960, 1100, None, 800])
-    peak = iter([1000, 1000, 1000, 1000, 1100, 1100, None])
-    near = NearPeak(margin=64 * mib, read=lambda: (lambda v: v and v * mib)(next(rss)),
-                    read_peak=lambda: (lambda v: v and v * mib)(next(peak)))
-    # at the peak, 10 MiB below, 100 MiB below (no), 40 MiB below, a new peak
-    assert [near() for _ in range(5)] == [True, True, False, True, True]
-    assert near() and near()  # RSS or peak unknown (not Linux): trim, as without this module
-
-
-def test_near_peak_reads_this_process():
-    rss, peak = host_allocator.resident_bytes(), host_allocator.peak_resident_bytes()
-    if rss is None:
-        pytest.skip("no /proc/self/statm")
-    assert 0 < rss <= peak * 1.01  # the high-water mark is at least the current RSS (sampling aside)
-
-
-def test_trim_wanted_is_always_true_when_not_configured(monkeypatch):
-    monkeypatch.setattr(host_allocator, "_active", False)
-    monkeypatch.setattr(host_allocator, "_near_peak", lambda: False)
-    assert host_allocator.trim_wanted()
-    monkeypatch.setattr(host_allocator, "_active", True)
-    assert not host_allocator.trim_wanted()
 
 
 _RUN_PROGRAM = textwrap.dedent("""
