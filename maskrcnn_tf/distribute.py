@@ -68,9 +68,8 @@ def configure_host_threads(inter_op_threads: int = AUTO_INTER_OP_THREADS, strate
 
     Why 1 on a CPU: every op already spreads over all cores through its intra-op pool (oneDNN, Eigen),
     so a second op at the same time shares the same cores and keeps its tensors alive next to the
-    first's. Measured on the R50-FPN training step, 1024 px, batch 2, 2-core Intel Xeon: peak RSS
-    3444-3580 -> 3097-3558 MB over separate runs, for ~8% of step time in an alternated A/B
-    (benchmarks/README.md). Not with GPUs or TPUs (inter-op threads launch their kernels) nor with
+    first's: lower peak RSS for a few percent of step time (figures: benchmarks/README.md). Not with
+    GPUs or TPUs (inter-op threads launch their kernels) nor with
     several logical CPUs (replicas run side by side).
     """
     if inter_op_threads < AUTO_INTER_OP_THREADS:

@@ -4,9 +4,8 @@ Why: the first call of the training step (and of the evaluation step) traces the
 and instantiates its kernels. That churns through hundreds of MB of C++ heap, and glibc keeps the freed
 chunks resident: only the top of a heap is returned on free(), pages in the middle stay until
 malloc_trim(0) releases them (madvise). Tensors do not come from that heap (they come from TF's
-allocator pool), so what is released is garbage. Measured on the R50-FPN step, 1024 x 1024, batch 2,
-2-core Intel Xeon with oneDNN (benchmarks/cases/ours_model.py --case=train): peak RSS 3897 MB without,
-3487 MB with a trim every 0.5 s, step time unchanged within the machine's noise (12 s).
+allocator pool), so what is released is garbage: peak RSS falls and step time does not change
+(figures: benchmarks/README.md).
 
 Decisions:
 - A thread, not a call after each step: the peak is inside the first step, between graph optimisation

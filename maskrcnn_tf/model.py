@@ -275,8 +275,7 @@ class MaskRCNN(keras.Model):
         # Every optimizer op waits for the whole backward pass. Otherwise the graph runs the parts that need
         # no gradient (decoupled weight decay w * wd * lr, momentum m * 0.9) during the backward pass,
         # and their temporaries plus copies of weights whose forward reads the backward still holds
-        # added ~320 MB at the peak of the R50 step (memory profile, 1024x1024, batch 2). The updates
-        # themselves take ~0.1 s.
+        # raise the step's memory peak (figures: benchmarks/README.md, "Figures behind choices").
         with tf.control_dependencies([g for g in gradients if g is not None]):
             self.optimizer.apply_gradients(zip(gradients, variables))
         return self._track(values)

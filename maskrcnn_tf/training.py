@@ -53,9 +53,9 @@ Decisions:
 - CPU-only techniques (recompute, banded conv gradients, the sparse RoIAlign gradient, the heap
   trimmer) follow the device: device_defaults.py.
 - The optimizer's slots are built before the first step (also needed for a restore): otherwise
-  tf.function traces the step twice and keeps both graphs (~500 MB more at R50, 1024 px).
+  tf.function traces the step twice and keeps both graphs (figures: benchmarks/README.md).
 - fit runs under host_memory.HeapTrimmer, which gives the heap that graph building frees back to the
-  OS (~400 MB of peak RSS at R50, 1024 px; benchmarks/README.md).
+  OS (lower peak RSS; benchmarks/README.md).
 """
 
 import collections

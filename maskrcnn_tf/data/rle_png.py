@@ -1,8 +1,9 @@
 """COCO run-length masks -> PNG bytes, without ever building the full-size mask.
 
 The COCO converter writes one full-image PNG per instance (schema.py, Model Garden's format). Done the
-obvious way (pycocotools decode -> [H, W] array -> cv2.imencode) that was 75% of the converter's time on
-real COCO images: decode writes H*W bytes in Fortran order, the encoder transposes them, filters every
+obvious way (pycocotools decode -> [H, W] array -> cv2.imencode) that dominated the converter's time on
+real COCO images (benchmarks/README.md): decode writes H*W bytes in Fortran order, the encoder
+transposes them, filters every
 row and deflates ~300 KB of mostly zeros, all for an instance that covers ~2% of the image.
 
 Decisions:
@@ -11,12 +12,11 @@ Decisions:
   and OpenCV expand 1-bit gray to 0/255, and Model Garden's decoder casts the PNG to float without
   thresholding before its bilinear crop, so 0/255 masks would change its training targets. A 1-bit
   palette PNG (palette 0 -> 0, 1 -> 1) does decode to 0/1 in TF, but TF decoded it slower than the
-  8-bit one (3.1 vs 2.3 ms per COCO mask, palette expansion) and OpenCV reads it as 3 channels.
-  Both measured and rejected.
+  8-bit one (palette expansion) and OpenCV reads it as 3 channels. Both measured and rejected.
 - Work is proportional to the instance's box, not the image: the RLE counts (column-major runs) are
   parsed (rle_counts), the box's columns x rows block is filled from them with NumPy, and only the
-  rows the mask touches are deflated (zlib level 1, Z_RLE; on coco_tiny the PNGs are about half the
-  size of OpenCV's default output, and TF decodes them ~1.5x faster: every row is unfiltered).
+  rows the mask touches are deflated (zlib level 1, Z_RLE; smaller than OpenCV's default output and
+  faster for TF to decode, since every row is unfiltered).
   Runs of all-zero rows above and below come from a per-(width, 2^k rows) cache of deflate segments
   (independent raw-deflate streams ending in a sync flush are byte aligned and never refer back to
   earlier data, so they concatenate into one valid stream); the Adler-32 of zero bytes is computed in

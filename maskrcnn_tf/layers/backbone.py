@@ -40,18 +40,17 @@ Decisions (beyond docs/design.md):
   (b - mean) * s + beta, s = gamma / sqrt(var + eps), computed from the Keras variables on every call
   (a few MB of arithmetic), followed by `tf.nn.bias_add` and ReLU, the pattern Grappler's remapper fuses
   into one _FusedConv2D. This removes BN's two elementwise passes over every feature map and the
-  activations the backward pass would keep for them: measured at 1024x1024 (R50, CPU), forward equal
-  (~4.1 CPU-s either way), forward + backward of res3..res5 11.1 vs 12.0 CPU-s. Gradients reach W and b
+  activations the backward pass would keep for them; the forward costs the same and forward + backward
+  a little less (figures: benchmarks/README.md). Gradients reach W and b
   through the product, so training is the same function; the variables, their paths and checkpoints are
   the Keras network's. Outputs equal the layer-by-layer network to float32 rounding (tests: 1e-4).
   `fold_batchnorm=False` runs the Keras network (the plain path the tests compare against).
 - Recomputed activations (`recompute=True`, the default; folded ResNets in training only): each trainable
   stage (above freeze_at) runs under `tf.recompute_grad`, so the backward pass keeps only the stage
   outputs (C3..C5, which the FPN needs anyway) and recomputes the blocks' inner activations, one stage
-  at a time. R50 at 1024x1024, batch 2, freeze_at 2: ~630 MB less at the training step's memory peak
-  for one more forward pass of res3..res5 (~2.7 s of a ~25 s step; 2-core AMD EPYC, Eigen convs);
-  with the banded FPN/RPN gradients (layers/banded_conv.py) peak RSS 5115 -> 4659 MB on a 2-core
-  Intel Xeon with oneDNN (benchmarks/README.md). Gradients are the same function (tests: equal to
+  at a time: a lower memory peak of the training step for one more forward pass of res3..res5
+  (figures, alone and with the banded FPN/RPN gradients of layers/banded_conv.py: benchmarks/README.md).
+  Gradients are the same function (tests: equal to
   float32 rounding).
 - Mixed precision: the network is built under this layer's dtype policy (the global one unless `dtype`
   is given): variables stay float32, outputs come in the compute dtype (float16 under mixed_float16).

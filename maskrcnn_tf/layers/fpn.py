@@ -10,7 +10,7 @@ Decisions (beyond docs/design.md):
 - Input C_l must be exactly twice the size of C_{l+1} (image size divisible by 2**5; config requires
   divisibility by 64), so the upsampled top-down map needs no cropping.
 - The 3x3 output convs are BandedConv2D: Conv2D whose kernel gradient is computed in row bands in
-  training (576 MB less peak memory on P2 at 1024 px; layers/banded_conv.py).
+  training (no whole-image im2col buffer on P2; layers/banded_conv.py).
 - Mixed precision: outputs stay in the compute dtype (they are features, not logits); RoIAlign and the
   heads consume them in that dtype.
 """

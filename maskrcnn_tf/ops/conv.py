@@ -3,23 +3,21 @@
 Why: TensorFlow's CPU conv gradients (Conv2DBackpropFilter and Conv2DBackpropInput) each build an
 im2col matrix of a whole image, [H * W, kh * kw * C] floats. For the 3x3 FPN and RPN convs on P2 of a
 1024x1024 image (256 x 256 x 256) that is 576 MB in one allocation, and it was the top of the R50
-training step's memory profile (3.4 GB of live tensors at the peak; TF_CPU_ALLOCATOR_USE_BFC=true and
-the profiler's memory_profile tool), first for the kernel gradient and, once that was banded, for the
-input gradient.
+training step's memory profile, first for the kernel gradient and, once that was banded, for the
+input gradient (figures: benchmarks/README.md, "Figures behind choices in the code").
 
 Input gradient: for stride 1 and SAME padding with odd kh, kw, d loss / d x is the forward
 convolution of dy with the spatially flipped kernel, input and output channels swapped. TF's forward
-conv packs its operands blockwise (no im2col): on one [2, 256, 256, 256] 3x3 conv, 130 MB extra peak
-(the output) instead of 704 MB, CPU time 2.25 s instead of 2.09 s.
+conv packs its operands blockwise (no im2col): its extra peak is about the output, for a little more
+CPU time.
 
 Kernel gradient: a sum over output pixels, so it is computed band by band: output rows
 [r0, r1) need input rows [r0 - kh // 2, r1 + kh // 2), whose zero padding at the image border becomes
 EXPLICIT padding of the band. Bands are chained with control dependencies so that only one band's
-im2col buffer exists at a time. Measured on one [2, 256, 256, 256] 3x3 kernel gradient (2 CPU cores):
-576 MB extra peak and 1.6 s unbanded, 63 MB and 1.7 s in 16 bands, 52 MB and 2.1 s in 32 bands; hence
-a band budget of BAND_IM2COL_BYTES per image (P2: 16 bands, P3: 4, smaller maps: none). These
-figures are from a 2-core AMD EPYC (Eigen convolutions); with oneDNN (Intel Xeon) the kernel gradient
-still builds the im2col buffer (36 MB per band in the step's memory profile).
+im2col buffer exists at a time. Memory falls with the band count while time grows slowly until bands
+get thin; hence a band budget of BAND_IM2COL_BYTES per image (P2: 16 bands, P3: 4, smaller maps:
+none). The measured trade-off, also with oneDNN (whose kernel gradient still builds an im2col buffer
+per band), is in benchmarks/README.md.
 
 The forward pass is TensorFlow's own; the bias gradient is a sum. Gradients equal TensorFlow's to
 float32 summation order (tests).

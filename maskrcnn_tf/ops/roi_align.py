@@ -35,8 +35,8 @@ Backends:
   gradient is the transposed sparse sampling matrix (pad and average pool folded in) times the
   upstream gradient, one ``tf.sparse.sparse_dense_matmul``. TensorFlow's own gradient has two defects
   on CPU: CropAndResizeGradImage adds into the image gradient from several threads without atomics
-  (tensorflow/tensorflow#42033), so updates are occasionally lost (2 of 30 identical calls differed by
-  up to 0.14 on a small pyramid), and the chain AvgPoolGrad -> CropAndResizeGradImage -> MirrorPadGrad
+  (tensorflow/tensorflow#42033), so updates are occasionally lost (benchmarks/README.md), and the
+  chain AvgPoolGrad -> CropAndResizeGradImage -> MirrorPadGrad
   holds a [K, n, n, C] crop gradient and two padded image-sized tensors, which sat at the top of the
   R50 training step's memory profile (box RoIs on P2 at 1024 px, batch 2: 205 + 130 + 130 MB). Ours
   is deterministic and its only large tensor is the [B, H, W, C] result.
@@ -52,9 +52,9 @@ Backends:
   2 * sampling_ratio taps per bin and axis. Memory: the gathered tensor is
   [B, R, 2n, 2n, C] (4 * sampling_ratio**2 times the output), e.g. 820 MB float32 for B=2, R=512,
   7 x 7, C=256 - the price of a gather-based XLA kernel. The multiply-and-sum form is chosen for
-  XLA, which fuses it into the gather (measured on 2 CPU cores, B=2, R=512, 7 x 7, C=256, 1024 px
-  input, forward only: 0.8 s under XLA vs 1.0 s for crop_and_resize; 3 s without XLA, where
-  crop_and_resize is the faster choice). Coordinates are float32, so on large maps (P2 of a 1024 px input) the two
+  XLA, which fuses it into the gather: under XLA it beats crop_and_resize, without XLA it is slower
+  (figures: benchmarks/README.md), so crop_and_resize stays the default outside XLA. Coordinates are
+  float32, so on large maps (P2 of a 1024 px input) the two
   backends differ by ~1e-4 of the feature scale.
 
 Level assignment (FPN paper, eq. 1): k = floor(4 + log2(sqrt(area) / 224)) clamped to [2, 5]. A tiny

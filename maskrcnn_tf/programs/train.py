@@ -91,8 +91,8 @@ DEMO_PREDICTION_IMAGES = 4
 DEMO_OVERRIDES = {
     "model.image_size": (DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE),
     "model.anchors.sizes": (8, 16, 32, 64, 128),  # halved with the image size
-    # Narrower FPN/RPN and heads, fewer proposals: 3.6x less CPU per step than the tiny preset at
-    # 128x128 (measured 0.28 vs 0.77 CPU-s per batch of 4 with 32 RoIs), which is what fits 10 minutes.
+    # Narrower FPN/RPN and heads, fewer proposals: a fraction of the tiny preset's CPU per step at
+    # 128x128 (benchmarks/README.md), which is what fits 10 minutes.
     # With these settings: mask AP@[.5:.95] 0.585, box AP 0.563 on the 100 val images (measured).
     "model.fpn_num_filters": 32,
     "model.rpn_num_filters": 32,
