@@ -155,6 +155,11 @@ def test_imported_torchvision_maskrcnn_gives_torchvision_detections(tmp_path):
         print(f"image {i}: {confident.size} torchvision detections >= {MIN_SCORE} (of {len(ref['scores'])}; "
               f"ours {n}), min IoU {min(ious, default=1):.6f}, max score diff {max(score_diffs, default=0):.2e}, "
               f"max mask prob diff {max(mask_diffs, default=0):.2e}")
+        # And the other way: every confident detection of ours is one of torchvision's.
+        for k in np.flatnonzero(scores >= MIN_SCORE):
+            same_class = np.flatnonzero(ref["labels"] == classes[k])
+            assert same_class.size and _iou(boxes[k], ref["boxes"][same_class]).max() >= MIN_IOU, (
+                f"image {i}: our detection {k} (class {classes[k]}, score {scores[k]:.3f}) is not torchvision's")
         assert min(ious, default=1.0) >= MIN_IOU
         assert max(score_diffs, default=0.0) <= MAX_SCORE_DIFF
         assert max(mask_diffs, default=0.0) <= MAX_MASK_DIFF
