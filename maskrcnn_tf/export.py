@@ -58,7 +58,6 @@ Decisions:
 
 import json
 import logging
-import os
 
 import tensorflow as tf
 

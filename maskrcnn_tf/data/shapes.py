@@ -24,7 +24,7 @@ Decisions:
 
 import json
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 

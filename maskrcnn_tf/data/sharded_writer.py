@@ -67,11 +67,6 @@ def remove_dead_tmp_files(output_prefix: str) -> List[str]:
     return removed
 
 
-
-def shard_paths(output_prefix: str, num_shards: int) -> List[str]:
-    return [SHARD_NAME.format(prefix=output_prefix, index=i, count=num_shards) for i in range(num_shards)]
-
-
 class _Progress:
     """`done/total images, images/s` on stderr: redrawn in place on a tty, plain lines otherwise."""
 

@@ -10,7 +10,6 @@ val JSON, a val JSON whose image ids are not those of the records, no matching r
 one-line "error: ..." on stderr and exit status 1.
 """
 import os
-import sys
 
 from absl import app, flags
 
@@ -29,12 +28,7 @@ flags.DEFINE_integer("batch_size", None, "Evaluation batch size (default: data.e
 flags.mark_flags_as_required(["model_dir", "eval_file_pattern", "val_json"])
 
 # Longest error message printed; restore errors can list hundreds of variable paths.
-MAX_ERROR_CHARS = 600
 
-
-def _one_line(error: Exception) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + " ..."
 
 
 def run() -> None:
@@ -66,17 +60,12 @@ def app_main(argv):
     try:
         run()
     except (ValueError, OSError, tf.errors.OpError) as e:  # OpError: a record the pipeline cannot decode
-        message = e.message if isinstance(e, tf.errors.OpError) else e
-        print(f"error: {_one_line(message)}", file=sys.stderr)
-        sys.exit(1)
+        launch.exit_with_error(e)
 
 
 def main() -> None:
     """Console script `maskrcnn-eval`; also `python eval.py` (the root shim)."""
-    from maskrcnn_tf import host_allocator
-
-    host_allocator.configure()  # keep freed memory for reuse; before TF allocates (host_allocator.py)
-    launch.run(app_main, __name__)
+    launch.run(app_main, __name__, configure_allocator=True)
 
 
 if __name__ == "__main__":

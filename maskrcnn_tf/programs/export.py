@@ -7,7 +7,6 @@ expects a numbered version folder under the model's base path (exports/coco/1 ab
 config, no checkpoint, a checkpoint of another configuration) end with a one-line "error: ..." on stderr
 and exit status 1.
 """
-import sys
 import time
 
 from absl import app, flags, logging
@@ -24,12 +23,7 @@ flags.DEFINE_bool("no_pasted_masks", False, "Leave out detection_masks_pasted (u
 flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 # Longest error message printed; restore errors can list hundreds of variable paths.
-MAX_ERROR_CHARS = 600
 
-
-def _one_line(error) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + " ..."
 
 
 def run() -> None:
@@ -55,17 +49,12 @@ def app_main(argv):
     try:
         run()
     except (ValueError, OSError, tf.errors.OpError) as e:
-        message = e.message if isinstance(e, tf.errors.OpError) else e
-        print(f"error: {_one_line(message)}", file=sys.stderr)
-        sys.exit(1)
+        launch.exit_with_error(e)
 
 
 def main() -> None:
     """Console script `maskrcnn-export`; also `python export.py` (the root shim)."""
-    from maskrcnn_tf import host_allocator
-
-    host_allocator.configure()  # keep freed memory for reuse; before TF allocates (host_allocator.py)
-    launch.run(app_main, __name__)
+    launch.run(app_main, __name__, configure_allocator=True)
 
 
 if __name__ == "__main__":

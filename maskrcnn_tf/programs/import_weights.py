@@ -13,7 +13,6 @@ file, the key and the shapes, exit status 1, and no model directory.
 """
 import json
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,12 +29,7 @@ flags.DEFINE_multi_string("params_override", [], "Config field of the imported m
 flags.mark_flags_as_required(["source", "checkpoint", "model_dir"])
 
 # Longest error message printed.
-MAX_ERROR_CHARS = 600
 
-
-def _one_line(error) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + " ..."
 
 
 def _overrides(items):
@@ -64,9 +58,7 @@ def app_main(argv):
         written = import_weights(FLAGS.source, FLAGS.checkpoint, FLAGS.model_dir,
                                  _overrides(FLAGS.params_override))
     except (ValueError, OSError, tf.errors.OpError) as e:
-        message = e.message if isinstance(e, tf.errors.OpError) else e
-        print(f"error: {_one_line(message)}", file=sys.stderr)
-        sys.exit(1)
+        launch.exit_with_error(e)
     print(f"import_weights: {FLAGS.checkpoint} -> {written}", flush=True)
 
 

@@ -5,18 +5,36 @@ flags defined by the module named sys.argv[0]. A program's code lives in maskrcn
 `__main__` is the shim or the console-script wrapper, so `run` hands both over explicitly.
 """
 import sys
-from typing import Callable, List
+from typing import Callable, List, NoReturn
 
 from absl import app, flags
 
+# Longer messages (a TensorFlow error can carry a whole graph trace) are cut to this many characters.
+MAX_ERROR_CHARS = 600
 
-def run(app_main: Callable[[List[str]], None], program_module: str) -> None:
+
+def exit_with_error(error: Exception) -> NoReturn:
+    """Prints `error: <the message on one line>` to stderr and exits 1 (tf.errors.OpError: its message
+    only, without the op's traceback)."""
+    text = " ".join(str(getattr(error, "message", error)).split())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + " ..."
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run(app_main: Callable[[List[str]], None], program_module: str, configure_allocator: bool = False) -> None:
     """Runs `app_main(argv)` under absl's app.run with the flags, usage text and exit codes of the program
-    defined in module `program_module` (e.g. "maskrcnn_tf.programs.train").
+    defined in module `program_module` (e.g. "maskrcnn_tf.programs.train"). configure_allocator: first
+    set glibc's malloc to keep freed memory for reuse, before TensorFlow allocates (host_allocator.py).
 
     Exit codes: as absl's, except that --help/--helpshort/--helpfull exit 0 (absl exits 1): asking for
     help is not a failure. Flag errors still print absl's one-line "FATAL Flags parsing error" and exit 1.
     """
+    if configure_allocator:
+        from maskrcnn_tf import host_allocator
+
+        host_allocator.configure()
     module = sys.modules[program_module]
     sys.modules["__main__"].__doc__ = module.__doc__
     for flag in flags.FLAGS.get_key_flags_for_module(program_module):

@@ -27,12 +27,7 @@ flags.register_validator("model_dir", lambda _: bool(FLAGS.model_dir) != bool(FL
                          message="give exactly one of --model_dir and --saved_model")
 
 # Longest error message printed; restore errors can list hundreds of variable paths.
-MAX_ERROR_CHARS = 600
 
-
-def _one_line(error) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + " ..."
 
 
 def run() -> int:
@@ -60,9 +55,7 @@ def app_main(argv):
     try:
         num_images = run()
     except (ValueError, OSError, tf.errors.OpError) as e:
-        message = e.message if isinstance(e, tf.errors.OpError) else e
-        print(f"error: {_one_line(message)}", file=sys.stderr)
-        sys.exit(1)
+        launch.exit_with_error(e)
     if num_images == 0:
         print("error: no image could be processed", file=sys.stderr)
         sys.exit(1)
@@ -70,10 +63,7 @@ def app_main(argv):
 
 def main() -> None:
     """Console script `maskrcnn-predict`; also `python predict.py` (the root shim)."""
-    from maskrcnn_tf import host_allocator
-
-    host_allocator.configure()  # keep freed memory for reuse; before TF allocates (host_allocator.py)
-    launch.run(app_main, __name__)
+    launch.run(app_main, __name__, configure_allocator=True)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ Both sides put every image on one 512 x 512 canvas: torchvision by size_divisibl
 ours by image_size; resize short side 384, long side <= 512 (the preset's rule, smaller for speed).
 """
 
-import glob
-
 import numpy as np
 import pytest
 
