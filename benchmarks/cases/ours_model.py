@@ -92,6 +92,8 @@ def build_config(args, batch_size):
 
 
 def counts(cfg) -> dict:
+    from maskrcnn_tf import device_defaults
+
     m = cfg.model
     return {
         "pre_nms_top_k_per_level_test": m.rpn.pre_nms_top_k_test, "post_nms_top_k_test": m.rpn.post_nms_top_k_test,
@@ -101,7 +103,8 @@ def counts(cfg) -> dict:
         "roi_foreground_fraction": m.roi.foreground_fraction, "max_detections": m.detection.max_detections,
         "score_threshold": m.detection.score_threshold, "num_classes": m.num_classes,
         "roi_align_backend": m.roi.roi_align_backend, "freeze_at": m.backbone.freeze_at,
-        "recompute_backbone": cfg.train.recompute_backbone,
+        # The value build_model uses on this host ("auto" resolved for the device, device_defaults.py).
+        "recompute_backbone": device_defaults.resolve(cfg).train.recompute_backbone,
     }
 
 
