@@ -294,6 +294,9 @@ TORCHVISION_PIXEL_STD = (58.395, 57.12, 57.375)
 TORCHVISION_COCO_NUM_CLASSES = 90
 
 
+TORCHVISION_BOX_LOSS_BETA = 1.0 / 9.0  # smooth L1 beta of torchvision's RPN and Fast R-CNN box losses
+
+
 def torchvision_maskrcnn_r50_fpn() -> Config:
     """torchvision's `maskrcnn_resnet50_fpn` (COCO_V1: 37.9 box AP / 34.6 mask AP): its conventions and
     test-time settings, for weights imported with maskrcnn_tf.weights.torchvision_mapping.
@@ -304,6 +307,8 @@ def torchvision_maskrcnn_r50_fpn() -> Config:
     scoring > 0.05 and at least 1e-2 px wide and high, 100 per image, short side 800 / long side <= 1333
     on a 1344 x 1344 canvas (ModelConfig.resize_mode). Classes are COCO category ids 1..90 (K = 90).
     Detection pre_nms_top_k caps the (RoI, class) candidates entering NMS (torchvision has no cap).
+    Box losses as torchvision trains (fine-tuning from imported weights): smooth L1 with beta 1/9 for the
+    RPN and the box head (rpn.py, roi_heads.py fastrcnn_loss).
     """
     return Config(
         model=ModelConfig(
@@ -313,8 +318,10 @@ def torchvision_maskrcnn_r50_fpn() -> Config:
                                     norm_epsilon=0.0),
             anchors=AnchorConfig(offset=0.0, round_base_anchors=True),
             rpn=RPNConfig(pre_nms_top_k_train=2000, post_nms_top_k_train=2000, pre_nms_top_k_test=1000,
-                          post_nms_top_k_test=1000, nms_iou=0.7, min_box_size=1e-3),
-            roi=RoIConfig(sampling_ratio=2, aligned=False, torchvision_level_mapper=True),
+                          post_nms_top_k_test=1000, nms_iou=0.7, min_box_size=1e-3,
+                          box_loss_beta=TORCHVISION_BOX_LOSS_BETA),
+            roi=RoIConfig(sampling_ratio=2, aligned=False, torchvision_level_mapper=True,
+                          box_loss_beta=TORCHVISION_BOX_LOSS_BETA),
             detection=DetectionConfig(score_threshold=0.05, nms_iou=0.5, max_detections=100,
                                       pre_nms_top_k=2000, min_box_size=1e-2),
             pixel_mean=TORCHVISION_PIXEL_MEAN,

@@ -54,6 +54,8 @@ def test_torchvision_preset_has_torchvision_settings():
     assert (m.anchors.offset, m.anchors.round_base_anchors, m.roi.aligned, m.roi.sampling_ratio) == (0.0, True, False, 2)
     assert (m.rpn.min_box_size, m.detection.min_box_size, m.detection.score_threshold) == (1e-3, 1e-2, 0.05)
     assert m.roi.torchvision_level_mapper
+    # torchvision's rpn.py and roi_heads.fastrcnn_loss: smooth_l1_loss(beta=1 / 9).
+    assert (m.rpn.box_loss_beta, m.roi.box_loss_beta) == pytest.approx((1 / 9, 1 / 9))
     assert (m.rpn.pre_nms_top_k_test, m.rpn.post_nms_top_k_test, m.rpn.post_nms_top_k_train) == (1000, 1000, 2000)
     assert m.pixel_mean == pytest.approx([255 * v for v in (0.485, 0.456, 0.406)])
     assert m.pixel_std == pytest.approx([255 * v for v in (0.229, 0.224, 0.225)])

@@ -18,8 +18,8 @@ Differences by definition, each stated and tested here:
   torchvision) and measures how far torchvision's own targets are from ours.
 - Backbone conv biases. keras.applications' ResNet convs have biases, torchvision's have none (the
   import sets them to 0). Ours get a gradient and move; torchvision has nothing to compare them with.
-- Box losses: torchvision's smooth L1 with beta 1/9 is set here (model.rpn/roi.box_loss_beta); the
-  torchvision preset keeps detectron2's L1 (beta 0).
+- Box losses: torchvision's smooth L1 with beta 1/9, as the torchvision preset sets it
+  (model.rpn/roi.box_loss_beta).
 """
 import functools
 import json
@@ -59,7 +59,6 @@ GROUPS = (("backbone", "conv"), ("fpn", "mask_rcnn/fpn/"), ("rpn", "mask_rcnn/rp
 def _config():
     return config_lib.replace(config_lib.get_preset("torchvision_maskrcnn_r50_fpn"), **{
         "model.image_size": CANVAS, "model.backbone.weights": None,
-        "model.rpn.box_loss_beta": 1 / 9, "model.roi.box_loss_beta": 1 / 9,  # torchvision's smooth L1
         "data.max_instances": 24, "data.train_batch_size": 2,
         "train.weight_decay": WEIGHT_DECAY, "train.momentum": MOMENTUM})
 
