@@ -455,6 +455,21 @@ def _replace_one(node, path, value, dotted):
     return dataclasses.replace(node, **{head: _replace_one(getattr(node, head), path[1:], value, dotted)})
 
 
+def parse_overrides(items) -> dict:
+    """Command-line overrides ["dotted.field=value", ...] -> {"dotted.field": value} for `replace`: values
+    are JSON (numbers, booleans, lists) or else a bare string, e.g. train.schedule=cosine."""
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--params_override={item!r}: expected dotted.field=value")
+        name, value = item.split("=", 1)
+        try:
+            overrides[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[name.strip()] = value
+    return overrides
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -72,3 +72,14 @@ def test_config_json_with_the_removed_heads_mask_size_loads():
     d["model"]["roi"]["mask_size"] = 28
     with pytest.raises(ValueError, match="unknown field 'mask_size' in RoIConfig"):
         config_lib.from_dict(d)
+
+
+def test_parse_overrides_reads_json_values_and_bare_strings():
+    parsed = config_lib.parse_overrides(["train.total_steps=10", "model.image_size=[128, 96]",
+                                         "train.schedule=cosine", "data.seed = 3"])
+    assert parsed == {"train.total_steps": 10, "model.image_size": [128, 96], "train.schedule": "cosine",
+                      "data.seed": 3}
+    cfg = config_lib.replace(config_lib.get_preset("tiny"), **parsed)
+    assert (cfg.train.total_steps, cfg.model.image_size, cfg.train.schedule) == (10, (128, 96), "cosine")
+    with pytest.raises(ValueError, match="expected dotted.field=value"):
+        config_lib.parse_overrides(["train.total_steps"])

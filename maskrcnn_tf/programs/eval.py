@@ -27,9 +27,6 @@ flags.DEFINE_integer("batch_size", None, "Evaluation batch size (default: data.e
                      lower_bound=1)
 flags.mark_flags_as_required(["model_dir", "eval_file_pattern", "val_json"])
 
-# Longest error message printed; restore errors can list hundreds of variable paths.
-
-
 
 def run() -> None:
     # Late imports: flag errors and --help stay fast, TensorFlow loads only for real work.

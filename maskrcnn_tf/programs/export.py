@@ -22,9 +22,6 @@ flags.DEFINE_bool("no_pasted_masks", False, "Leave out detection_masks_pasted (u
                   "original image size; large for big photos): clients paste the 28x28 masks themselves.")
 flags.mark_flags_as_required(["model_dir", "export_dir"])
 
-# Longest error message printed; restore errors can list hundreds of variable paths.
-
-
 
 def run() -> None:
     # Late imports: flag errors and --help stay fast, TensorFlow loads only for real work.

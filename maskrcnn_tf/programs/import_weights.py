@@ -11,13 +11,13 @@ builders (maskrcnn_tf/weights/). Faster R-CNN checkpoints give a box-only model.
 unsafe file, another architecture, another class count) ends with a one-line "error: ..." naming the
 file, the key and the shapes, exit status 1, and no model directory.
 """
-import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
 
+from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.programs import launch
 
 FLAGS = flags.FLAGS
@@ -27,22 +27,6 @@ flags.DEFINE_string("model_dir", None, "Model directory to create (must not exis
 flags.DEFINE_multi_string("params_override", [], "Config field of the imported model: dotted.name=JSON value, "
                           "e.g. model.detection.score_threshold=0.3 (repeatable).")
 flags.mark_flags_as_required(["source", "checkpoint", "model_dir"])
-
-# Longest error message printed.
-
-
-
-def _overrides(items):
-    overrides = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--params_override={item!r}: expected dotted.field=value")
-        name, value = item.split("=", 1)
-        try:
-            overrides[name.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[name.strip()] = value  # a bare string
-    return overrides
 
 
 def app_main(argv):
@@ -56,7 +40,7 @@ def app_main(argv):
 
     try:
         written = import_weights(FLAGS.source, FLAGS.checkpoint, FLAGS.model_dir,
-                                 _overrides(FLAGS.params_override))
+                                 config_lib.parse_overrides(FLAGS.params_override))
     except (ValueError, OSError, tf.errors.OpError) as e:
         launch.exit_with_error(e)
     print(f"import_weights: {FLAGS.checkpoint} -> {written}", flush=True)

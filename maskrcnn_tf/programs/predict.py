@@ -26,9 +26,6 @@ flags.mark_flags_as_required(["image", "output_dir"])
 flags.register_validator("model_dir", lambda _: bool(FLAGS.model_dir) != bool(FLAGS.saved_model),
                          message="give exactly one of --model_dir and --saved_model")
 
-# Longest error message printed; restore errors can list hundreds of variable paths.
-
-
 
 def run() -> int:
     """Returns the number of images written."""

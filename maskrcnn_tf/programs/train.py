@@ -16,7 +16,6 @@ MASKRCNN_TF_HOST_ALLOCATOR=off keeps glibc's malloc defaults (maskrcnn_tf/host_a
 Errors in flags, data or model dir end the program with a one-line `error: ...` message (status 1).
 """
 import glob
-import json
 import logging as pylogging
 import os
 import re
@@ -124,19 +123,6 @@ def parse_image_size(text: str):
     return int(match.group(1)), int(match.group(2))
 
 
-def parse_params_override(items):
-    overrides = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--params_override={item!r}: expected dotted.field=value")
-        name, value = item.split("=", 1)
-        try:
-            overrides[name.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[name.strip()] = value  # a bare string, e.g. train.schedule=cosine
-    return overrides
-
-
 def find_label_map(file_pattern: str):
     """{output_prefix}_label_map.json of the converter that wrote the files matching file_pattern
     (tf.io.gfile: the records may be in gs://...)."""
@@ -173,7 +159,7 @@ def resolve_config(preset: str, train_file_pattern: str, label_map_path=None, ex
     if FLAGS.seed is not None:
         overrides["train.seed"] = FLAGS.seed
         overrides["data.seed"] = FLAGS.seed  # a params_override of data.seed below still wins
-    explicit = parse_params_override(FLAGS.params_override)
+    explicit = config_lib.parse_overrides(FLAGS.params_override)
     if FLAGS.strategy == "tpu":  # CropAndResize has no XLA kernel: the gather backend, or a clear refusal
         if explicit.get("model.roi.roi_align_backend", "gather") != "gather":
             raise ValueError("--strategy=tpu cannot run model.roi.roi_align_backend="
