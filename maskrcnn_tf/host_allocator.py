@@ -3,7 +3,7 @@
 Why: TensorFlow's CPU tensors and its kernels' scratch buffers come from glibc malloc. glibc maps
 every block above its (dynamic) mmap threshold with mmap and unmaps it on free, and returns the top of
 a heap to the kernel as soon as it exceeds the trim threshold. A training step frees and reallocates
-the same buffers every step, so each step faults the same pages in again: on a 2-core AMD EPYC the
+the same buffers every step, so each step faults the same pages in again: on the machine of issue 15 the
 demo's training spent a sizeable share of its CPU time in the kernel, in minor page faults
 (issue 15; the measurements are in benchmarks/README.md, "Host allocator").
 

@@ -365,16 +365,23 @@ def _axis_taps(start, length, size, output_size: int, sampling_ratio: int):
     num_samples = output_size * sampling_ratio
     fractions = (tf.range(num_samples, dtype=tf.float32) + 0.5) / num_samples  # [n]
     coords = (start - _HALF_PIXEL)[..., None] + fractions * length[..., None]  # [B, R, n]
+    return _bilinear_taps(coords, size, sample_weights=1.0)
+
+
+def _bilinear_taps(coords, size, sample_weights):
+    """coords float32 [B, R, n] sample positions along one axis, size float32 [B, R] the level's extent,
+    sample_weights broadcastable to [B, R, n] -> (indices int32 [B, R, 2n], weights float32 [B, R, 2n]),
+    entry 2 * s + t = tap t (low, high) of sample s."""
     size = size[..., None]  # [B, R, 1]
     # detectron2's rule: samples more than one pixel outside the map contribute nothing.
-    inside = tf.cast((coords >= -1.0) & (coords <= size), tf.float32)
+    inside = tf.cast((coords >= -1.0) & (coords <= size), tf.float32) * sample_weights
     coords = tf.clip_by_value(coords, 0.0, size - 1.0)
     low = tf.floor(coords)
     high = tf.minimum(low + 1.0, size - 1.0)
     frac = coords - low
     indices = tf.stack([low, high], axis=-1)  # [B, R, n, 2]
     weights = tf.stack([(1.0 - frac) * inside, frac * inside], axis=-1)  # [B, R, n, 2]
-    batch_size, num_boxes = tf.shape(start)[0], tf.shape(start)[1]
+    batch_size, num_boxes, num_samples = tf.shape(coords)[0], tf.shape(coords)[1], coords.shape[-1]
     indices = tf.reshape(tf.cast(indices, tf.int32), [batch_size, num_boxes, 2 * num_samples])
     weights = tf.reshape(weights, [batch_size, num_boxes, 2 * num_samples])
     return indices, weights
@@ -399,19 +406,7 @@ def _adaptive_axis_taps(start, length, size, output_size: int):
     coords = ((start - _HALF_PIXEL)[..., None] + bins * bin_size[..., None]
               + (slots + 0.5) * (bin_size / tf.maximum(grid, 1.0))[..., None])  # [B, R, n]
     used = tf.cast(slots < grid[..., None], tf.float32) / tf.maximum(grid, 1.0)[..., None]  # [B, R, n]
-    size = size[..., None]  # [B, R, 1]
-    inside = tf.cast((coords >= -1.0) & (coords <= size), tf.float32) * used
-    coords = tf.clip_by_value(coords, 0.0, size - 1.0)
-    low = tf.floor(coords)
-    high = tf.minimum(low + 1.0, size - 1.0)
-    frac = coords - low
-    indices = tf.stack([low, high], axis=-1)  # [B, R, n, 2]
-    weights = tf.stack([(1.0 - frac) * inside, frac * inside], axis=-1)  # [B, R, n, 2]
-    batch_size, num_boxes = tf.shape(start)[0], tf.shape(start)[1]
-    num_taps = 2 * output_size * max_grid
-    indices = tf.reshape(tf.cast(indices, tf.int32), [batch_size, num_boxes, num_taps])
-    weights = tf.reshape(weights, [batch_size, num_boxes, num_taps])
-    return indices, weights
+    return _bilinear_taps(coords, size, sample_weights=used)
 
 
 def _roi_align_gather(
