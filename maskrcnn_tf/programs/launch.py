@@ -26,7 +26,8 @@ def exit_with_error(error: Exception) -> NoReturn:
 def run(app_main: Callable[[List[str]], None], program_module: str, configure_allocator: bool = False) -> None:
     """Runs `app_main(argv)` under absl's app.run with the flags, usage text and exit codes of the program
     defined in module `program_module` (e.g. "maskrcnn_tf.programs.train"). configure_allocator: first
-    set glibc's malloc to keep freed memory for reuse, before TensorFlow allocates (host_allocator.py).
+    keep freed host memory for reuse (glibc malloc settings, TF's CPU tensor pool), before TensorFlow
+    allocates (host_allocator.py).
 
     Exit codes: as absl's, except that --help/--helpshort/--helpfull exit 0 (absl exits 1): asking for
     help is not a failure. Flag errors still print absl's one-line "FATAL Flags parsing error" and exit 1.

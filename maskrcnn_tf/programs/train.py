@@ -11,7 +11,8 @@ config field names, JSON values, repeatable) for anything else; the resolved con
 MODEL_DIR/config.json and read back by eval.py, export.py and predict.py.
 Environment: TF_CONFIG for --strategy=multi_worker_mirrored; MASKRCNN_TF_CPU_DEVICES=N splits the CPU
 into N logical devices (so --strategy=mirrored can be tried on a machine without GPUs).
-MASKRCNN_TF_HOST_ALLOCATOR=off keeps glibc's malloc defaults (maskrcnn_tf/host_allocator.py; all programs).
+MASKRCNN_TF_HOST_ALLOCATOR=auto|on|off: freed host memory kept for reuse (maskrcnn_tf/host_allocator.py;
+all programs; auto = on CPU-only hosts).
 
 Errors in flags, data or model dir end the program with a one-line `error: ...` message (status 1).
 """
@@ -87,6 +88,10 @@ DEMO_IMAGE_SIZE = 128  # generated images and model input (shapes are 13-45 px)
 DEMO_SEED = 0
 DEMO_NUM_SHARDS = 2
 DEMO_PREDICTION_IMAGES = 4
+# TF's default inter-op pool (one thread per core) instead of the single thread a CPU-only host gets:
+# the demo's ops are small and leave cores idle when run one at a time, and its memory is small
+# (figures: benchmarks/README.md, "The demo").
+DEMO_INTER_OP_THREADS = 0
 DEMO_OVERRIDES = {
     "model.image_size": (DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE),
     "model.anchors.sizes": (8, 16, 32, 64, 128),  # halved with the image size
@@ -294,14 +299,18 @@ def app_main(argv):
         absl_logging.set_verbosity(absl_logging.WARNING)
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
-    distribute.configure_host_threads(FLAGS.inter_op_threads, FLAGS.strategy)  # before anything starts TF's runtime
+    demo = FLAGS.demo or len(sys.argv) == 1
+    inter_op_threads = FLAGS.inter_op_threads
+    if demo and not FLAGS["inter_op_threads"].present:
+        inter_op_threads = DEMO_INTER_OP_THREADS
+    distribute.configure_host_threads(inter_op_threads, FLAGS.strategy)  # before anything starts TF's runtime
     from maskrcnn_tf import training
 
     dataset_flags = ("train_file_pattern", "eval_file_pattern", "val_json", "label_map")
     try:
         # Only an explicit --demo or a bare command line runs the demo: an empty --train_file_pattern= (an
         # unset shell variable) must not quietly train the demo into the user's --model_dir.
-        if FLAGS.demo or len(sys.argv) == 1:
+        if demo:
             given = [f"--{name}" for name in dataset_flags if FLAGS[name].present]
             if given:
                 raise ValueError(f"--demo makes its own data; drop {', '.join(given)}")
