@@ -139,7 +139,8 @@ def _fake_dev(tmp_path, *nodes):
 
 
 @pytest.mark.parametrize("node", ["nvidia0", "kfd", "accel0", "vfio/0"])
-def test_auto_leaves_accelerator_hosts_alone_and_on_forces(tmp_path, node):
+def test_auto_leaves_accelerator_hosts_alone_and_on_forces(tmp_path, node, monkeypatch):
+    monkeypatch.setattr(host_allocator, "_active", False)  # the fake "applied" below must not stick
     dev = _fake_dev(tmp_path, "nvidiactl", "null", node)
     assert host_allocator.accelerator_device_nodes(dev) == [os.path.join(dev, node)]
     for switch in ({}, {host_allocator.ENV_SWITCH: "auto"}):
@@ -154,7 +155,8 @@ def test_auto_leaves_accelerator_hosts_alone_and_on_forces(tmp_path, node):
     assert environ[host_allocator.TENSOR_POOL_ENV] == "1"
 
 
-def test_cpu_only_host_gets_both_settings_and_an_explicit_pool_choice_wins(tmp_path):
+def test_cpu_only_host_gets_both_settings_and_an_explicit_pool_choice_wins(tmp_path, monkeypatch):
+    monkeypatch.setattr(host_allocator, "_active", False)
     dev = _fake_dev(tmp_path, "null", "nvidiactl")  # nvidiactl alone (driver, no GPU) is not a device
     assert host_allocator.accelerator_device_nodes(dev) == []
     environ = {}
