@@ -199,18 +199,19 @@ def test_mirrored_two_replicas_give_the_same_update_as_one_device():
     for a, b, w0 in zip(single.get_weights(), mirrored.get_weights(), initial):
         update_a, update_b = a - w0, b - w0
         # Weights equal to 1e-5 relative (norm of the difference over norm of the weight). The
-        # updates themselves agree to 1%: replicas only change the order of float32 sums (measured
-        # 1e-5 typical, 1e-3 worst, on the mask head's small first-step update), while a wrong loss
-        # normalisation over replicas would be off by 50-100%. An update is only known to the
-        # rounding of the weight it was added to (one float32 ulp, 2**-23 relative, per element):
-        # a CI run saw a conv kernel of norm ~5 move by 5.6e-7 and the two updates differ by
-        # 2.6e-8, all of it in the last bit of the weights.
+        # updates themselves agree to 5%: replicas only change the order of float32 sums (measured
+        # 1e-5 typical, 1e-3 on the mask head's small first-step update, and once 1.2e-2 on a
+        # zero-initialised bias whose update, norm 4.5e-5, is a sum of terms of both signs, so the
+        # order shows more), while a wrong loss normalisation over replicas would be off by 50-100%.
+        # An update is only known to the rounding of the weight it was added to (one float32 ulp,
+        # 2**-23 relative, per element): a CI run saw a conv kernel of norm ~5 move by 5.6e-7 and the
+        # two updates differ by 2.6e-8, all of it in the last bit of the weights.
         ulp_noise = 2.0**-23 * np.linalg.norm(w0)
         if np.abs(w0).max() > 0:  # zero-initialised biases: weight == update, checked below
             assert np.linalg.norm(b - a) <= 1e-5 * np.linalg.norm(a)
-        assert np.linalg.norm(update_b - update_a) <= 1e-2 * np.linalg.norm(update_a) + ulp_noise
+        assert np.linalg.norm(update_b - update_a) <= 5e-2 * np.linalg.norm(update_a) + ulp_noise
         resolved += np.linalg.norm(update_a) > 1000 * ulp_noise
-    assert resolved > 10  # the 1% check above bit on enough variables to catch a wrong normaliser
+    assert resolved > 10  # the 5% check above bit on enough variables to catch a wrong normaliser
 
 
 @pytest.mark.parametrize("field,value,message", [
