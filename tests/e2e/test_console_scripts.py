@@ -32,7 +32,7 @@ PROGRAMS = {
 def _console_scripts():
     try:
         dist = importlib.metadata.distribution("maskrcnn_tf")
-    except importlib.metadata.PackageNotFoundError:
+    except importlib.metadata.PackageNotFoundError:  # a source checkout on sys.path; CI installs it
         pytest.skip("maskrcnn_tf is not installed (pip install -e .): no console scripts")
     return {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
 
