@@ -25,7 +25,8 @@ unlike wall time, barely move when the machine is shared.
 
 infer_800 (not in the defaults): the same seeded random torchvision weights on both sides, one 800 x 1333
 image, batch 1, each side's COCO inference settings (ours: the torchvision_maskrcnn_r50_fpn preset with
-the weights imported by maskrcnn_tf.weights, canvas --ours_canvas or the preset's 1344 x 1344). compare.py
+the weights imported by maskrcnn_tf.weights, canvas --ours_canvas or the preset's 1344 x 1344,
+--ours_orientation_canvases for model.orientation_canvases). compare.py
 first has the torchvision script write the shared .pth (--write_weights), then runs ours, then torchvision.
 
 Cases and scripts: infer, train -> <side>_model.py; infer_800 -> <side>_infer_800.py;
@@ -95,6 +96,8 @@ def parse_args(argv=None):
     parser.add_argument("--tv_candidates", type=int, default=None,
                         help="torchvision infer: NMS candidates of its second series (default 1000; 0 = off)")
     parser.add_argument("--ours_canvas", default=None, help="infer_800, ours: HxW canvas (default: the preset's)")
+    parser.add_argument("--ours_orientation_canvases", action="store_true",
+                        help="infer_800, ours: model.orientation_canvases on")
     parser.add_argument("--data_flags", default="", help="extra flags for the convert/pipeline scripts")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per case process")
     parser.add_argument("--log_dir", default=None, help="where each process's stderr goes (default: a tmp dir)")
@@ -129,6 +132,8 @@ def command(case: str, side: str, args):
         script, flags = os.path.join(CASES_DIR, f"{side}_infer_800.py"), [f"--weights={args.shared_weights}"]
         if side == "ours" and args.ours_canvas:
             flags.append(f"--canvas={args.ours_canvas}")
+        if side == "ours" and args.ours_orientation_canvases:
+            flags.append("--orientation_canvases")
     elif case in MODEL_CASES:
         script, flags = os.path.join(CASES_DIR, f"{side}_model.py"), []
     else:

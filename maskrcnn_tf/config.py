@@ -162,6 +162,15 @@ class ModelConfig:
     resize_mode: str = "fit"
     resize_short_side: int = 800
     resize_max_long_side: int = 1333
+    # Inference on the batch's orientation canvas (model.inference_canvases), off by default: in
+    # "short_side" mode a batch whose images all lie runs on the landscape canvas (S, W), one whose
+    # images all stand on the portrait canvas (H, S), S = resize_short_side rounded up to a multiple of
+    # 64, instead of the full (H, W): 1344 x 1344 -> 832 x 1344 in the presets, 38% fewer pixels. The
+    # image keeps its top-left place, so only the zero border shrinks (the border effect above, now
+    # nearer the reference's own padding). The price is three traces of the network in every inference
+    # graph: more memory, export and load time (benchmarks/README.md, "Orientation canvases").
+    # Training always runs on the full canvas.
+    orientation_canvases: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -577,6 +586,8 @@ def validate(cfg: Config) -> Config:
     _check(m.rpn.min_box_size >= 0, "model.rpn.min_box_size", m.rpn.min_box_size, "a number >= 0")
     _check(m.detection.min_box_size >= 0, "model.detection.min_box_size", m.detection.min_box_size, "a number >= 0")
     _check(m.resize_mode in RESIZE_MODES, "model.resize_mode", m.resize_mode, " | ".join(RESIZE_MODES))
+    _check(isinstance(m.orientation_canvases, bool), "model.orientation_canvases", m.orientation_canvases,
+           "true | false")
     _check(m.resize_mode != "short_side" or 0 < m.resize_short_side <= m.resize_max_long_side,
            "model.resize_short_side/resize_max_long_side", (m.resize_short_side, m.resize_max_long_side),
            "0 < short side <= max long side")

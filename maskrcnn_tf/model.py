@@ -7,7 +7,10 @@
 `call(inputs)` is inference: inputs {"images" float32 [B, H, W, 3], "image_info" float32 [B, 4, 2]} ->
 {"num_detections" int32 [B], "detection_boxes" float32 [B, D, 4] ([y1, x1, y2, x2] input pixels, -1
 padded), "detection_scores" [B, D], "detection_classes" int32 [B, D] (1..K, 0 padded),
-"detection_masks" float32 [B, D, 28, 28] probabilities (only with include_mask)}.
+"detection_masks" float32 [B, D, 28, 28] probabilities (only with include_mask)}. With
+inference_canvases (model.orientation_canvases) the batch runs on the first of those smaller canvases
+that holds every image's valid extent (image_info row 1), else on the full one: the images sit
+top-left, so the boxes keep their coordinates and only the zero border shrinks.
 
 `train_step` / `test_step` take a batch of the data contract (docs/design.md section 5) and return the loss
 components named as the MindSpore original logs them: rpn_cls_loss, rpn_reg_loss, rpn_loss,
@@ -26,6 +29,8 @@ foreground rows weigh 0), so losses and gradients are those of the static path (
 Mixed precision: the backbone and heads compute in the global policy's dtype; everything that handles
 boxes (anchor labeling, proposals, sampling, RoIAlign's box math, detection) and all losses are float32.
 """
+
+import functools
 
 import keras
 import numpy as np
@@ -88,8 +93,8 @@ class MaskRCNN(keras.Model):
 
     def __init__(self, *, backbone, fpn, rpn_head, anchor_labeler, proposal_generator, roi_sampler,
                  box_roi_align, box_head, detection_generator, mask_roi_align=None, mask_head=None,
-                 anchors, image_size, max_mask_rois, rpn_box_loss_beta, rcnn_box_loss_beta,
-                 clip_grad_norm, static_shapes=False, sampling_seed=None, **kwargs):
+                 anchor_generator, image_size, inference_canvases=(), max_mask_rois, rpn_box_loss_beta,
+                 rcnn_box_loss_beta, clip_grad_norm, static_shapes=False, sampling_seed=None, **kwargs):
         # No defaults for config values: build_model passes them from the Config (config.py holds defaults).
         # The model itself is float32 so its inputs (image_info especially) are never cast to float16.
         super().__init__(dtype="float32", **kwargs)
@@ -105,10 +110,14 @@ class MaskRCNN(keras.Model):
         self.mask_roi_align = mask_roi_align
         self.mask_head = mask_head
         self.include_mask = mask_head is not None
-        self.anchors = {level: np.asarray(a, np.float32) for level, a in anchors.items()}  # {"P2": [n, 4]}
+        # anchor_generator((height, width)) -> {"P2": [n, 4], ...}: a canvas's anchors (ops/anchors.py).
+        self._anchor_generator = anchor_generator
+        self._anchors_by_canvas = {}
+        self.image_size = tuple(image_size)
+        self.inference_canvases = tuple(tuple(c) for c in inference_canvases)  # ((h, w), ...) smaller ones
+        self.anchors = self.anchors_for(*self.image_size)
         self.flat_anchors = np.concatenate([self.anchors[k] for k in sorted(self.anchors)])  # [A, 4]
         self.max_mask_rois = max_mask_rois
-        self.image_size = tuple(image_size)
         self.rpn_box_loss_beta = rpn_box_loss_beta
         self.rcnn_box_loss_beta = rcnn_box_loss_beta
         self.clip_grad_norm = clip_grad_norm
@@ -130,11 +139,36 @@ class MaskRCNN(keras.Model):
         rpn_scores, rpn_deltas = self.rpn_head(pyramid, training=training)
         return pyramid, rpn_scores, rpn_deltas
 
+    def anchors_for(self, height, width):
+        """{"P2": float32 [n, 4], ...} `[y1, x1, y2, x2]` anchors of a height x width canvas (cached)."""
+        key = (int(height), int(width))
+        if key not in self._anchors_by_canvas:
+            self._anchors_by_canvas[key] = {level: np.asarray(a, np.float32)
+                                            for level, a in self._anchor_generator(key).items()}
+        return self._anchors_by_canvas[key]
+
     def call(self, inputs, training=False):
         images, image_info = inputs["images"], inputs["image_info"]
+        if not self.inference_canvases:
+            return self._detect(images, image_info, training)
+        extent = tf.reduce_max(image_info[:, 1], axis=0)  # [2] the batch's largest valid (h, w)
+        branches = [(tf.reduce_all(extent <= tf.constant(canvas, tf.float32)),
+                     functools.partial(self._detect_on, canvas, images, image_info, training))
+                    for canvas in self.inference_canvases]
+        return tf.case(branches, default=functools.partial(self._detect, images, image_info, training))
+
+    def _detect_on(self, canvas, images, image_info, training):
+        """_detect on the top-left canvas (h, w) of images [B, H, W, 3]."""
+        height, width = canvas
+        return self._detect(images[:, :height, :width], image_info, training)
+
+    def _detect(self, images, image_info, training):
+        """Inference on images [B, h, w, 3] (h, w static: the canvas) -> call's output dict."""
         pyramid, rpn_scores, rpn_deltas = self._features(images, training)
+        height, width = images.shape[1:3]
+        anchors = self.anchors if height is None or width is None else self.anchors_for(height, width)
         proposals, _, proposal_valid = self.proposal_generator(
-            rpn_scores, rpn_deltas, image_info, anchors=self.anchors, training=False)
+            rpn_scores, rpn_deltas, image_info, anchors=anchors, training=False)
         class_logits, box_deltas = self.box_head(self.box_roi_align(pyramid, proposals), training=training)
         detections = self.detection_generator(class_logits, box_deltas, proposals, proposal_valid, image_info)
         if self.include_mask:
@@ -321,6 +355,19 @@ def _backbone_conventions(backbone_cfg) -> dict:
     return dict(stride_in_3x3=backbone_cfg.stride_in_3x3, norm_epsilon=backbone_cfg.norm_epsilon)
 
 
+def inference_canvases(model_cfg: config_lib.ModelConfig) -> tuple:
+    """((h, w), ...) the canvases smaller than model_cfg.image_size that MaskRCNN.call may run a batch
+    on: landscape (S, W) and portrait (H, S), S = resize_short_side rounded up to a multiple of 64, when
+    orientation_canvases is on in "short_side" mode; () otherwise (config.py)."""
+    if not model_cfg.orientation_canvases or model_cfg.resize_mode != "short_side":
+        return ()
+    step = config_lib.SIZE_DIVISIBILITY
+    side = -(-model_cfg.resize_short_side // step) * step
+    height, width = model_cfg.image_size
+    return tuple(canvas for canvas, smaller in (((side, width), side < height), ((height, side), side < width))
+                 if smaller)
+
+
 def build_model(cfg: config_lib.Config) -> MaskRCNN:
     """Builds (and runs once, so every weight exists) the MaskRCNN of `cfg`. The one reader of config.
 
@@ -373,11 +420,12 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
             max_detections=m.detection.max_detections, pre_nms_top_k=m.detection.pre_nms_top_k,
             min_box_size=m.detection.min_box_size,
             name="detection_generator", **box_math),
-        anchors=anchor_ops.multilevel_anchors(m.image_size, m.anchors.sizes, m.anchors.aspect_ratios,
-                                              min_level=config_lib.MIN_LEVEL, max_level=config_lib.MAX_LEVEL,
-                                              offset=m.anchors.offset,
-                                              round_base_anchors=m.anchors.round_base_anchors),
+        anchor_generator=functools.partial(
+            anchor_ops.multilevel_anchors, sizes=m.anchors.sizes, aspect_ratios=m.anchors.aspect_ratios,
+            min_level=config_lib.MIN_LEVEL, max_level=config_lib.MAX_LEVEL, offset=m.anchors.offset,
+            round_base_anchors=m.anchors.round_base_anchors),
         image_size=m.image_size,
+        inference_canvases=inference_canvases(m),
         max_mask_rois=m.roi.max_mask_rois,
         rpn_box_loss_beta=m.rpn.box_loss_beta,
         rcnn_box_loss_beta=m.roi.box_loss_beta,

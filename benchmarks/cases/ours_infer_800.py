@@ -2,14 +2,17 @@
 with maskrcnn_tf.weights (no torch), on the same 800 x 1333 image. One JSON line on stdout, logs on stderr.
 
   python benchmarks/cases/ours_infer_800.py --case=infer_800 --weights=FILE.pth [--repeats=5] [--canvas=HxW]
+      [--orientation_canvases]
 
 The model is the torchvision_maskrcnn_r50_fpn preset (short side 800 / long side <= 1333) with the
 weights assigned by torchvision_mapping; the timed call is export.ServingModule.serve_tensor on the uint8
 image: preprocessing (normalise, resize at scale 1, pad to the canvas), the network, back-mapping and
 masks pasted at the image size, the work torchvision's model(images) does. The preset's canvas is
 1344 x 1344 (either orientation at full scale); --canvas=832x1344 gives the landscape canvas torchvision
-pads this image to (800 x 1344 rounded up to our multiple of 64). The JSON holds the canvas, the number
-of detections and the import time (reading the .pth and assigning the weights, not timed in `value`).
+pads this image to (800 x 1344 rounded up to our multiple of 64); --orientation_canvases keeps the
+preset's canvas and turns model.orientation_canvases on (this photo then runs on 832 x 1344). The JSON
+holds the canvases, the number of detections and the import time (reading the .pth and assigning the
+weights, not timed in `value`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def parse_args():
     parser.add_argument("--short_side", type=int, default=800)
     parser.add_argument("--max_long_side", type=int, default=1333)
     parser.add_argument("--canvas", default=None, help="HxW model canvas (default: the preset's)")
+    parser.add_argument("--orientation_canvases", action="store_true", help="model.orientation_canvases on")
     args = parser.parse_args()
     if args.case != "infer_800":
         parser.error("--case must be infer_800")
@@ -57,7 +61,8 @@ def main():
     from maskrcnn_tf.model import build_model
     from maskrcnn_tf.weights import importer, layout, torch_pickle, torchvision_mapping
 
-    overrides = {"model.resize_short_side": args.short_side, "model.resize_max_long_side": args.max_long_side}
+    overrides = {"model.resize_short_side": args.short_side, "model.resize_max_long_side": args.max_long_side,
+                 "model.orientation_canvases": args.orientation_canvases}
     if args.canvas:
         overrides["model.image_size"] = tuple(int(v) for v in args.canvas.lower().split("x"))
     start = time.perf_counter()
@@ -81,7 +86,8 @@ def main():
         args.case, SIDE, "seconds", runs, first,
         versions={"tensorflow": tf.__version__, "keras": keras.__version__},
         image_hw=[args.height, args.width], short_side=args.short_side, max_long_side=args.max_long_side,
-        batch_size=1, canvas=list(cfg.model.image_size), intra_threads=args.threads,
+        batch_size=1, canvas=list(cfg.model.image_size), orientation_canvases=list(model.inference_canvases),
+        intra_threads=args.threads,
         config="torchvision_maskrcnn_r50_fpn", import_s=round(import_s, 2), num_detections=num_detections,
         mask_output_shape=mask_shape, host_allocator=allocator))
 

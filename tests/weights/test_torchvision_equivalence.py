@@ -7,6 +7,10 @@ images and then perturbed at random, run with eps 0 (as torchvision runs COCO_V1
 class logits scaled so that proposals are well separated and photos give confident detections.
 Both sides put every image on one 512 x 512 canvas: torchvision by size_divisible=512 (its batch padding),
 ours by image_size; resize short side 384, long side <= 512 (the preset's rule, smaller for speed).
+The second test runs each photo alone through ours with model.orientation_canvases on and through
+torchvision padding to multiples of 128: both put a lying photo on 384 x 512 and a standing one on
+512 x 384 (ours slices its 512 x 512 input to that canvas), so the orientation path must give
+torchvision's detections too.
 """
 
 import numpy as np
@@ -26,6 +30,8 @@ from tests.conftest import SHARED_DATA  # noqa: E402
 
 CANVAS = 512
 SHORT_SIDE, LONG_SIDE = 384, 512
+# torchvision's batch padding that gives our orientation canvases (SHORT_SIDE x CANVAS, CANVAS x SHORT_SIDE).
+ORIENTATION_DIVISIBLE = 128
 NUM_CLASSES = 91  # torchvision's COCO heads: background + ids 1..90
 # Detections compared (the issue's bar): torchvision's scoring >= 0.3 need one of ours with the same class,
 # box IoU >= 0.99 and a score within 0.01; their 28 x 28 mask probabilities before pasting within 1e-3.
@@ -120,21 +126,47 @@ def _iou(box, boxes):
     return inter / (area(box) + area(boxes) - inter)
 
 
+def _our_model(reference, tmp_path, orientation_canvases):
+    """The preset on the test's canvas with the reference's weights, saved by torch and read without it."""
+    checkpoint = tmp_path / "maskrcnn_random.pth"
+    torch.save(reference.state_dict(), checkpoint)
+    cfg = config_lib.replace(config_lib.get_preset("torchvision_maskrcnn_r50_fpn"), **{
+        "model.image_size": (CANVAS, CANVAS), "model.resize_short_side": SHORT_SIDE,
+        "model.resize_max_long_side": LONG_SIDE, "model.orientation_canvases": orientation_canvases})
+    ours = model_lib.build_model(cfg)
+    torchvision_mapping.assign_torchvision_weights(ours, torch_pickle.load_state_dict(str(checkpoint)))
+    return cfg, ours
+
+
 @pytest.mark.slow
 def test_imported_torchvision_maskrcnn_gives_torchvision_detections(tmp_path):
     images = _images()
     reference = _torchvision_model(images)
-    checkpoint = tmp_path / "maskrcnn_random.pth"
-    torch.save(reference.state_dict(), checkpoint)
     expected = _torchvision_detections(reference, images)
-
-    cfg = config_lib.replace(config_lib.get_preset("torchvision_maskrcnn_r50_fpn"), **{
-        "model.image_size": (CANVAS, CANVAS), "model.resize_short_side": SHORT_SIDE,
-        "model.resize_max_long_side": LONG_SIDE})
-    ours = model_lib.build_model(cfg)
-    torchvision_mapping.assign_torchvision_weights(ours, torch_pickle.load_state_dict(str(checkpoint)))
+    cfg, ours = _our_model(reference, tmp_path, orientation_canvases=False)
     outputs = {k: v.numpy() for k, v in ours(_our_inputs(cfg, images), training=False).items()}
+    _assert_same_detections(expected, outputs)
 
+
+@pytest.mark.slow
+def test_orientation_canvases_give_torchvision_detections(tmp_path):
+    images = _images()
+    reference = _torchvision_model(images)
+    reference.transform.size_divisible = ORIENTATION_DIVISIBLE
+    expected = [_torchvision_detections(reference, [image])[0] for image in images]
+    cfg, ours = _our_model(reference, tmp_path, orientation_canvases=True)
+    assert ours.inference_canvases == ((SHORT_SIDE, CANVAS), (CANVAS, SHORT_SIDE))
+    per_image = []
+    for image in images:
+        inputs = _our_inputs(cfg, [image])
+        assert inputs["images"].shape[1:3] == (CANVAS, CANVAS)  # the full canvas goes in, call slices it
+        per_image.append({k: v.numpy() for k, v in ours(inputs, training=False).items()})
+    outputs = {k: np.concatenate([o[k] for o in per_image]) for k in per_image[0]}
+    _assert_same_detections(expected, outputs)
+
+
+def _assert_same_detections(expected, outputs):
+    """expected: _torchvision_detections' list; outputs: our model's output dict of the same images."""
     total = 0
     for i, ref in enumerate(expected):
         n = int(outputs["num_detections"][i])
