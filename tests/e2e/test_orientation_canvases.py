@@ -110,7 +110,8 @@ def test_saved_model_serves_on_the_orientation_canvas(tmp_path):
         on_canvas = build_model(on_canvas_cfg)
         on_canvas.set_weights(model.get_weights())
         image = tf.constant(rng.integers(0, 255, (1, *size, 3), dtype=np.uint8))
-        expected = ServingModule(on_canvas, on_canvas_cfg).serve_tensor(image)
+        serving = ServingModule(on_canvas, on_canvas_cfg)  # held: its tf.functions keep only a weak self
+        expected = serving.serve_tensor(image)
         got = serve(images=image)
         assert int(expected["num_detections"][0]) > 0
         _assert_equal_outputs({k: got[k] for k in expected}, expected)
