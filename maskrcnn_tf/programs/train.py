@@ -329,7 +329,12 @@ def app_main(argv):
                               eval_file_pattern=FLAGS.eval_file_pattern, val_json=FLAGS.val_json)
         print(f"done: global step {result['global_step']}, model dir {os.path.abspath(FLAGS.model_dir)}", flush=True)
     except training.NonFiniteLossError as e:
-        sys.exit(f"error: {e}")
+        # Checkpoints, loss.log and summaries are on disk already. Exit without the interpreter's
+        # teardown: with the stopped run's input pipeline and model still alive, 1 of 4 runs hung in
+        # garbage collection after this message (issue 15 note, 2026-12-03).
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     except (ValueError, OSError) as e:  # OSError: unwritable --model_dir, a full disk, a vanished file
         sys.exit(f"error: {e}")
 
