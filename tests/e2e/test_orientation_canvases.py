@@ -16,9 +16,10 @@ LANDSCAPE, PORTRAIT = (SHORT_SIDE, CANVAS), (CANVAS, SHORT_SIDE)
 
 
 def _config(image_size=(CANVAS, CANVAS), orientation_canvases=True):
+    # train.seed: the anchor and RoI sampling of compute_losses draw stateless, keyed by the seed.
     return tiny_test_config(**{"model.image_size": image_size, "model.resize_mode": "short_side",
                                "model.resize_short_side": SHORT_SIDE, "model.resize_max_long_side": CANVAS,
-                               "model.orientation_canvases": orientation_canvases})
+                               "model.orientation_canvases": orientation_canvases, "train.seed": 1})
 
 
 def _batch(valid_sizes, seed=0):
@@ -86,9 +87,7 @@ def test_training_keeps_the_full_canvas():
     batch.update(gt_boxes=tf.constant([[[10, 10, 60, 90]], [[20, 30, 100, 150]]], tf.float32),
                  gt_classes=tf.constant([[1], [2]], tf.int32),
                  gt_masks=tf.ones([2, 1, 28, 28], tf.float32))
-    tf.random.set_seed(1)
     losses = model.compute_losses(batch)
-    tf.random.set_seed(1)
     expected = full.compute_losses(batch)
     for name in expected:
         np.testing.assert_allclose(losses[name].numpy(), expected[name].numpy(), rtol=1e-6, err_msg=name)
