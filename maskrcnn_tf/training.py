@@ -30,6 +30,10 @@ Decisions:
   NonFiniteLossError naming the global step and the components. The checkpoint whose weights produced
   the bad loss is dropped from the checkpoint state, so a re-run with a lower rate resumes from the last
   sane one (_resume_advice); a checkpoint whose weights are not finite is never written.
+- Signals: with stop_signals (train.py: SIGINT and SIGTERM), the first signal makes the callback log,
+  save and stop at the end of the step in flight, and train() raises TrainingInterrupted naming that
+  checkpoint; a second exits at once (stop_signals.py). Not under multi-worker training (a save there is
+  collective), and not around the final save and evaluation, where a signal has its usual effect.
 - --init_checkpoint: variables are matched by checkpoint key (model/<Keras path, "/" escaped>), restored
   when the shape agrees, left at their fresh initialisation otherwise (the class-specific layers when
   num_classes differs); both lists are logged. It applies only to a fresh run, never on resume.
@@ -77,6 +81,7 @@ from tensorflow.core.framework import summary_pb2
 from maskrcnn_tf import config as config_lib
 from maskrcnn_tf import device_defaults, distribute
 from maskrcnn_tf import run_dir
+from maskrcnn_tf import stop_signals as stop_signals_lib
 from maskrcnn_tf.data import pipeline
 from maskrcnn_tf.data.label_map import load_label_map
 from maskrcnn_tf.host_memory import HeapTrimmer
@@ -97,6 +102,15 @@ _EVAL_METRICS_SHOWN = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
 class NonFiniteLossError(RuntimeError):
     """Training stopped on a NaN/inf or exploding loss (or non-finite weights); the message names the global
     step, the components and the checkpoint to resume from (or that a new --model_dir is needed)."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A caught SIGINT/SIGTERM stopped training after a step, saved as a checkpoint (stop_signals.py);
+    `signum` is the signal, the message names the step and the checkpoint."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
 # A loss this many times its running median is an explosion (a too-high learning rate): the weights that
@@ -249,8 +263,9 @@ class TrainingMonitor(keras.callbacks.Callback):
     """Per-step work of train(): NaN check, loss.log/TensorBoard/console, checkpoints, evaluation."""
 
     def __init__(self, *, cfg, model_dir, manager, epoch_variable, steps_per_epoch, chief, evaluate=None,
-                 eval_every_epochs=0, verbose=True):
+                 eval_every_epochs=0, verbose=True, stop_request=None):
         super().__init__()
+        self.stop_request = stop_request or stop_signals_lib.StopRequest()  # set by a caught signal
         self.cfg = cfg
         self.total_steps = cfg.train.total_steps
         self.global_batch = cfg.data.train_batch_size
@@ -302,18 +317,21 @@ class TrainingMonitor(keras.callbacks.Callback):
             self.model.stop_training = True  # nothing is saved after this step
             return
         self.recent_totals.append(total)
-        if step % self.cfg.train.log_every_steps == 0 or step >= self.total_steps:
+        # A caught signal: log, save and stop at this step, without an evaluation (a preempted VM has
+        # seconds; the final evaluation of the resumed run still comes).
+        stopping = self.stop_request.signum is not None
+        if step % self.cfg.train.log_every_steps == 0 or step >= self.total_steps or stopping:
             self._log(step, {n: _scalar(logs[n]) for n in LOSS_LOG_NAMES})
         epoch, previous_epoch = step // self.steps_per_epoch, self._previous_step // self.steps_per_epoch
         self._previous_step = step
         if epoch > previous_epoch:  # an epoch ended at this step (or inside this loop, steps_per_loop > 1)
             self.epoch_variable.assign(epoch)
-            if self.evaluate and self.eval_every_epochs and any(
+            if self.evaluate and self.eval_every_epochs and not stopping and any(
                     e % self.eval_every_epochs == 0 for e in range(previous_epoch + 1, epoch + 1)):
                 self.run_evaluation(step)
-        if step % self.cfg.train.checkpoint_every_steps == 0:
+        if step % self.cfg.train.checkpoint_every_steps == 0 or stopping:
             self.save(step)
-        if step >= self.total_steps:
+        if step >= self.total_steps or stopping:
             self.model.stop_training = True
 
     def _log(self, step, losses):
@@ -561,6 +579,10 @@ def _finish(model, optimizer, monitor, manager, evaluate, model_dir, chief, say)
         raise NonFiniteLossError(f"{what}; training stopped, nothing saved after it. "
                                  + _resume_advice(manager, checkpoint_dir, first_bad, chief, model_dir))
     step = int(optimizer.iterations.numpy())
+    signum = monitor.stop_request.signum
+    if signum is not None and step < monitor.total_steps:
+        raise TrainingInterrupted(signum, f"{monitor.stop_request.name} at global step {step}: saved checkpoint "
+                                          f"{manager.latest_checkpoint}; run the same command again to resume")
     skipped = int(optimizer.skipped_steps.numpy()) if hasattr(optimizer, "skipped_steps") else 0
     if skipped:
         say(f"loss scaling: {skipped} step(s) of this run had overflowing float16 gradients; their update "
@@ -574,7 +596,7 @@ def _finish(model, optimizer, monitor, manager, evaluate, model_dir, chief, say)
 def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: tf.distribute.Strategy, *,
           label_map_path: Optional[str] = None, init_checkpoint: Optional[str] = None,
           eval_file_pattern=None, val_json: Optional[str] = None, eval_every_epochs: int = 0,
-          num_steps_per_epoch: Optional[int] = None, verbose: bool = True) -> Dict:
+          num_steps_per_epoch: Optional[int] = None, verbose: bool = True, stop_signals=()) -> Dict:
     """Trains (or resumes training) until cfg.train.total_steps global steps; see the module docstring.
 
     Args:
@@ -588,12 +610,15 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
       eval_file_pattern, val_json, eval_every_epochs: COCO evaluation (maskrcnn_tf.evaluation.run) every
         that many epochs and at the end; off when any of them is missing/0.
       num_steps_per_epoch: default: count_records(train_file_pattern) // global batch.
+      stop_signals: signals (e.g. stop_signals.GRACEFUL_SIGNALS) that stop training after the step in
+        flight with a checkpoint there; ignored under multi-worker training, where a save is collective.
     Returns:
       {"model", "global_step", "epoch", "losses" (last logged), "eval_metrics" (last evaluation or {}),
        "restored_from" (checkpoint path or None)}.
     Raises:
       ValueError: bad inputs (no records, a model_dir of another configuration, a bad init checkpoint).
       NonFiniteLossError: a NaN/inf loss; the latest checkpoint is the last good one.
+      TrainingInterrupted: one of stop_signals arrived; the latest checkpoint is at the step it stopped at.
     """
     config_lib.validate(cfg)
     switches = _device_switches(cfg, strategy)
@@ -609,11 +634,17 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
     manager, scratch = _checkpoint_manager(checkpoint, cfg, model_dir, strategy, chief, verbose)
     _restore(model, optimizer, checkpoint, latest, init_checkpoint, model_dir, num_steps_per_epoch, chief, say)
     evaluate = _evaluation(model, cfg, model_dir, eval_file_pattern, val_json, eval_every_epochs)
-    monitor = TrainingMonitor(cfg=cfg, model_dir=model_dir, manager=manager, epoch_variable=epoch_variable,
-                              steps_per_epoch=num_steps_per_epoch, chief=chief, evaluate=evaluate,
-                              eval_every_epochs=eval_every_epochs, verbose=verbose)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # A save is collective: a worker saving alone on its own signal would wait for the others forever.
+        stop_signals = ()
     try:
-        _fit(model, cfg, strategy, train_file_pattern, monitor, num_steps_per_epoch, switches, model_dir, say)
+        with stop_signals_lib.catch_stop_signals(stop_signals) as stop_request:
+            monitor = TrainingMonitor(cfg=cfg, model_dir=model_dir, manager=manager, epoch_variable=epoch_variable,
+                                      steps_per_epoch=num_steps_per_epoch, chief=chief, evaluate=evaluate,
+                                      eval_every_epochs=eval_every_epochs, verbose=verbose,
+                                      stop_request=stop_request)
+            _fit(model, cfg, strategy, train_file_pattern, monitor, num_steps_per_epoch, switches, model_dir,
+                 say)
         step = _finish(model, optimizer, monitor, manager, evaluate, model_dir, chief, say)
     finally:
         if scratch and tf.io.gfile.exists(scratch):

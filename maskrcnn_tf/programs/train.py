@@ -6,6 +6,8 @@
       --eval_file_pattern='records/val-*' --val_json=coco/annotations/instances_val2017.json
 
 Re-running the same command resumes from the latest checkpoint in --model_dir (also after kill -9).
+SIGINT (Ctrl-C) or SIGTERM (preemption) during training saves a checkpoint after the step in flight and
+exits with status 128 + signal number; a second one exits at once.
 Settings: --config (preset) plus the override flags below, and --params_override=field=value (dotted
 config field names, JSON values, repeatable) for anything else; the resolved config is written to
 MODEL_DIR/config.json and read back by eval.py, export.py and predict.py.
@@ -29,7 +31,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from maskrcnn_tf import config as config_lib
-from maskrcnn_tf import distribute, host_allocator
+from maskrcnn_tf import distribute, host_allocator, stop_signals
 from maskrcnn_tf.programs import launch
 
 FLAGS = flags.FLAGS
@@ -233,7 +235,7 @@ def run_training(train_file_pattern, model_dir, preset, label_map_path=None, ext
     return training.train(cfg, model_dir, train_file_pattern, strategy, label_map_path=label_map_path,
                           init_checkpoint=FLAGS.init_checkpoint, eval_file_pattern=eval_file_pattern,
                           val_json=val_json, eval_every_epochs=eval_every if eval_file_pattern else 0,
-                          num_steps_per_epoch=steps_per_epoch)
+                          num_steps_per_epoch=steps_per_epoch, stop_signals=stop_signals.GRACEFUL_SIGNALS)
 
 
 def run_demo():
@@ -329,14 +331,22 @@ def app_main(argv):
                               eval_file_pattern=FLAGS.eval_file_pattern, val_json=FLAGS.val_json)
         print(f"done: global step {result['global_step']}, model dir {os.path.abspath(FLAGS.model_dir)}", flush=True)
     except training.NonFiniteLossError as e:
-        # Checkpoints, loss.log and summaries are on disk already. Exit without the interpreter's
-        # teardown: with the stopped run's input pipeline and model still alive, 1 of 4 runs hung in
-        # garbage collection after this message (issue 15 note, 2026-12-03).
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
+        _exit_now(f"error: {e}", 1)
+    except training.TrainingInterrupted as e:
+        _exit_now(f"stopped: {e}", 128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (data preparation, building, evaluation)
+        _exit_now("interrupted; run the same command again to resume from the latest checkpoint", 130)
     except (ValueError, OSError) as e:  # OSError: unwritable --model_dir, a full disk, a vanished file
         sys.exit(f"error: {e}")
+
+
+def _exit_now(message: str, status: int) -> None:
+    """Prints `message` to stderr and exits without the interpreter's teardown. Checkpoints, loss.log and
+    summaries are on disk already; with a stopped run's input pipeline and model still alive, 1 of 4 runs
+    hung in garbage collection at teardown after the exploding-loss message (docs/design.md, section 16)."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)
 
 
 def _check_model_dir(model_dir: str) -> None:
