@@ -4,6 +4,7 @@ absl takes the usage text of `--help` from the `__main__` module's docstring and
 flags defined by the module named sys.argv[0]. A program's code lives in maskrcnn_tf/programs/, while
 `__main__` is the shim or the console-script wrapper, so `run` hands both over explicitly.
 """
+import os
 import sys
 from typing import Callable, List, NoReturn
 
@@ -31,6 +32,7 @@ def run(app_main: Callable[[List[str]], None], program_module: str, configure_al
 
     Exit codes: as absl's, except that --help/--helpshort/--helpfull exit 0 (absl exits 1): asking for
     help is not a failure. Flag errors still print absl's one-line "FATAL Flags parsing error" and exit 1.
+    Ctrl-C prints "interrupted" instead of a traceback and exits 130, as a shell reports SIGINT.
     """
     if configure_allocator:
         from maskrcnn_tf import host_allocator
@@ -40,7 +42,12 @@ def run(app_main: Callable[[List[str]], None], program_module: str, configure_al
     sys.modules["__main__"].__doc__ = module.__doc__
     for flag in flags.FLAGS.get_key_flags_for_module(program_module):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(app_main, flags_parser=_parse_flags_with_usage)
+    try:
+        app.run(app_main, flags_parser=_parse_flags_with_usage)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # no teardown: it can hang with a live input pipeline (docs/design.md section 16)
 
 
 def _parse_flags_with_usage(argv: List[str]) -> List[str]:

@@ -9,8 +9,10 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -114,3 +116,19 @@ def test_root_files_are_shims_without_path_hacks(script):
     assert not [node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign))]
     for path in [REPO_ROOT / shim, REPO_ROOT / "maskrcnn_tf" / "programs" / os.path.basename(shim)]:
         assert "sys.path" not in path.read_text(), path
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path):
+    # A long shapes run, interrupted once it writes images: no traceback (launch.run, every program).
+    output_dir = tmp_path / "shapes"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "data_prep/make_shapes_dataset.py"), f"--output_dir={output_dir}",
+         "--num_train=100000", "--num_val=0"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not inherited as ignored
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and not any((output_dir / "train").glob("*")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr, stderr[-2000:]
