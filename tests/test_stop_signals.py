@@ -23,6 +23,12 @@ SCRIPT = textwrap.dedent("""
         print("after SIGINT", request.signum, flush=True)
     print("restored", signal.getsignal(signal.SIGTERM) is before, flush=True)
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with catch_stop_signals() as request:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: recorded, no KeyboardInterrupt
+        print("after SIGINT", request.name, flush=True)
+    print("Ctrl-C handler back", signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)
+
     with catch_stop_signals() as request:
         os.kill(os.getpid(), signal.SIGTERM)
         print("after SIGTERM", request.name, flush=True)
@@ -38,10 +44,13 @@ def test_first_signal_is_recorded_second_exits_at_once():
         "ignored stays True",
         "after SIGINT None",  # an ignored signal is not caught
         "restored True",
+        "after SIGINT SIGINT",
+        "Ctrl-C handler back True",
         "after SIGTERM SIGTERM",
     ], proc.stdout + proc.stderr
     assert proc.returncode == 128 + signal.SIGTERM
     assert proc.stderr.splitlines() == [
+        "SIGINT: stopping after the current step and saving a checkpoint there (SIGINT again exits now)",
         "SIGTERM: stopping after the current step and saving a checkpoint there (SIGTERM again exits now)",
         "SIGTERM again: exiting now, without a checkpoint of the step in flight",
     ]

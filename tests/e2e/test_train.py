@@ -247,50 +247,35 @@ def test_resume_after_kill_9_ends_at_the_same_step_and_never_goes_back(coco_run,
     assert "different model configuration" in changed.stderr and "model.image_size" in changed.stderr
 
 
-def _signal_after_steps(args, signum, steps):
-    """Starts train.py, sends `signum` once loss.log has `steps` more lines (so training runs, with the handlers
-    in place), returns (returncode, stdout, stderr)."""
-    model_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--model_dir="))
+@pytest.mark.slow
+def test_sigterm_saves_the_step_in_flight_and_the_same_command_resumes(coco_records, tmp_path):
+    # SIGTERM is what a preempted VM or a moved pod gets; SIGINT takes the same path (tests/test_stop_signals.py).
+    model_dir = str(tmp_path / "preempted")
     loss_log = os.path.join(model_dir, run_dir.LOSS_LOG)
-    steps += len(loss_log_steps(model_dir)) if os.path.exists(loss_log) else 0
-    # SIG_DFL: a signal the parent ignores (a background job's SIGINT) would stay ignored in the child.
-    process = subprocess.Popen([sys.executable, TRAIN_PY, *args], env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    no_periodic_saves = "--params_override=train.checkpoint_every_steps=1000"  # every checkpoint here is the signal's
+    # SIG_DFL: a signal the parent ignores would stay ignored in the child (stop_signals.py).
+    process = subprocess.Popen([sys.executable, TRAIN_PY, *coco_args(coco_records, model_dir, 1000, no_periodic_saves)],
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     deadline = time.monotonic() + PROCESS_TIMEOUT
     while process.poll() is None and time.monotonic() < deadline:
-        if os.path.exists(loss_log) and open(loss_log, encoding="utf-8").read().count("\n") >= steps:
-            process.send_signal(signum)
+        if os.path.exists(loss_log) and open(loss_log, encoding="utf-8").read().count("\n") >= 3:
+            process.send_signal(signal.SIGTERM)  # after 3 logged steps: training runs, the handler is in place
             break
         time.sleep(0.05)
-    stdout, stderr = process.communicate(timeout=PROCESS_TIMEOUT)
-    return process.returncode, stdout, stderr
+    _, stderr = process.communicate(timeout=PROCESS_TIMEOUT)
+    assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
+    match = re.fullmatch(r"stopped: SIGTERM at global step (\d+): saved checkpoint (\S+); run the same command "
+                         r"again to resume", stderr.strip().splitlines()[-1])
+    assert match, stderr[-3000:]
+    step, checkpoint = int(match.group(1)), match.group(2)
+    assert step >= 3 and checkpoint == run_dir.latest_checkpoint(model_dir)
+    assert checkpoint_steps(model_dir) == [step]  # saved at the step it stopped at
+    assert loss_log_steps(model_dir) == list(range(1, step + 1))  # and that step is logged
 
-
-@pytest.mark.slow
-def test_sigint_and_sigterm_save_the_step_in_flight_and_the_same_command_resumes(coco_records, tmp_path):
-    model_dir = str(tmp_path / "signalled")
-    # No periodic checkpoint before step 1000: every checkpoint here is one a signal made.
-    args = coco_args(coco_records, model_dir, 1000, "--params_override=train.checkpoint_every_steps=1000")
-    stopped_at = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        returncode, stdout, stderr = _signal_after_steps(args, signum, 3)
-        name = signal.Signals(signum).name
-        assert returncode == 128 + signum and "Traceback" not in stderr, stderr[-3000:]
-        match = re.fullmatch(rf"stopped: {name} at global step (\d+): saved checkpoint (\S+); run the same "
-                             r"command again to resume", stderr.strip().splitlines()[-1])
-        assert match, stderr[-3000:]
-        step = int(match.group(1))
-        assert step >= 3 * (len(stopped_at) + 1) and match.group(2) == run_dir.latest_checkpoint(model_dir)
-        assert max(checkpoint_steps(model_dir)) == step  # saved at the step it stopped at
-        assert loss_log_steps(model_dir)[-1] == step  # and that step is logged
-        if stopped_at:
-            assert f"resuming from {stopped_at[-1][1]}: global step {stopped_at[-1][0]}," in stdout
-        stopped_at.append((step, match.group(2)))
-    final = stopped_at[-1][0] + 2
-    proc = run_train(coco_args(coco_records, model_dir, final, "--params_override=train.checkpoint_every_steps=1000"))
-    assert f"resuming from {stopped_at[-1][1]}: global step {stopped_at[-1][0]}," in proc.stdout
-    assert loss_log_steps(model_dir) == list(range(1, final + 1))  # nothing lost, nothing trained twice
+    proc = run_train(coco_args(coco_records, model_dir, step + 2, no_periodic_saves))
+    assert f"resuming from {checkpoint}: global step {step}," in proc.stdout
+    assert loss_log_steps(model_dir) == list(range(1, step + 3))  # nothing lost, nothing trained twice
 
 
 @pytest.mark.slow
