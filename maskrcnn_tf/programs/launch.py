@@ -24,6 +24,15 @@ def exit_with_error(error: Exception) -> NoReturn:
     sys.exit(1)
 
 
+def exit_now(message: str, status: int) -> NoReturn:
+    """Prints `message` to stderr and exits at once, without the interpreter's teardown: after a stopped
+    training run or a Ctrl-C, with an input pipeline and a model still alive, that teardown can hang in
+    garbage collection (docs/design.md section 16). Output is flushed; files written are on disk."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)
+
+
 def run(app_main: Callable[[List[str]], None], program_module: str, configure_allocator: bool = False) -> None:
     """Runs `app_main(argv)` under absl's app.run with the flags, usage text and exit codes of the program
     defined in module `program_module` (e.g. "maskrcnn_tf.programs.train"). configure_allocator: first
@@ -45,9 +54,7 @@ def run(app_main: Callable[[List[str]], None], program_module: str, configure_al
     try:
         app.run(app_main, flags_parser=_parse_flags_with_usage)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(130)  # no teardown: it can hang with a live input pipeline (docs/design.md section 16)
+        exit_now("interrupted", 130)
 
 
 def _parse_flags_with_usage(argv: List[str]) -> List[str]:

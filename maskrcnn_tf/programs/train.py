@@ -331,22 +331,13 @@ def app_main(argv):
                               eval_file_pattern=FLAGS.eval_file_pattern, val_json=FLAGS.val_json)
         print(f"done: global step {result['global_step']}, model dir {os.path.abspath(FLAGS.model_dir)}", flush=True)
     except training.NonFiniteLossError as e:
-        _exit_now(f"error: {e}", 1)
+        launch.exit_now(f"error: {e}", 1)
     except training.TrainingInterrupted as e:
-        _exit_now(f"stopped: {e}", 128 + e.signum)
+        launch.exit_now(f"stopped: {e}", 128 + e.signum)
     except KeyboardInterrupt:  # Ctrl-C outside the training steps (data preparation, building, evaluation)
-        _exit_now("interrupted; run the same command again to resume from the latest checkpoint", 130)
+        launch.exit_now("interrupted; run the same command again to resume from the latest checkpoint", 130)
     except (ValueError, OSError) as e:  # OSError: unwritable --model_dir, a full disk, a vanished file
         sys.exit(f"error: {e}")
-
-
-def _exit_now(message: str, status: int) -> None:
-    """Prints `message` to stderr and exits without the interpreter's teardown. Checkpoints, loss.log and
-    summaries are on disk already; with a stopped run's input pipeline and model still alive, 1 of 4 runs
-    hung in garbage collection at teardown after the exploding-loss message (docs/design.md, section 16)."""
-    print(message, file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(status)
 
 
 def _check_model_dir(model_dir: str) -> None:
