@@ -31,6 +31,10 @@ Decisions:
   image's reason. No image written is a ConversionError naming the likely cause.
 - Image files (image_files.py), sharding, workers and atomic renames (sharded_writer.py) and the summary
   (conversion_report.py) are shared with the COCO converter.
+- Next to the label map it writes `{output_prefix}_annotations.json`: the records' ground truth in COCO
+  format, boxes only (records_coco_json.py, read back from the shards so ids and file names are the
+  records'), the --val_json that eval.py needs for these records. The summary names it
+  ("annotations_json").
 """
 
 import dataclasses
@@ -44,10 +48,11 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from maskrcnn_tf.data import image_files, schema
+from maskrcnn_tf.data import image_files, records_coco_json, schema
 from maskrcnn_tf.data.conversion_report import ConversionError, Stats, check_images_written, make_summary
 from maskrcnn_tf.data.sharded_writer import LABEL_MAP_SUFFIX, SUMMARY_SUFFIX, write_json_atomic, write_sharded
 
+ANNOTATIONS_SUFFIX = "_annotations.json"  # the COCO-format ground truth (boxes only), next to the label map
 BACKGROUND_NAME = "background"
 BOX_FIELDS = (5, 6)  # x1,y1,x2,y2,cls and optionally iscrowd
 _TOKEN = re.compile(r"\S+")
@@ -192,9 +197,11 @@ def convert_txt(image_dir: str, annotation_file: str, output_prefix: str, num_sh
                 progress: bool = True) -> Dict:
     """Converts a MindSpore-style text list into sharded box-only TFRecords; returns the summary dict.
 
-    Writes the same three kinds of files as coco_converter.convert_coco (shards, label map, summary).
-    Records carry boxes (normalized xmin, ymin, xmax, ymax), class ids as given in the text, is_crowd,
-    areas, and no image/object/mask key. Raises ConversionError for a missing list, image dir or names
+    Writes the same three kinds of files as coco_converter.convert_coco (shards, label map, summary) and
+    `{output_prefix}_annotations.json`, the COCO-format ground truth of the records (boxes only; image
+    ids = the records' source ids, file names as in the records), for eval.py. Records carry boxes
+    (normalized xmin, ymin, xmax, ymax), class ids as given in the text, is_crowd, areas, and no
+    image/object/mask key. Raises ConversionError for a missing list, image dir or names
     file, and when no image is written; bad lines, images and boxes are counted in the summary.
     """
     start = time.monotonic()
@@ -212,18 +219,22 @@ def convert_txt(image_dir: str, annotation_file: str, output_prefix: str, num_sh
         entries, functools.partial(_txt_example, ctx), output_prefix, num_shards, num_workers, progress)
     stats.merge(worker_stats)
     label_map_path = output_prefix + LABEL_MAP_SUFFIX
+    annotations_path = output_prefix + ANNOTATIONS_SUFFIX
     summary_path = output_prefix + SUMMARY_SUFFIX
     summary = make_summary(
         stats, finals, len(entries), time.monotonic() - start,
         annotation_file=os.path.abspath(annotation_file), image_dir=os.path.abspath(image_dir),
         include_masks=False, skip_empty=skip_empty, num_workers=num_workers, label_map=label_map_path,
-        num_classes=len(label_map), lines_skipped=stats.by_reason("lines_skipped"),
-        lines_merged=stats.counts["lines_merged"])
+        annotations_json=annotations_path, num_classes=len(label_map),
+        lines_skipped=stats.by_reason("lines_skipped"), lines_merged=stats.counts["lines_merged"])
     if summary["images_written"] == 0:  # leave no empty shard that a file pattern would pick up
         for path in finals:
             os.remove(path)
         summary["shards"] = []
+        summary["annotations_json"] = None
     else:
+        write_json_atomic(annotations_path, records_coco_json.coco_json_from_records(
+            finals, label_map, description=f"boxes of {os.path.abspath(annotation_file)} (txt_to_tfrecord)"))
         write_json_atomic(label_map_path, label_map)
     write_json_atomic(summary_path, summary)
     if summary["lines_merged"]:

@@ -17,10 +17,16 @@ Decisions:
   table is printed. Otherwise pycocotools' numbers are returned as they are, including its -1 for "no
   ground truth in this area range".
 - `loadRes` mutates its input dicts, so it gets shallow copies; the stored results stay as given.
+- Ground-truth annotation id 0 is renumbered (to the largest id + 1, in the loaded ground truth only,
+  with one printed line): COCOeval marks a matched detection by the id of its annotation, so a detection
+  matching annotation 0 counts as a false positive and that annotation as missed. Roboflow exports
+  number annotations from 0.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Union
@@ -42,6 +48,23 @@ def write_results_json(path: Union[str, os.PathLike], results: Sequence[dict]) -
         json.dump(list(results), f)
 
 
+def _renumber_annotation_id_zero(coco_gt: COCO) -> None:
+    """Gives ground-truth annotations with id 0 unused positive ids (COCOeval reads a match with
+    annotation id 0 as no match) and rebuilds the index; prints one line when it does."""
+    annotations = coco_gt.dataset.get("annotations") or []
+    zero = [a for a in annotations if a.get("id") == 0]
+    if not zero:
+        return
+    next_id = max(int(a["id"]) for a in annotations) + 1
+    for k, annotation in enumerate(zero):
+        annotation["id"] = next_id + k
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+        coco_gt.createIndex()
+    print(f"COCOEvaluator: ground-truth annotation id 0 renumbered to {next_id}" +
+          (f" (and {len(zero) - 1} more)" if len(zero) > 1 else "") +
+          ": pycocotools would count a detection matching it as a false positive")
+
+
 def _few(ids: Iterable[int]) -> str:
     ids = sorted(ids)
     shown = ", ".join(str(i) for i in ids[:_IDS_SHOWN])
@@ -52,12 +75,14 @@ class COCOEvaluator:
     """Accumulates COCO results and computes the standard COCO metrics.
 
     Args:
-      annotation: path of a COCO instances JSON file, or a loaded `pycocotools.coco.COCO`.
+      annotation: path of a COCO instances JSON file, or a loaded `pycocotools.coco.COCO` (an annotation
+        id 0 in it is renumbered in place).
       include_mask: also evaluate "segm" (results must then carry "segmentation" RLEs).
     """
 
     def __init__(self, annotation: Union[str, os.PathLike, COCO], include_mask: bool = True):
         self.coco_gt = annotation if isinstance(annotation, COCO) else COCO(os.fspath(annotation))
+        _renumber_annotation_id_zero(self.coco_gt)
         self.include_mask = include_mask
         self.iou_types = ("bbox", "segm") if include_mask else ("bbox",)
         self._known_image_ids = set(self.coco_gt.getImgIds())

@@ -1,15 +1,23 @@
 """The COCO evaluation loop: TFRecords -> model inference -> COCO results -> pycocotools tables.
 
-`evaluate_model(model, cfg, eval_file_pattern, val_json, output_dir=None, max_images=None)` is used by
-eval.py, by train.py (--eval_every_epochs) and by the demo.
+`evaluate_model(model, cfg, eval_file_pattern, val_json, output_dir=None, max_images=None,
+match_by="id_and_file_name")` is used by eval.py, by train.py (--eval_every_epochs) and by the demo.
 
 Decisions:
-- Inputs are checked before any inference, so a wrong argument fails in seconds with a ValueError that
-  names the file (not an assertion deep inside pycocotools): a missing or unreadable val JSON, a pattern
-  that matches no file or only empty files, a non-integer image/source_id, and record image ids that the
-  val JSON does not have (a few are named). The ids come from a scan that parses only image/source_id
-  (it still reads the files once: a few seconds for COCO val2017). Every record is checked, also with
-  max_images. A val JSON with more images than the records is fine: only the images seen count.
+- Inputs are checked before any inference (`check_inputs`; eval.py calls it before it builds the model),
+  so a wrong argument fails in seconds with a ValueError that names the file (not an assertion deep
+  inside pycocotools): a missing or unreadable val JSON, a pattern that matches no file or only empty
+  files, a non-integer image/source_id, and records that are not the JSON's images. Records are matched
+  to the JSON's images by id AND file name, or by file name alone (`match_by`; image_matching.py has the
+  rules and the one-line messages). The ids and names come from a scan that parses only image/source_id
+  and image/filename (it still reads the files once: a few seconds for COCO val2017). Every record is
+  checked, also with max_images. A val JSON with more images than the records is fine: only the images
+  seen count. Matched by file name, detections carry the JSON's image ids.
+- Box-only ground truth (a TXT conversion's JSON, or any JSON where an annotation of the evaluated images
+  has no "segmentation" or an empty one, as Roboflow's box exports write): only bbox is evaluated,
+  whatever the model, with one line saying so, and the model's masks are not pasted (detections.json
+  has boxes only). pycocotools would otherwise fail in annToRLE after all the inference. A model
+  without a mask head is evaluated on bbox as before.
 - The model runs inside one tf.function over whole batches (static shapes from the pipeline, so it is
   traced once per call of evaluate_model); only the conversion to COCO results (mask pasting at the
   original size, RLE) is eager NumPy, per image, outside the graph.
@@ -26,19 +34,22 @@ Decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
+from pycocotools.coco import COCO
 
 from maskrcnn_tf import config as config_lib
 from maskrcnn_tf import run_dir
-from maskrcnn_tf.data import pipeline, schema
+from maskrcnn_tf.data import pipeline
+from maskrcnn_tf.evaluation import image_matching
 from maskrcnn_tf.evaluation.coco_evaluator import STAT_NAMES, COCOEvaluator
 from maskrcnn_tf.evaluation.coco_results import detections_to_coco_results
 
@@ -46,14 +57,31 @@ DETECTIONS_FILE = "detections.json"
 METRICS_FILE = "metrics.json"
 # Seconds between two progress lines (plus one line at the end).
 PROGRESS_INTERVAL_SECONDS = 10.0
-# Records parsed at once when scanning the image ids (only the source_id feature is parsed).
-_ID_SCAN_BATCH = 256
-# How many offending image ids an error message lists.
-_IDS_SHOWN = 5
 
 
-def _load_evaluator(val_json: str, include_mask: bool) -> COCOEvaluator:
-    """COCOEvaluator over val_json; ValueError naming the file when it is missing or not COCO JSON."""
+@dataclasses.dataclass(frozen=True)
+class EvalInputs:
+    """What check_inputs found: the loaded ground truth and which JSON image each record is.
+
+    Attributes:
+      eval_file_pattern, val_json: as given.
+      coco_gt: the val JSON loaded by pycocotools.
+      match: record image id -> JSON image id (image_matching.ImageMatch).
+      num_records: records matching eval_file_pattern.
+      gt_has_masks: every annotation of the records' images has a non-empty "segmentation" (segm can run).
+      notes: one-line remarks printed before inference (unchecked names, renumbered ids, box-only gt).
+    """
+    eval_file_pattern: object
+    val_json: str
+    coco_gt: COCO
+    match: image_matching.ImageMatch
+    num_records: int
+    gt_has_masks: bool
+    notes: Tuple[str, ...]
+
+
+def _load_coco(val_json: str) -> COCO:
+    """pycocotools' COCO of val_json; ValueError naming the file when it is missing or not COCO JSON."""
     if not val_json or not tf.io.gfile.exists(val_json) or tf.io.gfile.isdir(val_json):
         raise ValueError(f"val json {val_json!r} not found (the COCO instances JSON of the evaluated "
                          "images, e.g. annotations/instances_val2017.json)")
@@ -64,7 +92,10 @@ def _load_evaluator(val_json: str, include_mask: bool) -> COCOEvaluator:
         if local_dir:
             local = os.path.join(local_dir, os.path.basename(val_json))
             tf.io.gfile.copy(val_json, local)
-        return COCOEvaluator(local, include_mask=include_mask)  # loads the whole JSON into memory
+        coco_gt = COCO(local)  # loads the whole JSON into memory
+        if not isinstance(coco_gt.dataset.get("images"), list):
+            raise ValueError("it has no 'images' list")
+        return coco_gt
     except (ValueError, KeyError, TypeError, AssertionError) as e:  # json errors are ValueErrors
         raise ValueError(f"val json {val_json}: not a COCO instances file ({type(e).__name__}: {e})") from e
     finally:
@@ -72,36 +103,40 @@ def _load_evaluator(val_json: str, include_mask: bool) -> COCOEvaluator:
             shutil.rmtree(local_dir, ignore_errors=True)
 
 
-def _record_image_ids(eval_file_pattern) -> np.ndarray:
-    """int64 [num_records] image/source_id of every record (only that feature is parsed).
+def _mask_note(coco_gt: COCO, json_ids) -> Tuple[bool, Optional[str]]:
+    """(every annotation of these images has a mask, the one-line note when not).
 
-    Raises ValueError when no file matches, the files hold no record, or a source_id is not an integer.
+    A mask is a non-empty "segmentation": box-only exports (Roboflow's object-detection format) write
+    "segmentation": [], on which pycocotools' segm evaluation fails like on a missing key."""
+    annotations = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=list(json_ids)))
+    with_masks = sum(bool(a.get("segmentation")) for a in annotations)
+    if with_masks == len(annotations):
+        return True, None
+    if with_masks == 0:
+        return False, ("the val JSON has no masks (no annotation of these images has a non-empty "
+                       "'segmentation'): evaluating bbox only")
+    return False, (f"{len(annotations) - with_masks} of {len(annotations)} annotations of these images in the "
+                   "val JSON have no (or an empty) 'segmentation': evaluating bbox only")
+
+
+def check_inputs(eval_file_pattern, val_json: str,
+                 match_by: str = image_matching.ID_AND_FILE_NAME) -> EvalInputs:
+    """Loads val_json and matches the records to its images, before any model is built or run.
+
+    Raises:
+      ValueError (one line): val_json missing or not COCO; no records match eval_file_pattern; the
+        records are not the JSON's images (image_matching.match_images says which and how many).
     """
-    pipeline.count_records(eval_file_pattern)  # ValueError naming the pattern when nothing matches
-    patterns = [eval_file_pattern] if isinstance(eval_file_pattern, str) else list(eval_file_pattern)
-    files = sorted({f for p in patterns for f in tf.io.gfile.glob(p)})
-    features = {schema.SOURCE_ID: tf.io.FixedLenFeature([], tf.string, default_value="")}
-    dataset = (tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
-               .batch(_ID_SCAN_BATCH)
-               .map(lambda serialized: tf.io.parse_example(serialized, features)[schema.SOURCE_ID]))
-    ids = [i.decode() for chunk in dataset.as_numpy_iterator() for i in chunk]
-    if not ids:
-        raise ValueError(f"eval data: the files matching {eval_file_pattern!r} hold no records")
-    bad = [i for i in ids if not i.lstrip("-").isdigit()]
-    if bad:
-        raise ValueError(f"eval data: image/source_id must be the integer COCO image id; got {bad[:3]} in "
-                         f"{eval_file_pattern!r}")
-    return np.array([int(i) for i in ids], np.int64)
-
-
-def _check_image_ids(record_ids: np.ndarray, evaluator: COCOEvaluator, val_json: str, eval_file_pattern):
-    """ValueError naming a few record image ids that val_json does not have."""
-    unknown = sorted(set(record_ids.tolist()) - set(evaluator.coco_gt.getImgIds()))
-    if unknown:
-        shown = ", ".join(str(i) for i in unknown[:_IDS_SHOWN])
-        raise ValueError(f"val json {val_json} does not match the records {eval_file_pattern!r}: image ids not "
-                         f"in the annotation file: {shown}{', ...' if len(unknown) > _IDS_SHOWN else ''} "
-                         f"({len(unknown)} of {len(record_ids)} records; is this the right annotation file?)")
+    coco_gt = _load_coco(val_json)
+    record_ids, record_names = image_matching.read_record_names(eval_file_pattern)
+    try:
+        match = image_matching.match_images(record_ids, record_names, coco_gt.dataset["images"], match_by)
+    except (ValueError, KeyError, TypeError) as e:  # KeyError/TypeError: a JSON image without a usable id
+        detail = str(e) if isinstance(e, ValueError) else f"a JSON image has no usable id ({type(e).__name__}: {e})"
+        raise ValueError(f"val json {val_json} does not match the records {eval_file_pattern!r}: {detail}") from None
+    gt_has_masks, mask_note = _mask_note(coco_gt, match.json_ids)
+    return EvalInputs(eval_file_pattern, val_json, coco_gt, match, len(record_ids), gt_has_masks,
+                      match.notes + ((mask_note,) if mask_note else ()))
 
 
 def _rate(num_images, start, warm_images, warm_start, now) -> float:
@@ -122,35 +157,45 @@ def format_metrics(metrics: Dict[str, float]) -> str:
 
 
 def evaluate_model(model, cfg: config_lib.Config, eval_file_pattern, val_json: str,
-                   output_dir: Optional[str] = None, max_images: Optional[int] = None) -> Dict[str, float]:
+                   output_dir: Optional[str] = None, max_images: Optional[int] = None,
+                   match_by: str = image_matching.ID_AND_FILE_NAME,
+                   inputs: Optional[EvalInputs] = None) -> Dict[str, float]:
     """Runs the model over eval records and computes the COCO metrics with pycocotools.
 
-    Prints pycocotools' standard 12-line tables (bbox, then segm when cfg.model.include_mask), progress
-    lines with images/s, and a summary line per IoU type.
+    Prints pycocotools' standard 12-line tables (bbox, then segm when cfg.model.include_mask and the
+    ground truth has masks), progress lines with images/s, and a summary line per IoU type.
 
     Args:
       model: a built MaskRCNN; `model(inputs, training=False)` gives the inference dict of model.py
         (boxes [y1, x1, y2, x2] float32 pixels of the padded input, contiguous classes 1..K).
       cfg: the run's Config (model.image_size, pixel statistics, data.eval_batch_size,
         data.category_ids for mapping classes back to the val JSON's category ids).
-      eval_file_pattern: glob (or list of globs) of TFRecords written by data_prep; image/source_id must
-        be the val JSON's image ids.
+      eval_file_pattern: glob (or list of globs) of TFRecords written by data_prep; image/source_id and
+        image/filename must be the val JSON's image ids and file names (match_by "id_and_file_name"), or
+        the file names must be (match_by "file_name").
       val_json: COCO instances JSON with the ground truth of (at least) those images.
       output_dir: when given (created if needed), `detections.json` and `metrics.json` are written there.
       max_images: evaluate only the first max_images records (None = all).
+      match_by: "id_and_file_name" or "file_name" (image_matching.py).
+      inputs: check_inputs(eval_file_pattern, val_json, match_by) when the caller ran it already (eval.py
+        does, before building the model); None runs it here.
     Returns:
       {"bbox/AP": float, ..., "bbox/ARl", ["segm/AP", ..., "segm/ARl"]}: the 12 COCOeval stats per IoU
       type (pycocotools' -1 where an area range has no ground truth; all 0 without detections).
     Raises:
-      ValueError: val_json missing or not COCO, no records match eval_file_pattern, record image ids
-        or detected categories that val_json does not have.
+      ValueError: val_json missing or not COCO, no records match eval_file_pattern, records that are not
+        the val JSON's images, detected categories that val_json does not have.
     """
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
-    evaluator = _load_evaluator(val_json, cfg.model.include_mask)
-    record_ids = _record_image_ids(eval_file_pattern)
-    _check_image_ids(record_ids, evaluator, val_json, eval_file_pattern)
-    total = len(record_ids) if max_images is None else min(len(record_ids), max_images)
+    if inputs is None:
+        inputs = check_inputs(eval_file_pattern, val_json, match_by)
+    for note in inputs.notes:
+        print(f"eval: {note}", flush=True)
+    include_mask = cfg.model.include_mask and inputs.gt_has_masks
+    evaluator = COCOEvaluator(inputs.coco_gt, include_mask=include_mask)
+    match = inputs.match
+    total = inputs.num_records if max_images is None else min(inputs.num_records, max_images)
     dataset = pipeline.build_dataset(eval_file_pattern, cfg, training=False)
     # Only the last batch is padded, so this many batches hold the first `total` records.
     dataset = dataset.take(-(-total // cfg.data.eval_batch_size))
@@ -166,10 +211,14 @@ def evaluate_model(model, cfg: config_lib.Config, eval_file_pattern, val_json: s
     warm_start, warm_images = None, 0
     for batch in dataset:
         outputs = {key: value.numpy() for key, value in infer(batch["images"], batch["image_info"]).items()}
-        source_id = batch["source_id"].numpy()
+        if not include_mask:  # box-only ground truth: the masks would be pasted for nothing
+            outputs.pop("detection_masks", None)
+        source_id = batch["source_id"].numpy().copy()
         is_valid = batch["is_valid"].numpy().astype(bool)
         # Keep only the first `total` images (max_images).
         is_valid &= np.cumsum(is_valid) <= total - num_images
+        # The JSON's image ids (the records' own unless matched by file name); padding rows keep theirs.
+        source_id[is_valid] = match.to_json_ids(source_id[is_valid])
         batch_results = detections_to_coco_results(outputs, batch["image_info"].numpy(), source_id, is_valid,
                                                    category_ids)
         try:
@@ -194,6 +243,7 @@ def evaluate_model(model, cfg: config_lib.Config, eval_file_pattern, val_json: s
         run_dir.write_text(os.path.join(output_dir, DETECTIONS_FILE), json.dumps(results))
         summary = {"metrics": metrics, "num_images": num_images, "num_detections": len(results),
                    "images_per_second": _rate(num_images, start, warm_images, warm_start, start + seconds),
+                   "iou_types": list(evaluator.iou_types), "match_by": match.match_by,
                    "eval_file_pattern": eval_file_pattern,
                    "val_json": val_json if "://" in val_json else os.path.abspath(val_json)}
         run_dir.write_text(os.path.join(output_dir, METRICS_FILE), json.dumps(summary, indent=1))

@@ -6,6 +6,8 @@
 Each line: `relative/path.jpg x1,y1,x2,y2,cls x1,y1,x2,y2,cls ...` (pixels; cls an integer id; line i
 of names.txt names class i; the path may contain spaces). Lines with paths escaping --image_dir or bad fields are skipped and listed
 with their line numbers in {output_prefix}_summary.json. Records have no masks: train with masks off.
+{output_prefix}_annotations.json is the records' ground truth in COCO format (boxes only, image ids = line
+numbers, file names as listed): pass it to eval.py as --val_json.
 """
 import json
 import sys

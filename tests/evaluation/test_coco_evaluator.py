@@ -112,6 +112,20 @@ def test_unknown_ids_raise_value_error_naming_them(tiny_coco):
     assert evaluator.image_ids == []  # rejected updates leave no trace
 
 
+def test_annotation_id_0_is_renumbered_so_its_match_counts(tiny_coco, capsys):
+    # Roboflow numbers annotations from 0. Left as it is, pycocotools reads "matched annotation 0" as
+    # "unmatched": the perfect detection of SQUARE_A would be a false positive (bbox AP 0.5).
+    dataset = json.loads(tiny_coco.read_text())
+    dataset["annotations"][0]["id"] = 0
+    tiny_coco.write_text(json.dumps(dataset))
+    evaluator = COCOEvaluator(str(tiny_coco))
+    assert "ground-truth annotation id 0 renumbered to 3" in capsys.readouterr().out
+    assert sorted(evaluator.coco_gt.anns) == [2, 3]
+    evaluator.update(_perfect_results())
+    metrics = evaluator.evaluate()
+    assert metrics["bbox/AP"] == pytest.approx(1.0) and metrics["segm/AP"] == pytest.approx(1.0)
+
+
 def test_write_results_json_round_trip(tiny_coco, tmp_path):
     path = tmp_path / "results.json"
     write_results_json(path, _perfect_results())
