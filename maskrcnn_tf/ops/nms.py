@@ -12,7 +12,13 @@ implements the tile-based scheme (as TF's padded NMS / Model Garden) with textbo
 - boxes are sorted once by score (`top_k` over all N: ties go to the lower index) and processed in
   tiles of `TILE_SIZE` inside a `tf.while_loop` that stops when every image has max_output_size boxes;
 - a tile is first suppressed by the boxes kept so far, held in a fixed [B, K, 4] buffer (cost per tile
-  K x T IoUs, independent of N, so ~10k RPN candidates stay cheap);
+  K x T IoUs, independent of N, so ~10k RPN candidates stay cheap). A tile's kept boxes enter the
+  buffer by a gather (slot k <- the tile's (k - num_kept)-th kept box, found with top_k over the
+  kept positions) and a select, not a one-hot matmul / einsum: a copy is exact whatever the
+  accelerator's matmul precision (TF32 on Ampere+ GPUs keeps a 10-bit mantissa, a TPU's default
+  float32 matmul one bfloat16 pass; on boxes shifted per class by up to ~80 x 1k px that is an
+  error of tens to hundreds of pixels, which would change what is suppressed), and a NaN / inf of
+  a dropped box is never read into the buffer;
 - within the tile, greedy suppression is the unique fixed point of "keep i unless a kept j < i
   overlaps it"; iterating that map from "all alive" fixes at least one more box per step in order, so
   it converges to exactly the greedy result, usually in a few steps (the length of the longest chain).
@@ -58,6 +64,33 @@ def _self_suppression(tile_boxes, alive, iou_threshold):
 
     kept, _ = tf.while_loop(lambda _, changed: changed, step, [alive, tf.constant(True)])
     return kept
+
+
+def _slot_sources(tile_kept, num_kept, max_output_size):
+    """For each buffer slot k, the tile position of the box that goes there (if any).
+
+    Args:
+      tile_kept: bool [B, T], the tile's kept boxes.
+      num_kept: int32 [B], slots already filled.
+      max_output_size: python int K.
+    Returns:
+      int32 [B, K] in [0, T): the position of the tile's (k - num_kept)-th kept box; for slots this
+      tile does not fill (see `_appended_slots`) some position, which the caller must not use.
+    """
+    tile = tile_kept.shape[1]
+    # A tile fills at most min(T, K) slots. Kept positions first, in order (distinct keys T..1 by
+    # position; dropped boxes have key 0 and come after them).
+    fillable = min(tile, max_output_size)
+    reversed_position = tf.range(tile, 0, -1)[tf.newaxis, :]  # [1, T]
+    _, kept_position = tf.math.top_k(tf.where(tile_kept, reversed_position, 0), k=fillable)  # [B, J]
+    rank = tf.range(max_output_size)[tf.newaxis, :] - num_kept[:, tf.newaxis]  # [B, K], rank in the tile
+    return tf.gather(kept_position, tf.clip_by_value(rank, 0, fillable - 1), batch_dims=1)  # [B, K]
+
+
+def _appended_slots(num_kept, num_tile_kept, max_output_size):
+    """bool [B, K]: the slots num_kept .. num_kept + num_tile_kept - 1 that a tile fills."""
+    slot = tf.range(max_output_size)[tf.newaxis, :]  # [1, K]
+    return (slot >= num_kept[:, tf.newaxis]) & (slot < (num_kept + num_tile_kept)[:, tf.newaxis])
 
 
 def batched_nms(boxes, scores, max_output_size, iou_threshold, score_threshold=float("-inf")):
@@ -109,17 +142,18 @@ def batched_nms(boxes, scores, max_output_size, iou_threshold, score_threshold=f
         cross_iou = box_ops.pairwise_iou(kept_boxes, tile_boxes)  # [B, K, T]
         alive = tf.logical_and(alive, tf.logical_not(tf.reduce_any(cross_iou > iou_threshold, axis=1)))
         tile_kept = _self_suppression(tile_boxes, alive, iou_threshold)  # [B, T]
-        # Append the tile's kept boxes to the buffer; slots past K fall off (one_hot of them is 0).
+        # Append the tile's kept boxes to the buffer, slots num_kept, num_kept + 1, ...; slots past K
+        # fall off. A gather and a select (copies), never arithmetic on the boxes.
         tile_kept_int = tf.cast(tile_kept, tf.int32)
-        slot = num_kept[:, tf.newaxis] + tf.cumsum(tile_kept_int, axis=1, exclusive=True)  # [B, T]
-        placement = tf.one_hot(slot, max_output_size)  # [B, T, K]
-        # Dropped boxes are zeroed, so they add nothing to the slot they share with the next kept box
-        # (zeroing, not multiplying by 0, as 0 * inf / NaN of a broken input box would poison the buffer).
-        kept_tile_boxes = tf.where(tile_kept[:, :, tf.newaxis], tile_boxes, 0.0)  # [B, T, 4]
-        kept_boxes = kept_boxes + tf.einsum("btk,btc->bkc", placement, kept_tile_boxes)  # [B, K, 4]
+        num_tile_kept = tf.reduce_sum(tile_kept_int, axis=1)  # [B]
+        kept_boxes = tf.where(
+            _appended_slots(num_kept, num_tile_kept, max_output_size)[:, :, tf.newaxis],
+            tf.gather(tile_boxes, _slot_sources(tile_kept, num_kept, max_output_size), batch_dims=1),
+            kept_boxes,
+        )  # [B, K, 4]
         is_this_tile = tf.equal(tf.range(num_tiles), tile_index)[tf.newaxis, :, tf.newaxis]  # [1, num_tiles, 1]
         kept = tf.logical_or(kept, tf.logical_and(is_this_tile, tile_kept[:, tf.newaxis, :]))  # [B, num_tiles, T]
-        return tile_index + 1, kept, kept_boxes, num_kept + tf.reduce_sum(tile_kept_int, axis=1)
+        return tile_index + 1, kept, kept_boxes, num_kept + num_tile_kept
 
     initial = (
         tf.constant(0),
