@@ -30,7 +30,7 @@ RESIZE_MODES = ("fit", "short_side")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("step", "cosine")
 # TrainConfig switches of CPU-only techniques ("auto" | True | False), resolved by device_defaults.py.
-DEVICE_SWITCHES = ("recompute_backbone", "banded_conv_gradients", "heap_trim")
+DEVICE_SWITCHES = ("recompute_backbone", "banded_conv_gradients", "heap_trim", "trim_padding")
 ROI_ALIGN_GRADIENTS = ("auto", "sparse_matmul", "segment_sum", "native")
 WEIGHT_DECAY_TYPES = ("coupled", "decoupled")  # optimizer.py
 # RoIAlign/anchor levels and the FPN output levels: P2..P6 (strides 4..64).
@@ -208,9 +208,10 @@ class TrainConfig:
     precision: str = "float32"
     jit_compile: bool = False
     # Train steps per call of the compiled train function (Keras steps_per_execution): fewer host round
-    # trips (a TPU idles between calls). log_every_steps, checkpoint_every_steps and total_steps must be
-    # multiples of it, so loss.log lines and checkpoints land on the same steps as with 1.
-    steps_per_loop: int = 1
+    # trips (a GPU or TPU idles between calls). log_every_steps, checkpoint_every_steps and total_steps
+    # must be multiples of it, so loss.log lines and checkpoints land on the same steps as with 1.
+    # "auto": 1 on a CPU host; on GPU/TPU the largest divisor of all three up to 100 (device_defaults.py).
+    steps_per_loop: int | str = "auto"
     # mixed_float16: the dynamic loss scale's starting value (Keras' default 2**15).
     initial_loss_scale: float = 32768.0
     # CPU-only memory techniques: "auto" (on for a host whose only devices are CPUs and no XLA, off on
@@ -227,6 +228,10 @@ class TrainConfig:
     roi_align_gradient: str = "auto"
     # glibc malloc_trim thread while training (host_memory.py).
     heap_trim: str | bool = "auto"
+    # Train on the batch's largest instance and foreground-RoI counts instead of the padded ones
+    # (model.py): less work on a CPU, but a new shape almost every step, which re-runs cuDNN's
+    # autotuning on a GPU; XLA and TPUs need static shapes anyway.
+    trim_padding: str | bool = "auto"
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 5
     log_every_steps: int = 20
@@ -613,11 +618,13 @@ def validate(cfg: Config) -> Config:
         _check(isinstance(value, bool) or value == "auto", f"train.{name}", value, "auto | true | false")
     _check(t.roi_align_gradient in ROI_ALIGN_GRADIENTS, "train.roi_align_gradient", t.roi_align_gradient,
            " | ".join(ROI_ALIGN_GRADIENTS))
-    _check(isinstance(t.steps_per_loop, int) and t.steps_per_loop >= 1, "train.steps_per_loop",
-           t.steps_per_loop, "an integer >= 1")
-    for name in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
-        _check(getattr(t, name) % t.steps_per_loop == 0, f"train.{name}", getattr(t, name),
-               f"a multiple of train.steps_per_loop={t.steps_per_loop} (steps are only seen every loop)")
+    _check(t.steps_per_loop == "auto" or (isinstance(t.steps_per_loop, int) and not isinstance(t.steps_per_loop, bool)
+                                           and t.steps_per_loop >= 1),
+           "train.steps_per_loop", t.steps_per_loop, "auto or an integer >= 1")
+    if t.steps_per_loop != "auto":
+        for name in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
+            _check(getattr(t, name) % t.steps_per_loop == 0, f"train.{name}", getattr(t, name),
+                   f"a multiple of train.steps_per_loop={t.steps_per_loop} (steps are only seen every loop)")
     _check(t.initial_loss_scale > 0, "train.initial_loss_scale", t.initial_loss_scale, "a positive number")
     _check(not t.jit_compile or m.roi.roi_align_backend == "gather", "train.jit_compile", t.jit_compile,
            "false with model.roi.roi_align_backend='crop_and_resize' (CropAndResize has no XLA kernel; "

@@ -1,7 +1,7 @@
 """Device-aware defaults: the one place that decides which CPU-only training techniques are on.
 
-Four techniques of this package were measured to lower the peak memory of the training step on a CPU
-host (benchmarks/README.md) and cost or break something elsewhere:
+Five techniques of this package were measured to lower the peak memory or the work of the training
+step on a CPU host (benchmarks/README.md) and cost or break something elsewhere:
 
     train.recompute_backbone     tf.recompute_grad of res3..res5: one more forward pass of them; under
                                  XLA the recomputation may be merged away again
@@ -12,10 +12,16 @@ host (benchmarks/README.md) and cost or break something elsewhere:
                                  tf.config.experimental.enable_op_determinism()
     train.heap_trim              the glibc malloc_trim thread (host_memory.py): tensors of a GPU/TPU
                                  step do not live in the host heap
+    train.trim_padding           losses on the batch's used instance and foreground-RoI counts (model.py):
+                                 a new shape almost every step, so cuDNN autotunes again on a GPU; XLA
+                                 and TPUs need static shapes
 
 Each is "auto" by default and `resolve(cfg)` turns "auto" into True/False (or a gradient name) for
 the devices the model will run on: on only for a host whose devices are CPUs and no XLA (jit_compile),
-off on GPU and TPU. An explicit True/False in the config is kept. The fifth CPU technique, one inter-op
+off on GPU and TPU. An explicit True/False in the config is kept. `train.steps_per_loop` "auto" is 1 on a CPU
+host (the callback sees every step; a CPU does not idle between calls) and, on GPU and TPU, the largest
+divisor of log_every_steps, checkpoint_every_steps and total_steps up to MAX_AUTO_STEPS_PER_LOOP: the
+host then syncs once per loop, not once per step, and loss.log and checkpoints keep their steps. The fifth CPU technique, one inter-op
 thread, must be set before TensorFlow starts, so distribute.configure_host_threads decides it (same
 rule; a remote TPU client counts as a TPU although it sees no local accelerator).
 
@@ -34,12 +40,15 @@ sparse_matmul on CPU, native on GPU, segment_sum on GPU when op determinism is e
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
 
 DEVICE_KINDS = ("cpu", "gpu", "tpu")
+# steps_per_loop "auto" on GPU/TPU: at most this many steps per call of the train function.
+MAX_AUTO_STEPS_PER_LOOP = 100
 # RoIAlign gradients that raise under enable_op_determinism on a GPU (TensorFlow's determinism list).
 _NONDETERMINISTIC_GPU_GRADIENTS = ("sparse_matmul", "native")
 
@@ -89,4 +98,13 @@ def resolve(cfg: config_lib.Config, kind: str | None = None, deterministic: bool
         raise ValueError(f"config: train.roi_align_gradient={gradient!r} is not deterministic on a GPU and "
                          "raises under enable_op_determinism(); use segment_sum or auto")
     changes["roi_align_gradient"] = gradient
+    if train.steps_per_loop == "auto":
+        changes["steps_per_loop"] = 1 if kind == "cpu" else auto_steps_per_loop(
+            train.log_every_steps, train.checkpoint_every_steps, train.total_steps)
     return dataclasses.replace(cfg, train=dataclasses.replace(train, **changes))
+
+
+def auto_steps_per_loop(*step_counts: int) -> int:
+    """The largest k <= MAX_AUTO_STEPS_PER_LOOP that divides every one of step_counts."""
+    common = math.gcd(*step_counts)
+    return max(k for k in range(1, MAX_AUTO_STEPS_PER_LOOP + 1) if common % k == 0)

@@ -10,7 +10,10 @@
                            grpc:// address otherwise
 
 Decisions: an unknown name, or multi_worker_mirrored without TF_CONFIG, raises ValueError with the
-allowed choices or the missing variable (train.py prints it as a one-line error). The CPU split is done by
+allowed choices or the missing variable (train.py prints it as a one-line error). So does `mirrored`
+on a host where TensorFlow sees no GPU and the CPU is not split (a TensorFlow without CUDA, or CUDA
+that failed to load, would otherwise train on one CPU under a multi-GPU flag), and `tpu` when no TPU
+answers. `describe_devices` is the start-up line that names what the run got. The CPU split is done by
 `configure_cpu_devices`, which must run before TensorFlow initialises its devices; train.py calls it
 when the environment variable CPU_DEVICES_ENV (MASKRCNN_TF_CPU_DEVICES) is set, which is how the tests
 get 2 logical CPUs in a subprocess. `configure_host_threads` (train.py's --inter_op_threads) runs one
@@ -106,17 +109,38 @@ def get_strategy(name: str, tpu_address: str = None) -> tf.distribute.Strategy:
         gpus = tf.config.list_logical_devices("GPU")
         return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
     if name == "mirrored":
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        devices = tf.config.list_logical_devices("GPU")
+        if not devices:
+            devices = tf.config.list_logical_devices("CPU")
+            if len(devices) < 2:
+                raise ValueError(
+                    "--strategy=mirrored: TensorFlow sees no GPU (a TensorFlow without CUDA, or CUDA that failed "
+                    "to load: pip install 'maskrcnn_tf[gpu]' and check nvidia-smi); to train on this CPU use "
+                    f"--strategy=one_device, or split it into N replicas with {CPU_DEVICES_ENV}=N")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
     if name == "multi_worker_mirrored":
         _tf_config()  # fail with a clear message before TF tries to build a cluster
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address or "")
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address or "")
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, RuntimeError, tf.errors.OpError) as e:
+            where = f"at {tpu_address!r}" if tpu_address else "on this machine (not a TPU VM?)"
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"--strategy=tpu: no TPU {where} ({reason}); a TPU VM needs the tensorflow-tpu "
+                             "package (README, 'Install')") from e
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"unknown strategy {name!r}; allowed: {' | '.join(STRATEGIES)}")
+
+
+def describe_devices(strategy: tf.distribute.Strategy) -> str:
+    """"2 replica(s) on 2 x GPU (MirroredStrategy)": what a run trains on, for its start-up line."""
+    devices = list(strategy.extended.worker_devices)
+    kinds = sorted({tf.DeviceSpec.from_string(d).device_type or "CPU" for d in devices})
+    on = ", ".join(f"{sum(tf.DeviceSpec.from_string(d).device_type == k for d in devices)} x {k}" for k in kinds)
+    return f"{strategy.num_replicas_in_sync} replica(s) on {on} ({type(strategy).__name__})"
 
 
 def worker_scratch_dir(model_dir: str, task_type: str, task_id: int) -> str:

@@ -56,6 +56,7 @@ def rcnn_box_loss(deltas, classes, targets, foreground, normalizer, beta=0.0):
 
 def mask_loss(logits, targets, weights, normalizer):
     """logits float [B, S, M, M], targets float32 [B, S, M, M] in {0, 1}, weights float32 [B, S]
-    (1 for foreground RoIs of images with masks). normalizer: global sum of weights times M * M."""
+    (1 for foreground RoIs of images with masks). normalizer: M * M when the caller divides by the global
+    sum of weights afterwards (model.compute_losses), or that sum times M * M."""
     bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=tf.cast(logits, tf.float32))
     return tf.reduce_sum(bce * weights[:, :, None, None]) / normalizer

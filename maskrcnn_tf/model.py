@@ -16,12 +16,18 @@ top-left, so the boxes keep their coordinates and only the zero border shrinks.
 components named as the MindSpore original logs them: rpn_cls_loss, rpn_reg_loss, rpn_loss,
 rcnn_cls_loss, rcnn_reg_loss, rcnn_mask_loss, rcnn_loss, total_loss.
 
-Distribution: each loss is a local sum divided by a normalizer of the global batch (losses.py), and
-Keras sums gradients over replicas, so N replicas equal one replica with the same global batch.
+Distribution (docs/design.md section 13): each loss is a local sum divided by a normalizer of the global
+batch (losses.py), and train_step sums the gradients over replicas once, before anything else touches
+them, so N replicas equal one replica with the same global batch, and the loss-scale skip-or-apply
+decision and gradient clipping (the optimizer's, after unscaling) see the same summed gradients on every
+replica. The logged losses are summed over replicas too (_track). With jit_compile under several GPU/CPU
+replicas, XLA compiles each replica's forward and backward pass (`compile`), not the step around
+strategy.run, which would be one XLA cluster spanning every device.
 Padding trimmed per batch (outside XLA): gt are padded to N = data.max_instances (100) and the mask
 loss has room for max_mask_rois (128) foreground RoIs per image, but a COCO batch holds ~7 instances per
-image and often far fewer foreground RoIs. Unless shapes must be static (`static_shapes`, a jit_compile'd
-train step, a TPU strategy), compute_losses (a) gives the anchor labeler only the first n gt columns, n =
+image and often far fewer foreground RoIs. Unless shapes must be static (`static_shapes`, i.e.
+train.trim_padding off, as it is by default on GPU and TPU; a jit_compile'd train step; a TPU strategy),
+compute_losses (a) gives the anchor labeler only the first n gt columns, n =
 the batch's largest instance count, so the [B, A, N] anchor IoU (A = 261,888 at 1024) shrinks N/n times,
 and (b) runs the mask RoIAlign, head, targets and loss on the batch's largest foreground count instead of
 max_mask_rois. Both only drop rows and columns that cannot contribute (padding never matches, non-
@@ -31,6 +37,7 @@ boxes (anchor labeling, proposals, sampling, RoIAlign's box math, detection) and
 """
 
 import functools
+import random
 
 import keras
 import numpy as np
@@ -58,12 +65,26 @@ LOSS_NAMES = ("rpn_cls_loss", "rpn_reg_loss", "rpn_loss", "rcnn_cls_loss", "rcnn
               "rcnn_mask_loss", "rcnn_loss", "total_loss")
 
 
-def _sum_over_replicas(value):
-    """Sum of `value` over all replicas in sync (identity outside tf.distribute)."""
+def _sum_over_replicas(values):
+    """Sum of `values` (a tensor, or a list of tensors and Nones) over all replicas in sync, as one
+    batched all-reduce; identity outside tf.distribute and with one replica. Nones stay None."""
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
-        return value
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+        return values
+    if not isinstance(values, (list, tuple)):
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
+    present = [v for v in values if v is not None]
+    summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present) if present else [])
+    return [None if v is None else next(summed) for v in values]
+
+
+def replica_jit_compile(jit_compile: bool, strategy: tf.distribute.Strategy) -> bool:
+    """True where jit_compile must compile each replica's forward and backward pass instead of the
+    whole step: several replicas of a GPU/CPU strategy. Keras compiles the function around strategy.run,
+    which is one XLA cluster spanning all devices ("Trying to access resource ... located in device
+    CPU:1 from device CPU:0"); a TPUStrategy compiles the whole step per core itself."""
+    on_tpu = isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy))
+    return bool(jit_compile) and strategy.num_replicas_in_sync > 1 and not on_tpu
 
 
 def _num_used_columns(valid):
@@ -94,7 +115,7 @@ class MaskRCNN(keras.Model):
     def __init__(self, *, backbone, fpn, rpn_head, anchor_labeler, proposal_generator, roi_sampler,
                  box_roi_align, box_head, detection_generator, mask_roi_align=None, mask_head=None,
                  anchor_generator, image_size, inference_canvases=(), max_mask_rois, rpn_box_loss_beta,
-                 rcnn_box_loss_beta, clip_grad_norm, static_shapes=False, sampling_seed=None, **kwargs):
+                 rcnn_box_loss_beta, static_shapes=False, sampling_seed=None, **kwargs):
         # No defaults for config values: build_model passes them from the Config (config.py holds defaults).
         # The model itself is float32 so its inputs (image_info especially) are never cast to float16.
         super().__init__(dtype="float32", **kwargs)
@@ -120,11 +141,15 @@ class MaskRCNN(keras.Model):
         self.max_mask_rois = max_mask_rois
         self.rpn_box_loss_beta = rpn_box_loss_beta
         self.rcnn_box_loss_beta = rcnn_box_loss_beta
-        self.clip_grad_norm = clip_grad_norm
         self.static_shapes = static_shapes
         self.config = None  # the Config build_model made this model from (get_config)
-        # train.seed: anchor / RoI sampling draws keyed by (seed, step, replica) instead of TF's stateful RNG.
-        self.sampling_seed = sampling_seed
+        # Anchor / RoI sampling draws keyed by (seed, step, replica), never TF's stateful RNG, so replicas
+        # draw differently (a TPU's cores would share one stateful draw). Without train.seed the seed is
+        # drawn here from Python's RNG (keras.utils.set_random_seed seeds it): a new draw every run.
+        self.sampling_seed = random.randrange(2**31) if sampling_seed is None else sampling_seed
+        # compile(jit_compile=True) under several GPU/CPU replicas: XLA per replica (replica_jit_compile).
+        self.replica_jit_compile = False
+        self._compiled_replica_losses = None
         self._rcnn_coder = box_ops.BoxCoder(weights=box_ops.RCNN_BOX_WEIGHTS)
         self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_NAMES}
 
@@ -182,7 +207,7 @@ class MaskRCNN(keras.Model):
     def _trims_padding(self) -> bool:
         """False where every shape must be static: XLA (jit_compile) and TPUs (module docstring)."""
         on_tpu = isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy)
-        return not (self.static_shapes or self.jit_compile or on_tpu)
+        return not (self.static_shapes or self.jit_compile or self.replica_jit_compile or on_tpu)
 
     def check_batch(self, data):
         """ValueError naming the key when a batch does not fit the data contract (static shapes, so
@@ -207,8 +232,30 @@ class MaskRCNN(keras.Model):
                 raise ValueError(f"batch: {key} has {shape[1]} instances per image but gt_boxes has {num_instances}")
 
     def compute_losses(self, data, training=True):
-        """The training losses of one (per-replica) batch; see losses.py for the normalizers."""
+        """The training losses of one (per-replica) batch; see losses.py for the normalizers.
+
+        The replica's own computation (_replica_losses, XLA-compiled per replica under
+        replica_jit_compile) returns the mask loss as a sum and its RoI count; the count's sum over
+        replicas, the mask loss's normalizer, is taken here, outside XLA."""
         self.check_batch(data)
+        if self.replica_jit_compile:
+            if self._compiled_replica_losses is None:
+                self._compiled_replica_losses = tf.function(self._replica_losses, jit_compile=True,
+                                                            reduce_retracing=True)
+            values = self._compiled_replica_losses(data, training)
+        else:
+            values = self._replica_losses(data, training)
+        mask_sum, mask_rois = values.pop("rcnn_mask_loss_sum"), values.pop("mask_rois")
+        rcnn_mask = mask_sum / tf.maximum(_sum_over_replicas(mask_rois), 1.0)
+        values["rcnn_mask_loss"] = rcnn_mask
+        values["rcnn_loss"] = values["rcnn_cls_loss"] + values["rcnn_reg_loss"] + rcnn_mask
+        values["total_loss"] = values["rpn_loss"] + values["rcnn_loss"]
+        return values
+
+    def _replica_losses(self, data, training):
+        """compute_losses without the cross-replica sum: the mask loss as "rcnn_mask_loss_sum" (binary
+        cross-entropy averaged over each RoI's cells, summed over RoIs) and "mask_rois" (this replica's
+        count of mask RoIs)."""
         images, image_info = data["images"], data["image_info"]
         gt_boxes, gt_classes = data["gt_boxes"], tf.cast(data["gt_classes"], tf.int32)
         num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -243,21 +290,18 @@ class MaskRCNN(keras.Model):
             box_deltas, classes, self._rcnn_coder.encode(target_boxes, rois), foreground, rcnn_normalizer,
             self.rcnn_box_loss_beta)
 
-        rcnn_mask = tf.constant(0.0)
+        mask_sum, mask_rois = tf.constant(0.0), tf.constant(0.0)
         if self.include_mask:
-            rcnn_mask = self._mask_loss(data, pyramid, samples)
-        values = {
-            "rpn_cls_loss": rpn_cls, "rpn_reg_loss": rpn_reg, "rpn_loss": rpn_cls + rpn_reg,
-            "rcnn_cls_loss": rcnn_cls, "rcnn_reg_loss": rcnn_reg, "rcnn_mask_loss": rcnn_mask,
-            "rcnn_loss": rcnn_cls + rcnn_reg + rcnn_mask,
-        }
-        values["total_loss"] = values["rpn_loss"] + values["rcnn_loss"]
-        return values
+            mask_sum, mask_rois = self._mask_loss_sum(data, pyramid, samples)
+        return {"rpn_cls_loss": rpn_cls, "rpn_reg_loss": rpn_reg, "rpn_loss": rpn_cls + rpn_reg,
+                "rcnn_cls_loss": rcnn_cls, "rcnn_reg_loss": rcnn_reg, "rcnn_mask_loss_sum": mask_sum,
+                "mask_rois": mask_rois}
 
     def _sampling_seeds(self):
         """(anchor labeler seed, RoI sampler seed), each int64 [2] keyed by (sampling_seed, step, replica),
-        or (None, None) without a sampling_seed. The step is optimizer.iterations before this step's
-        update (0 without an optimizer), so a resumed run draws what the uninterrupted run drew."""
+        or (None, None) when sampling_seed is set to None (TF's stateful RNG: tests only). The step is
+        optimizer.iterations before this step's update (0 without an optimizer), so a resumed run draws
+        what the uninterrupted run drew."""
         if self.sampling_seed is None:
             return None, None
         optimizer = getattr(self, "optimizer", None)
@@ -269,9 +313,9 @@ class MaskRCNN(keras.Model):
         return (tf.random.experimental.stateless_fold_in(step_seed, 1),
                 tf.random.experimental.stateless_fold_in(step_seed, 2))
 
-    def _mask_loss(self, data, pyramid, samples):
-        """Mask loss on the first max_mask_rois foreground RoIs of each image (a static count, or the
-        batch's largest foreground count when padding is trimmed)."""
+    def _mask_loss_sum(self, data, pyramid, samples):
+        """(summed mask loss, mask RoI count) over the first max_mask_rois foreground RoIs of each image
+        (a static count, or the batch's largest foreground count when padding is trimmed)."""
         foreground = samples["is_foreground"]
         num_mask_rois = min(self.max_mask_rois, int(foreground.shape[1]))
         if self._trims_padding():
@@ -291,10 +335,18 @@ class MaskRCNN(keras.Model):
         targets = mask_ops.mask_targets(
             tf.cast(data["gt_masks"], tf.float32), data["gt_boxes"], rois, matched, output_size=mask_size)
         weights = tf.cast(is_mask_roi, tf.float32)
-        normalizer = tf.maximum(_sum_over_replicas(tf.reduce_sum(weights)), 1.0) * float(mask_size**2)
-        return losses.mask_loss(mask_logits, tf.stop_gradient(targets), weights, normalizer)
+        summed = losses.mask_loss(mask_logits, tf.stop_gradient(targets), weights, float(mask_size**2))
+        return summed, tf.reduce_sum(weights)
 
     # ---------------------------------------------------------------------------- train / test
+
+    def compile(self, optimizer=None, jit_compile=False, **kwargs):
+        """keras.Model.compile; jit_compile=True under several GPU/CPU replicas compiles each replica's
+        forward and backward pass (replica_jit_compile) and runs the rest of the step without XLA.
+        Call it under the strategy's scope."""
+        self.replica_jit_compile = replica_jit_compile(jit_compile, tf.distribute.get_strategy())
+        self._compiled_replica_losses = None
+        super().compile(optimizer=optimizer, jit_compile=jit_compile and not self.replica_jit_compile, **kwargs)
 
     def train_step(self, data):
         data, _, _ = keras.utils.unpack_x_y_sample_weight(data)  # fit/train_on_batch may wrap x in a tuple
@@ -303,9 +355,10 @@ class MaskRCNN(keras.Model):
             values = self.compute_losses(data, training=True)
             # LossScaleOptimizer (mixed_float16) scales here and unscales in apply_gradients.
             scaled_loss = self.optimizer.scale_loss(values["total_loss"])
-        gradients = tape.gradient(scaled_loss, variables)
-        if self.clip_grad_norm > 0:
-            gradients, _ = tf.clip_by_global_norm(gradients, self.clip_grad_norm)
+        # The one cross-replica sum (the optimizer does not sum again: optimizer.py). Every replica then
+        # holds the same gradients, so a float16 overflow on any replica skips the step on all of them,
+        # and clipping (the optimizer's global_clipnorm, after unscaling) sees the global gradient.
+        gradients = _sum_over_replicas(tape.gradient(scaled_loss, variables))
         # Every optimizer op waits for the whole backward pass. Otherwise the graph runs the parts that need
         # no gradient (decoupled weight decay w * wd * lr, momentum m * 0.9) during the backward pass,
         # and their temporaries plus copies of weights whose forward reads the backward still holds
@@ -319,10 +372,12 @@ class MaskRCNN(keras.Model):
         return self._track(self.compute_losses(data, training=False))
 
     def _track(self, values):
-        # Each replica holds its share of the global loss; Mean averages over replicas, so scale back.
-        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        for name, tracker in self.loss_trackers.items():
-            tracker.update_state(values[name] * num_replicas)
+        # Each replica holds its share of the global loss: their sum is the global loss, the same on every
+        # replica, so whichever replica Keras reports (the first on a TPU) and the NaN check see all.
+        names = list(self.loss_trackers)
+        totals = _sum_over_replicas([values[name] for name in names])
+        for name, total in zip(names, totals):
+            self.loss_trackers[name].update_state(total)
         return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
 
     @property
@@ -427,9 +482,9 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
         image_size=m.image_size,
         inference_canvases=inference_canvases(m),
         max_mask_rois=m.roi.max_mask_rois,
+        static_shapes=not switches.trim_padding,
         rpn_box_loss_beta=m.rpn.box_loss_beta,
         rcnn_box_loss_beta=m.roi.box_loss_beta,
-        clip_grad_norm=cfg.train.clip_grad_norm,
         sampling_seed=cfg.train.seed,
         name="mask_rcnn",  # fixed: checkpoints key variables by path (run_dir.py)
         **mask_layers,

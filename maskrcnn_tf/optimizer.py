@@ -19,6 +19,11 @@ Weight decay, `train.weight_decay_type`:
   wd * lr / (1 - 0.9), ten times the decoupled form's at the same wd.
 - "decoupled": Keras' SGD with w -= lr * wd * w after the step, skipping normalization layers and
   biases (Model Garden's choice; this package's optimizer before the detectron2 recipe was matched).
+
+Gradients arrive summed over replicas: MaskRCNN.train_step sums them once, before the loss-scale
+decision, so both optimizers skip Keras' own cross-replica sum (SummedGradients). Clipping
+(train.clip_grad_norm) is Keras' global_clipnorm of the optimizer: it runs on the summed and unscaled
+gradients, as torch's clip_grad_norm_ after DDP's all-reduce and GradScaler.unscale_.
 """
 
 import math
@@ -73,8 +78,23 @@ def build_schedule(cfg: config_lib.Config) -> WarmupSchedule:
 WEIGHT_DECAY_TYPES = config_lib.WEIGHT_DECAY_TYPES
 
 
+class SummedGradients:
+    """Optimizer mixin: apply_gradients takes gradients already summed over replicas (model.train_step)
+    and does not all-reduce them again. Overrides the hook of Keras' TensorFlow optimizer that sums
+    them (`_all_reduce_sum_gradients`); tests/e2e/test_model.py's one-replica-vs-two test fails if a
+    Keras release stops calling it (the update would count N times)."""
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return list(grads_and_vars)
+
+
 @keras.saving.register_keras_serializable(package="maskrcnn_tf")
-class SGDCoupledDecay(keras.optimizers.Optimizer):
+class SGDDecoupledDecay(SummedGradients, keras.optimizers.SGD):
+    """keras.optimizers.SGD (decoupled weight decay) taking gradients summed over replicas."""
+
+
+@keras.saving.register_keras_serializable(package="maskrcnn_tf")
+class SGDCoupledDecay(SummedGradients, keras.optimizers.Optimizer):
     """torch.optim.SGD(lr, momentum, dampening=0, nesterov=False, weight_decay) as a Keras optimizer
     (update rule in the module docstring). `exclude_from_weight_decay(var_list=...)` (Keras' API)
     names the variables that get no L2 term; call it before the first step."""
@@ -116,19 +136,21 @@ class SGDCoupledDecay(keras.optimizers.Optimizer):
 
 
 def build_optimizer(cfg: config_lib.Config, model: keras.Model) -> keras.optimizers.Optimizer:
-    """The optimizer of cfg.train (weight_decay_type, module docstring) on cfg's schedule."""
+    """The optimizer of cfg.train (weight_decay_type, module docstring) on cfg's schedule, clipping the
+    global gradient norm at train.clip_grad_norm (0 = off)."""
     t = cfg.train
     if t.weight_decay_type not in WEIGHT_DECAY_TYPES:
         raise ValueError(f"config: train.weight_decay_type={t.weight_decay_type!r} is not allowed; "
                          f"expected {' | '.join(WEIGHT_DECAY_TYPES)}")
+    clipping = {"global_clipnorm": t.clip_grad_norm} if t.clip_grad_norm > 0 else {}
     if t.weight_decay_type == "coupled":
         optimizer = SGDCoupledDecay(learning_rate=build_schedule(cfg), momentum=t.momentum,
-                                    weight_decay=t.weight_decay)
+                                    weight_decay=t.weight_decay, **clipping)
         if t.weight_decay:
             optimizer.exclude_from_weight_decay(var_list=normalization_variables(model))
         return optimizer
-    optimizer = keras.optimizers.SGD(learning_rate=build_schedule(cfg), momentum=t.momentum,
-                                     weight_decay=t.weight_decay or None)
+    optimizer = SGDDecoupledDecay(learning_rate=build_schedule(cfg), momentum=t.momentum,
+                                  weight_decay=t.weight_decay or None, **clipping)
     if t.weight_decay:
         optimizer.exclude_from_weight_decay(var_list=no_decay_variables(model))
     return optimizer

@@ -442,6 +442,7 @@ def _build(cfg, strategy):
     from maskrcnn_tf.model import build_model  # late: pulls in every layer
     from maskrcnn_tf.optimizer import build_optimizer
 
+    cfg = _resolve_for_devices(cfg, strategy)  # idempotent: train() passes a resolved cfg
     with strategy.scope():
         model = build_model(cfg)
         optimizer = build_optimizer(cfg, model)
@@ -452,7 +453,8 @@ def _build(cfg, strategy):
         optimizer.build(model.trainable_variables)  # slots exist before a restore
         model.compile(optimizer=optimizer, jit_compile=bool(cfg.train.jit_compile),
                       steps_per_execution=cfg.train.steps_per_loop)
-        if cfg.train.jit_compile and not model.jit_compile:  # Keras would only warn and run without XLA
+        if cfg.train.jit_compile and not (model.jit_compile or model.replica_jit_compile):
+            # Keras would only warn and run without XLA.
             raise ValueError("train.jit_compile=true, but a layer of this model cannot be XLA-compiled "
                              "(check model.roi.roi_align_backend=gather)")
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -469,14 +471,14 @@ def _build(cfg, strategy):
     return model, optimizer, epoch
 
 
-def _device_switches(cfg, strategy):
-    """The CPU-only techniques' switches resolved for the strategy's devices (device_defaults.py); refuses
-    a crop_and_resize RoIAlign on a TPU."""
+def _resolve_for_devices(cfg, strategy):
+    """cfg with every "auto" of device_defaults.py decided for the strategy's devices; refuses a
+    crop_and_resize RoIAlign on a TPU."""
     device_kind = device_defaults.device_kind(strategy)
     if device_kind == "tpu" and cfg.model.roi.roi_align_backend != "gather":
         raise ValueError("a TPU needs model.roi.roi_align_backend=gather (CropAndResize has no XLA kernel); "
                          f"got {cfg.model.roi.roi_align_backend!r}")
-    return device_defaults.resolve(cfg, device_kind).train  # ValueError for a refused combination
+    return device_defaults.resolve(cfg, device_kind)  # ValueError for a refused combination
 
 
 def _prepare_run_dir(cfg, model_dir, label_map_path, chief, say) -> Optional[str]:
@@ -551,8 +553,25 @@ def _evaluation(model, cfg, model_dir, eval_file_pattern, val_json, eval_every_e
     return evaluate
 
 
-def _fit(model, cfg, strategy, train_file_pattern, monitor, num_steps_per_epoch, switches, model_dir, say):
-    """model.fit from the optimizer's step to cfg.train.total_steps (nothing when already there)."""
+def execution_summary(cfg, model) -> str:
+    """The resolved execution choices of a run in one line: precision, XLA, shapes, steps per loop,
+    RoIAlign and the CPU-only techniques. cfg: resolved (device_defaults.resolve); call it under the
+    strategy's scope."""
+    if model.replica_jit_compile:
+        xla = "XLA per replica (forward + backward; gradient sum and update outside)"
+    else:
+        xla = "XLA whole step" if model.jit_compile else "no XLA"
+    t, roi = cfg.train, cfg.model.roi
+    gradient = f" (gradient {t.roi_align_gradient})" if roi.roi_align_backend == "crop_and_resize" else ""
+    cpu = [name.replace("_", " ") for name in config_lib.DEVICE_SWITCHES if getattr(t, name) is True]
+    return (f"{t.precision}, {xla}, {'padding trimmed per batch' if model._trims_padding() else 'static shapes'}, "
+            f"{t.steps_per_loop} step(s) per loop, RoIAlign {roi.roi_align_backend}{gradient}, "
+            f"CPU techniques: {', '.join(cpu) or 'none'}")
+
+
+def _fit(model, cfg, strategy, train_file_pattern, monitor, num_steps_per_epoch, model_dir, say):
+    """model.fit from the optimizer's step to cfg.train.total_steps (nothing when already there); cfg is
+    resolved for the devices (device_defaults.resolve)."""
     step, total = int(model.optimizer.iterations.numpy()), cfg.train.total_steps
     if step >= total:
         say(f"{model_dir}: already trained to step {step} (train.total_steps={total})")
@@ -560,10 +579,11 @@ def _fit(model, cfg, strategy, train_file_pattern, monitor, num_steps_per_epoch,
     dataset = strategy.distribute_datasets_from_function(
         lambda context: pipeline.build_dataset(train_file_pattern, cfg, training=True, input_context=context))
     say(f"training {model_dir}: steps {step} -> {total}, {num_steps_per_epoch} steps per epoch, "
-        f"global batch {cfg.data.train_batch_size}, {strategy.num_replicas_in_sync} replica(s) "
-        f"({type(strategy).__name__})")
+        f"global batch {cfg.data.train_batch_size}, {distribute.describe_devices(strategy)}")
+    with strategy.scope():
+        say(f"execution: {execution_summary(cfg, model)}")
     # HeapTrimmer: graph building and optimisation leave freed C++ heap resident (host_memory.py).
-    trimmer = HeapTrimmer() if switches.heap_trim else contextlib.nullcontext()
+    trimmer = HeapTrimmer() if cfg.train.heap_trim else contextlib.nullcontext()
     with warnings.catch_warnings(), trimmer:
         warnings.filterwarnings("ignore", message=".*shuffle=True.*")  # Keras: tf.data ignores shuffle
         model.fit(dataset, steps_per_epoch=num_steps_per_epoch, epochs=-(-total // num_steps_per_epoch),
@@ -621,7 +641,8 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
       TrainingInterrupted: one of stop_signals arrived; the latest checkpoint is at the step it stopped at.
     """
     config_lib.validate(cfg)
-    switches = _device_switches(cfg, strategy)
+    # config.json keeps the "auto" switches (a resumed run may get other devices); the run uses these.
+    resolved = _resolve_for_devices(cfg, strategy)
     chief = distribute.is_chief(strategy)
     say = print if (verbose and chief) else (lambda *a, **k: None)
     if num_steps_per_epoch is None:  # counted first: no records is an error before anything is written
@@ -629,7 +650,7 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
                                               cfg.data.train_batch_size)
     latest = _prepare_run_dir(cfg, model_dir, label_map_path, chief, say)
 
-    model, optimizer, epoch_variable = _build(cfg, strategy)
+    model, optimizer, epoch_variable = _build(resolved, strategy)
     checkpoint = run_dir.make_checkpoint(model, optimizer, epoch=epoch_variable)
     manager, scratch = _checkpoint_manager(checkpoint, cfg, model_dir, strategy, chief, verbose)
     _restore(model, optimizer, checkpoint, latest, init_checkpoint, model_dir, num_steps_per_epoch, chief, say)
@@ -639,12 +660,11 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
         stop_signals = ()
     try:
         with stop_signals_lib.catch_stop_signals(stop_signals) as stop_request:
-            monitor = TrainingMonitor(cfg=cfg, model_dir=model_dir, manager=manager, epoch_variable=epoch_variable,
+            monitor = TrainingMonitor(cfg=resolved, model_dir=model_dir, manager=manager, epoch_variable=epoch_variable,
                                       steps_per_epoch=num_steps_per_epoch, chief=chief, evaluate=evaluate,
                                       eval_every_epochs=eval_every_epochs, verbose=verbose,
                                       stop_request=stop_request)
-            _fit(model, cfg, strategy, train_file_pattern, monitor, num_steps_per_epoch, switches, model_dir,
-                 say)
+            _fit(model, resolved, strategy, train_file_pattern, monitor, num_steps_per_epoch, model_dir, say)
         step = _finish(model, optimizer, monitor, manager, evaluate, model_dir, chief, say)
     finally:
         if scratch and tf.io.gfile.exists(scratch):

@@ -34,6 +34,26 @@ def _split_cpu_into_two_logical_devices():
 _split_cpu_into_two_logical_devices()
 
 
+def two_replica_strategy():
+    """The one MirroredStrategy over the 2 logical CPUs of this test process (skips without them).
+
+    One per process: TensorFlow gives every new MirroredStrategy the same collective keys, so a second
+    strategy's first all-reduce collides with the first strategy's ("Shape mismatch in the collective
+    instance 100 ... Restart your program to reset") whenever their shapes differ."""
+    global _TWO_REPLICA_STRATEGY
+    import tensorflow as tf
+
+    devices = tf.config.list_logical_devices("CPU")
+    if len(devices) < 2:
+        pytest.skip("needs the 2 logical CPU devices that tests/conftest.py configures")
+    if _TWO_REPLICA_STRATEGY is None:
+        _TWO_REPLICA_STRATEGY = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    return _TWO_REPLICA_STRATEGY
+
+
+_TWO_REPLICA_STRATEGY = None
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _seed_module():
     """The same seeds before a module's own module-scoped fixtures (autouse fixtures of a scope run first),

@@ -24,9 +24,9 @@ from tests.conftest import REPO_ROOT
 from tests.e2e.synthetic import TWO_IMAGES, make_batch, tiny_test_config
 
 CPU_PATH = {"train.recompute_backbone": True, "train.banded_conv_gradients": True, "train.heap_trim": True,
-            "train.roi_align_gradient": "sparse_matmul"}
+            "train.trim_padding": True, "train.roi_align_gradient": "sparse_matmul"}
 ACCELERATOR_PATH = {"train.recompute_backbone": False, "train.banded_conv_gradients": False,
-                    "train.heap_trim": False, "train.roi_align_gradient": "segment_sum"}
+                    "train.heap_trim": False, "train.trim_padding": False, "train.roi_align_gradient": "segment_sum"}
 
 
 def _switches(cfg):
@@ -46,6 +46,33 @@ def test_auto_resolves_per_device(kind, deterministic, jit, expected):
     cfg = config_lib.replace(config_lib.tiny(), **{"train.jit_compile": jit, "model.roi.roi_align_backend": "gather"})
     assert _switches(cfg) == {key: "auto" for key in CPU_PATH}
     assert _switches(device_defaults.resolve(cfg, kind, deterministic)) == expected
+
+
+@pytest.mark.parametrize("kind, steps, expected", [
+    ("cpu", (20, 1000, 90000), 1),  # a CPU does not idle between calls; the callback sees every step
+    ("gpu", (20, 1000, 90000), 20),  # gcd 20
+    ("tpu", (100, 1000, 90000), 100),
+    ("tpu", (200, 1000, 90000), 100),  # gcd 200: its largest divisor up to 100
+    ("gpu", (20, 1000, 90001), 1),  # an odd total: only 1 keeps the last step
+    ("gpu", (24, 48, 96), 24),
+])
+def test_steps_per_loop_auto_keeps_log_checkpoint_and_last_steps(kind, steps, expected):
+    log, checkpoint, total = steps
+    cfg = config_lib.replace(config_lib.tiny(), **{"train.log_every_steps": log, "train.checkpoint_every_steps":
+                                                   checkpoint, "train.total_steps": total})
+    assert cfg.train.steps_per_loop == "auto"
+    resolved = device_defaults.resolve(cfg, kind, False)
+    assert resolved.train.steps_per_loop == expected
+    config_lib.validate(resolved)  # every multiple holds
+    explicit = config_lib.replace(cfg, **{"train.steps_per_loop": 7})
+    assert device_defaults.resolve(explicit, "gpu", False).train.steps_per_loop == 7
+
+
+def test_trim_padding_switch_reaches_the_model():
+    cpu = build_model(tiny_test_config())
+    assert cpu.static_shapes is False and cpu._trims_padding()
+    off = build_model(tiny_test_config(**{"train.trim_padding": False}))
+    assert off.static_shapes is True and not off._trims_padding()
 
 
 def test_explicit_switches_are_kept_and_refused_combinations_fail():

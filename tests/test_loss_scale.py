@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.conftest import two_replica_strategy
 from maskrcnn_tf.loss_scale import StepCountingLossScaleOptimizer
 
 
@@ -12,7 +13,7 @@ def test_overflowing_step_is_skipped_but_counted(replicas):
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:replicas]
     if len(devices) < replicas:
         pytest.skip("needs 2 logical CPUs (tests/conftest.py)")
-    strategy = tf.distribute.MirroredStrategy(devices)
+    strategy = tf.distribute.MirroredStrategy(devices) if replicas == 1 else two_replica_strategy()
     with strategy.scope():
         weights = keras.Variable(np.array([1.0, 2.0], np.float32))
         optimizer = StepCountingLossScaleOptimizer(keras.optimizers.SGD(0.5, momentum=0.9), initial_scale=1024.0,

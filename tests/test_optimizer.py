@@ -88,7 +88,7 @@ def test_decoupled_option_is_keras_sgd_without_bias_decay():
     model = _small_model()
     cfg = _config(weight_decay=0.1, warmup_steps=0, base_learning_rate=0.5, weight_decay_type="decoupled")
     optimizer = build_optimizer(cfg, model)
-    assert type(optimizer) is keras.optimizers.SGD
+    assert isinstance(optimizer, keras.optimizers.SGD) and type(optimizer).__name__ == "SGDDecoupledDecay"
     for v in model.trainable_variables:
         v.assign(tf.random.normal(v.shape, seed=2) + 2.0)
     before = {v.path: v.numpy() for v in model.trainable_variables}

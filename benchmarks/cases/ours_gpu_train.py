@@ -1,5 +1,5 @@
 """maskrcnn_tf training throughput on NVIDIA GPUs: images/s at batch 2 per GPU, 1024 x 1024, float32 and
-mixed_float16, in one process. One JSON line on stdout (benchmarks/cases/_harness.py), logs on stderr.
+mixed_float16 (or mixed_bfloat16 on request), in one process. One JSON line on stdout (benchmarks/cases/_harness.py), logs on stderr.
 
   /work/venv/bin/python benchmarks/cases/ours_gpu_train.py --case=gpu_train [--image_size=1024]
       [--repeats=50] [--warmup=10] [--batch_per_gpu=2] [--precisions=float32,mixed_float16]
@@ -36,7 +36,7 @@ import _harness as harness  # noqa: E402
 SIDE = "ours"
 CASE = "gpu_train"
 CONFIG = "coco_r50_fpn_1x"
-PRECISIONS = ("float32", "mixed_float16")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 REFERENCE = {"images_per_second": 28.6, "what": "NVIDIA DeepLearningExamples TF2 Mask R-CNN, 1x A100 80GB, AMP, "
              "batch 2 per GPU"}
 
@@ -45,7 +45,7 @@ def parse_args():
     parser = harness.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (tracing, autotuning)")
     parser.add_argument("--batch_per_gpu", type=int, default=2)
-    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated subset of "
+    parser.add_argument("--precisions", default="float32,mixed_float16", help="comma-separated subset of "
                         + ",".join(PRECISIONS))
     args = parser.parse_args()
     if args.case != CASE:

@@ -16,6 +16,9 @@ Contract (docs/design.md section 6), identical for both backends:
 - No gradient flows into the boxes (``tf.stop_gradient``), as in detectron2 and Model Garden: RoIs are
   treated as constants by the box and mask heads. Gradients flow into the features.
 - Box math is float32; the output has the dtype of the features (float32, float16 or bfloat16).
+  Sampling, and so the gradient's accumulation into the feature maps, runs in float32 whatever the
+  features' dtype: many RoIs add into one pixel, and a float16 or bfloat16 sum (with a GPU's atomics)
+  loses the small contributions.
 - ``aligned=False`` (torchvision's MultiScaleRoIAlign): no half-pixel shift and RoIs enlarged to at
   least one pixel per side; implemented by rewriting the boxes into aligned boxes that sample the same
   points, so both backends and their gradients follow. ``sampling_ratio=0`` (adaptive, detectron2's
@@ -92,8 +95,8 @@ _PAD = 1
 MAX_ADAPTIVE_SAMPLING_RATIO = 4
 # Un-aligned RoIAlign (aligned=False) enlarges RoIs to at least this many level pixels per side.
 _UNALIGNED_MIN_SIZE = 1.0
-# Feature dtypes CropAndResize accepts; bfloat16 features are sampled in float32 instead.
-_CROP_AND_RESIZE_DTYPES = (tf.float16, tf.float32, tf.float64)
+# Feature dtypes sampled as they are; 16-bit features are sampled (and their gradients summed) in float32.
+_SAMPLING_DTYPES = (tf.float32, tf.float64)
 
 
 def _level_key(level: int) -> str:
@@ -188,7 +191,7 @@ def _crop_and_resize_level(
     Returns:
       float32 [K, S, S, C]; the gradient w.r.t. `features` has their dtype.
     """
-    if features.dtype not in _CROP_AND_RESIZE_DTYPES:
+    if features.dtype not in _SAMPLING_DTYPES:
         features = tf.cast(features, tf.float32)
     num_samples = output_size * sampling_ratio
     padded_hw = tf.cast(tf.shape(features)[1:3] + 2 * _PAD, tf.float32)
@@ -418,12 +421,13 @@ def _roi_align_gather(
 ) -> tf.Tensor:
     """gather backend over L levels; boxes [B, R, 4] already in their level's pixels.
     sampling_ratio 0 = adaptive (`_adaptive_axis_taps`)."""
-    dtype = features_list[0].dtype
+    output_dtype = features_list[0].dtype
+    dtype = output_dtype if output_dtype in _SAMPLING_DTYPES else tf.float32
     batch_size, num_boxes = tf.shape(boxes)[0], tf.shape(boxes)[1]
     channels = tf.shape(features_list[0])[-1]
     # One flat pixel axis over all levels so a single gather serves boxes of every level.
     flat_features = tf.concat(
-        [tf.reshape(f, [batch_size, -1, channels]) for f in features_list], axis=1
+        [tf.reshape(tf.cast(f, dtype), [batch_size, -1, channels]) for f in features_list], axis=1
     )  # [B, sum_l H_l * W_l, C]
     heights = tf.stack([tf.shape(f)[1] for f in features_list])  # [L]
     widths = tf.stack([tf.shape(f)[2] for f in features_list])  # [L]
@@ -472,7 +476,7 @@ def _roi_align_gather(
         x1, x2 - x1, tf.cast(box_widths, tf.float32), output_size, sampling_ratio
     )
     pooled = pooled_taps(rows, row_weights, cols, col_weights, 2 * sampling_ratio)
-    return pooled / tf.cast(sampling_ratio * sampling_ratio, dtype)
+    return tf.cast(pooled / tf.cast(sampling_ratio * sampling_ratio, dtype), output_dtype)
 
 
 def _unaligned_to_aligned(boxes: tf.Tensor) -> tf.Tensor:

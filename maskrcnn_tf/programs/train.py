@@ -69,8 +69,9 @@ flags.DEFINE_integer("inter_op_threads", distribute.AUTO_INTER_OP_THREADS,
                      "TF's default; 0 = TF's default; n = n.", lower_bound=distribute.AUTO_INTER_OP_THREADS)
 flags.DEFINE_string("eval_file_pattern", None, "Glob of evaluation TFRecords.")
 flags.DEFINE_string("val_json", None, "COCO instances JSON of the evaluation images.")
-flags.DEFINE_integer("eval_every_epochs", 1, "COCO evaluation every N epochs (and at the end) when "
-                     "--eval_file_pattern and --val_json are given; 0 = only at the end.", lower_bound=0)
+flags.DEFINE_integer("eval_every_epochs", None, "COCO evaluation every N epochs (and at the end) when "
+                     "--eval_file_pattern and --val_json are given; 0 = only at the end. Default 1, and 0 with "
+                     "--strategy=tpu (evaluation runs on the TPU VM's host CPU).", lower_bound=0)
 flags.DEFINE_integer("seed", None, "Reproducible run: fixes the RPN anchor and RoI sampling (train.seed, "
                      "stateless draws keyed by seed and step), the data order and augmentation (data.seed, "
                      "unless given) and the weight initialisation.")
@@ -227,11 +228,22 @@ def run_training(train_file_pattern, model_dir, preset, label_map_path=None, ext
         keras.utils.set_random_seed(cfg.train.seed)  # weight initialisation (Keras initialisers, NumPy)
     if val_json and not tf.io.gfile.exists(val_json):  # gfile: may be gs://...
         raise ValueError(f"--val_json={val_json}: file not found")
-    strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
     if (eval_file_pattern is None) != (val_json is None):
         raise ValueError("evaluation during training needs both --eval_file_pattern and --val_json")
+    if eval_file_pattern:  # records and JSON must be the same images: say so now, not after an epoch
+        from maskrcnn_tf.evaluation.run import check_inputs
+
+        check_inputs(eval_file_pattern, val_json)
+    strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
+    eval_every_epochs = FLAGS.eval_every_epochs
+    if eval_every_epochs is None:
+        eval_every_epochs = 0 if FLAGS.strategy == "tpu" else 1
+        if FLAGS.strategy == "tpu" and eval_file_pattern:
+            # Evaluation runs outside the strategy: on a TPU VM, the host CPU runs the model per image.
+            print("evaluation: only at the end of the run under --strategy=tpu (it runs on the host CPU, at "
+                  "CPU inference speed per image); --eval_every_epochs=N evaluates more often", flush=True)
     # eval_every_epochs=0 still evaluates once at the end: give the monitor a period beyond the run.
-    eval_every = FLAGS.eval_every_epochs or (cfg.train.total_steps // steps_per_epoch + 1)
+    eval_every = eval_every_epochs or (cfg.train.total_steps // steps_per_epoch + 1)
     return training.train(cfg, model_dir, train_file_pattern, strategy, label_map_path=label_map_path,
                           init_checkpoint=FLAGS.init_checkpoint, eval_file_pattern=eval_file_pattern,
                           val_json=val_json, eval_every_epochs=eval_every if eval_file_pattern else 0,

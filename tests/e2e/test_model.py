@@ -7,6 +7,7 @@ import tensorflow as tf
 from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.model import LOSS_NAMES, build_model
 from maskrcnn_tf.optimizer import build_optimizer
+from tests.conftest import two_replica_strategy
 from tests.e2e.synthetic import TWO_IMAGES, make_batch, tiny_test_config
 
 
@@ -189,7 +190,7 @@ def test_mirrored_two_replicas_give_the_same_update_as_one_device():
     initial = single.get_weights()
     single.fit(dataset, epochs=1, verbose=0)
 
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    strategy = two_replica_strategy()
     with strategy.scope():
         mirrored = _compiled(cfg)
         mirrored.set_weights(initial)

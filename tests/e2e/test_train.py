@@ -330,8 +330,33 @@ def test_mirrored_on_two_logical_cpus(coco_records, tmp_path):
     proc = run_train([f"--train_file_pattern={coco_records}", f"--model_dir={model_dir}", "--train_steps=2",
                       *SMALL_MODEL, "--strategy=mirrored", "--params_override=train.log_every_steps=1"],
                      env=_env(**{distribute.CPU_DEVICES_ENV: "2"}))
-    assert "2 replica(s) (MirroredStrategy)" in proc.stdout
+    assert "2 replica(s) on 2 x CPU (MirroredStrategy)" in proc.stdout
+    # The start-up line names the resolved choices (CPU replicas: the CPU techniques are on).
+    assert "execution: float32, no XLA, padding trimmed per batch, 1 step(s) per loop" in proc.stdout
     assert loss_log_steps(model_dir) == [1, 2] and checkpoint_steps(model_dir) == [2]
+
+
+@pytest.fixture(scope="module")
+def shapes_records(tmp_path_factory):
+    """Records of 4 generated shapes images (no ../shared needed)."""
+    from maskrcnn_tf.data.coco_converter import convert_coco
+    from maskrcnn_tf.data.shapes import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    paths = make_shapes_dataset(str(root / "shapes"), num_train=4, num_val=0, image_size=96, seed=5)
+    convert_coco(paths["train_images"], paths["train_annotations"], str(root / "train"), num_shards=1,
+                 progress=False)
+    return str(root / "train-*")
+
+
+def test_mirrored_without_a_gpu_or_cpu_split_is_a_one_line_error(shapes_records, tmp_path):
+    # Before: TensorFlow without CUDA (or CUDA failing to load, its warning hidden) made --strategy=mirrored
+    # train on one CPU with every CPU-only technique on; only "1 replica(s)" hinted at it.
+    proc = run_train([f"--train_file_pattern={shapes_records}", f"--model_dir={tmp_path / 'run'}", *SMALL_MODEL,
+                      "--strategy=mirrored"], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--strategy=mirrored: TensorFlow sees no GPU" in last and "MASKRCNN_TF_CPU_DEVICES=N" in last
 
 
 def _free_ports(count):
