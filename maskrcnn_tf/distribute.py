@@ -136,11 +136,13 @@ def get_strategy(name: str, tpu_address: str = None) -> tf.distribute.Strategy:
 
 
 def describe_devices(strategy: tf.distribute.Strategy) -> str:
-    """"2 replica(s) on 2 x GPU (MirroredStrategy)": what a run trains on, for its start-up line."""
-    devices = list(strategy.extended.worker_devices)
-    kinds = sorted({tf.DeviceSpec.from_string(d).device_type or "CPU" for d in devices})
-    on = ", ".join(f"{sum(tf.DeviceSpec.from_string(d).device_type == k for d in devices)} x {k}" for k in kinds)
-    return f"{strategy.num_replicas_in_sync} replica(s) on {on} ({type(strategy).__name__})"
+    """"2 replica(s) on 2 x GPU (MirroredStrategy)", "4 replica(s) on 2 x GPU on each of 2 workers
+    (CollectiveAllReduceStrategy)": what a run trains on, for its start-up line."""
+    local = [tf.DeviceSpec.from_string(d).device_type or "CPU" for d in strategy.extended.worker_devices]
+    on = ", ".join(f"{local.count(kind)} x {kind}" for kind in sorted(set(local)))
+    workers = strategy.num_replicas_in_sync // max(len(local), 1)
+    where = f"{on} on each of {workers} workers" if workers > 1 else on
+    return f"{strategy.num_replicas_in_sync} replica(s) on {where} ({type(strategy).__name__})"
 
 
 def worker_scratch_dir(model_dir: str, task_type: str, task_id: int) -> str:

@@ -340,13 +340,14 @@ class MaskRCNN(keras.Model):
 
     # ---------------------------------------------------------------------------- train / test
 
-    def compile(self, optimizer=None, jit_compile=False, **kwargs):
+    def compile(self, optimizer=None, jit_compile="auto", **kwargs):
         """keras.Model.compile; jit_compile=True under several GPU/CPU replicas compiles each replica's
         forward and backward pass (replica_jit_compile) and runs the rest of the step without XLA.
         Call it under the strategy's scope."""
-        self.replica_jit_compile = replica_jit_compile(jit_compile, tf.distribute.get_strategy())
+        self.replica_jit_compile = replica_jit_compile(jit_compile is True, tf.distribute.get_strategy())
         self._compiled_replica_losses = None
-        super().compile(optimizer=optimizer, jit_compile=jit_compile and not self.replica_jit_compile, **kwargs)
+        super().compile(optimizer=optimizer, jit_compile=False if self.replica_jit_compile else jit_compile,
+                        **kwargs)
 
     def train_step(self, data):
         data, _, _ = keras.utils.unpack_x_y_sample_weight(data)  # fit/train_on_batch may wrap x in a tuple

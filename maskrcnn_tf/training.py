@@ -301,6 +301,7 @@ class TrainingMonitor(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._mark = (time.monotonic(), self.step)
         self._previous_step = self.step
+        self._first_step_shown = False
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.step
@@ -322,6 +323,13 @@ class TrainingMonitor(keras.callbacks.Callback):
         stopping = self.stop_request.signum is not None
         if step % self.cfg.train.log_every_steps == 0 or step >= self.total_steps or stopping:
             self._log(step, {n: _scalar(logs[n]) for n in LOSS_LOG_NAMES})
+        elif not self._first_step_shown and self.verbose:
+            # The first logged step may be minutes away (an R50 on a CPU, log_every_steps 20): show life now.
+            every = self.cfg.train.log_every_steps
+            print(f"step {step}/{self.total_steps}: first step(s) of this run took "
+                  f"{_format_duration(time.monotonic() - self._mark[0])} (tracing included), total_loss "
+                  f"{total:.4f}; next line at step {every * (step // every + 1)}", flush=True)
+        self._first_step_shown = True
         epoch, previous_epoch = step // self.steps_per_epoch, self._previous_step // self.steps_per_epoch
         self._previous_step = step
         if epoch > previous_epoch:  # an epoch ended at this step (or inside this loop, steps_per_loop > 1)
@@ -362,7 +370,7 @@ class TrainingMonitor(keras.callbacks.Callback):
             eta = (self.total_steps - step) / steps_per_second if steps_per_second > 0 else 0.0
             print(f"epoch {epoch}/{num_epochs} step {step}/{self.total_steps} [{bar[:bar_width]}] "
                   f"total_loss {losses['total_loss']:.4f} (rpn {losses['rpn_loss']:.4f}, "
-                  f"rcnn {losses['rcnn_loss']:.4f}, mask {losses['rcnn_mask_loss']:.4f}) lr {learning_rate:.5f} "
+                  f"rcnn {losses['rcnn_loss']:.4f}, mask {losses['rcnn_mask_loss']:.4f}) lr {learning_rate:.3g} "
                   f"{steps_per_second:.2f} steps/s {steps_per_second * self.global_batch:.1f} images/s "
                   f"eta {_format_duration(eta)}", flush=True)
 

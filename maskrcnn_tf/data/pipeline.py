@@ -19,7 +19,7 @@ Decisions (beyond docs/design.md):
   per-example seed folded from (seed, input pipeline id, example index), and tf.data keeps element
   order; the same seed gives the same batches. Without a seed, the pipeline is free to reorder
   (tf.data `deterministic=False`) for speed.
-- An undecodable record (image bytes that tf.io.decode_image rejects, a mask PNG that does not decode
+- An undecodable record (image bytes that data/image_decoding.py rejects, a mask PNG that does not decode
   or whose count or size disagrees) is never skipped silently: each record is decoded inside a
   one-element dataset with ignore_errors (TF logs its own reason as a warning), a failure becomes a
   flagged placeholder, and the next map stops iteration with InvalidArgumentError "could not decode
@@ -50,12 +50,13 @@ import tensorflow as tf
 from absl import logging
 
 from maskrcnn_tf import config as config_lib
-from maskrcnn_tf.data import schema, transforms
+from maskrcnn_tf.data import image_decoding, schema, transforms
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Upper bound of TFRecord files read at once per input pipeline (each open file holds a read buffer).
 MAX_INTERLEAVE_CYCLE = 16
-# Warnings logged for images with more than max_instances instances (the counter keeps counting).
+# Warnings logged for images with more than max_instances instances: each image once per process (every
+# epoch and the evaluation see it again), for at most this many images; the counters keep counting.
 MAX_TRUNCATION_WARNINGS = 10
 # TFRecord framing: uint64 length, uint32 length CRC, payload, uint32 payload CRC.
 _TFRECORD_HEADER_BYTES = 12
@@ -81,6 +82,7 @@ class _InstanceStats:
         with self._lock:
             self._counts = {key: 0 for key in transforms.STAT_KEYS}
             self._counts["images_truncated"] = 0
+            self._warned = set()  # file names already warned about
 
     def add(self, filename: bytes, counts: np.ndarray) -> np.int64:
         """py callback: counts int32 [len(STAT_KEYS)] of one image."""
@@ -90,7 +92,8 @@ class _InstanceStats:
             truncated = int(counts[transforms.STAT_KEYS.index("num_truncated")])
             if truncated > 0:
                 self._counts["images_truncated"] += 1
-                if self._counts["images_truncated"] <= MAX_TRUNCATION_WARNINGS:
+                if filename not in self._warned and len(self._warned) < MAX_TRUNCATION_WARNINGS:
+                    self._warned.add(filename)
                     logging.warning("data: %s has %d more instances than data.max_instances; kept the "
                                     "largest (see pipeline.instance_stats())", filename.decode(errors="replace"),
                                     truncated)
@@ -171,7 +174,7 @@ def count_training_records(file_pattern) -> int:
 
 def _decode(parsed: Dict[str, tf.Tensor], include_mask: bool) -> Dict[str, tf.Tensor]:
     """Parsed record (schema.parse_example) -> decoded example (transforms.py docstring) + metadata."""
-    image = tf.io.decode_image(parsed["encoded"], channels=3, expand_animations=False)  # uint8 [h, w, 3]
+    image = image_decoding.decode_image(parsed["encoded"])  # uint8 [h, w, 3], JPEG with the accurate IDCT
     image_hw = tf.shape(image)[:2]
     num_instances = tf.shape(parsed["labels"])[0]
     num_masks = tf.shape(parsed["png_masks"])[0]

@@ -57,7 +57,12 @@ flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu
 flags.DEFINE_string("pretrained", None, "Backbone weights: none | imagenet | PATH (default: the preset's).")
 flags.DEFINE_string("init_checkpoint", None, "Fine-tune from another run's checkpoint (ckpt prefix, "
                     "checkpoints dir or model dir): variables of equal shape are restored, the others "
-                    "(class-specific layers) keep their fresh initialisation.")
+                    "(class-specific layers) keep their fresh initialisation. The model settings come from "
+                    "that run's config.json (the preset gives the training recipe); no ImageNet weights are "
+                    "loaded unless --pretrained says so.")
+flags.DEFINE_boolean("force_conventions", False, "With --init_checkpoint: allow overrides of the settings the "
+                     "restored weights were trained under (backbone, stride placement, BN epsilon, pixel "
+                     "statistics, anchors, RoIAlign alignment), which otherwise stop the run.")
 flags.DEFINE_enum("precision", None, list(config_lib.PRECISIONS), "Compute precision (default: the preset's).")
 flags.DEFINE_boolean("jit_compile", None, "XLA-compile the train step (needs the gather RoIAlign backend: "
                      "--params_override=model.roi.roi_align_backend=gather).")
@@ -144,6 +149,51 @@ def find_label_map(file_pattern: str):
     return None
 
 
+# Settings restored weights were trained under: changing one makes them meaningless (features of another
+# normalisation, deltas of other anchors), so a fine-tuning run keeps the init run's unless forced.
+WEIGHT_CONVENTION_FIELDS = (
+    "model.backbone.name", "model.backbone.stride_in_3x3", "model.backbone.norm_epsilon", "model.pixel_mean",
+    "model.pixel_std", "model.anchors.sizes", "model.anchors.aspect_ratios", "model.anchors.offset",
+    "model.anchors.round_base_anchors", "model.roi.aligned")
+
+
+def init_run_config(init_checkpoint: str):
+    """(run directory, Config) of the run that wrote --init_checkpoint, or None when the checkpoint has
+    no config.json beside it (ckpt prefix RUN/checkpoints/ckpt-N, checkpoints dir or RUN itself)."""
+    import tensorflow as tf
+
+    from maskrcnn_tf import run_dir, training
+
+    run = os.path.dirname(os.path.dirname(training.resolve_checkpoint(init_checkpoint)))
+    if not tf.io.gfile.exists(os.path.join(run, run_dir.CONFIG_FILE)):
+        return None
+    return run, run_dir.load_config(run)
+
+
+def fine_tune_config(preset_cfg, init_cfg, overrides: dict, init_dir: str, force: bool):
+    """preset_cfg with the model settings of the init run and the backbone's initial weights off (the
+    caller applies `overrides` after it); prints where the model differs from the preset. ValueError
+    when `overrides` change a WEIGHT_CONVENTION_FIELDS setting of the init run, unless `force`."""
+    import dataclasses
+
+    cfg = config_lib.replace(dataclasses.replace(preset_cfg, model=init_cfg.model), **{"model.backbone.weights": None})
+    wanted = config_lib.replace(cfg, **overrides)
+    conflicts = [change for change in config_lib.differences(init_cfg, wanted)
+                 if change.split(":")[0] in WEIGHT_CONVENTION_FIELDS]
+    if conflicts and not force:
+        raise ValueError(f"--init_checkpoint: the weights of {init_dir} were trained with other settings than "
+                         f"asked ({'; '.join(conflicts)}), which makes them meaningless; drop those overrides, "
+                         "or give --force_conventions")
+    model_changes = [c for c in config_lib.differences(preset_cfg, cfg, ignore=config_lib.DATASET_FIELDS)
+                     if c.startswith("model.")]
+    print(f"init_checkpoint: model settings from {init_dir}/config.json"
+          + (f" ({len(model_changes)} differ from the preset: {'; '.join(model_changes)})" if model_changes else ""),
+          flush=True)
+    for conflict in conflicts:
+        print(f"init_checkpoint: forced {conflict}", flush=True)
+    return cfg
+
+
 def resolve_config(preset: str, train_file_pattern: str, label_map_path=None, extra_overrides=None):
     """(config, label map path, steps per epoch) from the flags; ValueError on bad combinations."""
     import tensorflow as tf
@@ -175,6 +225,11 @@ def resolve_config(preset: str, train_file_pattern: str, label_map_path=None, ex
                              f"{explicit['model.roi.roi_align_backend']} (no XLA kernel); leave it out to get gather")
         overrides["model.roi.roi_align_backend"] = "gather"
     overrides.update(explicit)
+    init_run = init_run_config(FLAGS.init_checkpoint) if FLAGS.init_checkpoint else None
+    if init_run:
+        cfg = fine_tune_config(cfg, init_run[1], overrides, init_run[0], FLAGS.force_conventions)
+    elif FLAGS.init_checkpoint and FLAGS.pretrained is None:
+        overrides["model.backbone.weights"] = None  # the checkpoint overwrites the backbone
     cfg = config_lib.replace(cfg, **overrides)
     if FLAGS.learning_rate is not None:  # the peak rate at this run's batch: reference batch = batch
         cfg = config_lib.replace(cfg, **{"train.base_learning_rate": FLAGS.learning_rate,

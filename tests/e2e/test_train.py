@@ -387,7 +387,7 @@ def test_multi_worker_mirrored_two_local_workers(coco_records, tmp_path):
     outputs = [p.communicate(timeout=PROCESS_TIMEOUT) for p in processes]
     for p, (out, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-3000:]
-    assert "2 replica(s) (CollectiveAllReduceStrategy)" in outputs[0][0]  # MWMS class name
+    assert "2 replica(s) on 1 x CPU on each of 2 workers (CollectiveAllReduceStrategy)" in outputs[0][0]
     assert "done: global step 3" in outputs[1][0]  # the other worker ran to the end as well
     assert loss_log_steps(model_dir) == [1, 2, 3] and checkpoint_steps(model_dir) == [3]  # chief only
     assert f"removed {scratch}: scratch checkpoints of an earlier run" in outputs[1][0]  # emptied at the start
@@ -574,3 +574,62 @@ def test_tpu_and_jit_compile_refuse_crop_and_resize_in_one_line(coco_records, tm
                           (jit, "train.jit_compile=True is not allowed")):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert message in proc.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------ fine-tuning keeps the init run's conventions
+
+
+def _write_run(model_dir, cfg, model=None):
+    """A run directory with config.json and ckpt-0 (the model's weights, or an empty stand-in index)."""
+    os.makedirs(os.path.join(model_dir, run_dir.CHECKPOINT_DIR), exist_ok=True)
+    config_lib.save_json(cfg, os.path.join(model_dir, run_dir.CONFIG_FILE))
+    if model is None:
+        open(os.path.join(model_dir, run_dir.CHECKPOINT_DIR, "ckpt-0.index"), "wb").close()
+        return
+    manager = tf.train.CheckpointManager(run_dir.make_checkpoint(model),
+                                         os.path.join(model_dir, run_dir.CHECKPOINT_DIR), max_to_keep=1,
+                                         checkpoint_name="ckpt")
+    manager.save(checkpoint_number=0)
+
+
+def test_fine_tuning_takes_the_init_runs_model_settings_and_guards_its_conventions(tmp_path, capsys):
+    from maskrcnn_tf.programs import train as train_program
+
+    init_dir = str(tmp_path / "imported")
+    init_cfg = config_lib.get_preset("torchvision_maskrcnn_r50_fpn")  # what import_weights.py writes
+    _write_run(init_dir, init_cfg)
+    assert train_program.init_run_config(init_dir + "/checkpoints/ckpt-0")[0] == init_dir
+    preset = config_lib.get_preset("coco_r50_fpn_1x")
+    cfg = train_program.fine_tune_config(preset, init_cfg, {}, init_dir, force=False)
+    # Before: the default preset's conventions (stride, BN epsilon, anchors, normalisation) with
+    # torchvision's weights, and an ImageNet download first.
+    assert cfg.model == config_lib.replace(init_cfg, **{"model.backbone.weights": None}).model
+    assert cfg.train == preset.train and cfg.data == preset.data  # the recipe stays the preset's
+    printed = capsys.readouterr().out
+    assert f"init_checkpoint: model settings from {init_dir}/config.json" in printed
+    assert "model.backbone.norm_epsilon" in printed and "model.backbone.weights: 'imagenet' -> None" in printed
+    # A setting the weights depend on cannot change silently; other model settings can.
+    with pytest.raises(ValueError, match=r"model\.backbone\.norm_epsilon: 0\.0 -> 1e-05.*--force_conventions"):
+        train_program.fine_tune_config(preset, init_cfg, {"model.backbone.norm_epsilon": 1e-5}, init_dir, False)
+    train_program.fine_tune_config(preset, init_cfg, {"model.detection.score_threshold": 0.3}, init_dir, False)
+    train_program.fine_tune_config(preset, init_cfg, {"model.pixel_std": [1.0, 1.0, 1.0]}, init_dir, True)
+    assert "init_checkpoint: forced model.pixel_std" in capsys.readouterr().out
+
+
+def test_fine_tuning_without_config_uses_the_init_run_and_downloads_nothing(shapes_records, tmp_path):
+    from maskrcnn_tf.model import build_model
+    from tests.e2e.synthetic import tiny_test_config
+
+    init_dir = str(tmp_path / "init")
+    init_cfg = tiny_test_config(**{"model.num_classes": 5})
+    _write_run(init_dir, init_cfg, build_model(init_cfg))
+    target = str(tmp_path / "target")
+    # No --config: the default preset is the R50 with ImageNet weights (a download, offline a traceback).
+    proc = run_train([f"--train_file_pattern={shapes_records}", f"--model_dir={target}", "--train_steps=1",
+                      "--batch_size=2", f"--init_checkpoint={init_dir}"],
+                     env=_env(HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9"))
+    assert f"init_checkpoint: model settings from {init_dir}/config.json" in proc.stdout
+    assert re.search(r"initialised from \S+ckpt-0: \d+ variables restored", proc.stdout)
+    written = run_dir.load_config(target)
+    assert written.model.backbone.name == "tiny" and written.model.image_size == init_cfg.model.image_size
+    assert written.model.backbone.weights is None
