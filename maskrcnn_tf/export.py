@@ -2,8 +2,8 @@
 
 Signatures (all outputs are batched, D = cfg.model.detection.max_detections):
 
-    serving_default(images: string [None])            encoded image bytes (what tf.io.decode_image
-                                                      reads: JPEG, PNG, GIF, BMP, WebP, JPEG XL), any size
+    serving_default(images: string [None])            encoded image bytes (JPEG, PNG, GIF, BMP, WebP,
+                                                      JPEG XL; data/image_decoding.py), any size
     image_tensor(images: uint8 [None, None, None, 3]) RGB images of one common size
     serving_box_masks(images: string [None])          as serving_default, without detection_masks_pasted
     image_tensor_box_masks(images: uint8 [...])       as image_tensor, without detection_masks_pasted
@@ -62,7 +62,7 @@ import logging
 import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
-from maskrcnn_tf.data import transforms
+from maskrcnn_tf.data import image_decoding, transforms
 from maskrcnn_tf.ops import masks as mask_ops
 
 # A pasted mask pixel is foreground at probability >= this (one threshold for the package).
@@ -102,9 +102,8 @@ def decode_image(encoded: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
     """
     check = tf.debugging.Assert(_is_image(encoded), [f"{SIGNATURE_BYTES}: input", index, NOT_AN_IMAGE])
     with tf.control_dependencies([check]):
-        # expand_animations=False: a GIF gives its first frame, so every input is [h, w, 3].
-        image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
-    return tf.ensure_shape(image, [None, None, 3])
+        # JPEG with the accurate IDCT (PIL's pixels); a GIF gives its first frame.
+        return image_decoding.decode_image(encoded)
 
 
 def preprocess_image(image: tf.Tensor, cfg: config_lib.Config):

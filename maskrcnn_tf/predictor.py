@@ -17,9 +17,10 @@ visualize.draw_detections) and `<stem>.json`:
 
 so each detection is a COCO result dict without "image_id" (pycocotools.mask.decode reads the mask).
 Only detections scoring >= score_threshold are drawn and written, best first. Images are decoded with
-tf.io.decode_image (the decoder the training pipeline and the serving signature use, so pixel values
-match). An unreadable file is reported on stderr with its path and the reason and skipped; output names
-that collide (same stem in two folders) get a numeric suffix.
+data/image_decoding.py (the decoder the training pipeline and the serving signature use, so pixel values
+match; JPEGs with the accurate IDCT, giving PIL's pixels). An unreadable file is reported on stderr with
+its path and the reason and skipped; output names that collide (same stem in two folders) get a numeric
+suffix.
 """
 
 import json
@@ -33,6 +34,7 @@ import tensorflow as tf
 
 from maskrcnn_tf import export as export_lib
 from maskrcnn_tf import visualize
+from maskrcnn_tf.data import image_decoding
 from maskrcnn_tf.evaluation.coco_results import encode_masks
 from maskrcnn_tf.ops.masks import paste_masks
 
@@ -170,7 +172,7 @@ def decode_image(data: bytes) -> np.ndarray:
     if len(data) == 0:  # TF's decoder would call it an unknown image format
         raise ValueError("empty file")
     try:
-        return tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False).numpy()
+        return image_decoding.decode_image(data).numpy()
     except tf.errors.InvalidArgumentError as e:
         # Keep TF's reason, without the kernel name in {{...}} and the op suffix " [Op:...]".
         reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", e.message.splitlines()[0])

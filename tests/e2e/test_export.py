@@ -5,6 +5,7 @@ once per module; a subprocess that can only import TensorFlow runs every signatu
 The Keras side is computed independently here: the evaluation pipeline's transforms, a plain
 `model(...)` call per image, and the NumPy back-mapping of evaluation/coco_results.
 """
+import io
 import json
 import os
 import subprocess
@@ -66,6 +67,10 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent("""
              **{k: v.numpy() for k, v in sig["serving_box_masks"](images=encoded).items()})
     np.savez(out_dir + "/tensor_box_masks.npz", **{k: v.numpy() for k, v in
              sig["image_tensor_box_masks"](images=tf.constant(inputs["batch_ac"])).items()})
+    np.savez(out_dir + "/jpeg.npz", **{k: v.numpy() for k, v in
+             sig["serving_default"](images=tf.constant([inputs["jpeg_b"].tobytes()])).items()})
+    np.savez(out_dir + "/jpeg_pixels.npz", **{k: v.numpy() for k, v in
+             sig["image_tensor"](images=tf.constant(inputs["jpeg_b_pixels"][None])).items()})
     empty = {"serving_default": sig["serving_default"](images=tf.zeros([0], tf.string)),
              "image_tensor": sig["image_tensor"](images=tf.zeros([0, 7, 9, 3], tf.uint8)),
              "serving_box_masks": sig["serving_box_masks"](images=tf.zeros([0], tf.string))}
@@ -128,9 +133,12 @@ def exported(tmp_path_factory):
 
     images = {"a": _shapes_image(SIZE_A, 0), "b": _shapes_image(SIZE_B, 1), "c": _shapes_image(SIZE_A, 2)}
     reference = {name: _keras_detections(model, cfg, image) for name, image in images.items()}
+    jpeg_b = cv2.imencode(".jpg", images["b"][..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
     np.savez(tmp / "inputs.npz", batch_ac=np.stack([images["a"], images["c"]]),
              png_a=np.frombuffer(cv2.imencode(".png", images["a"][..., ::-1])[1].tobytes(), np.uint8),
-             png_b=np.frombuffer(cv2.imencode(".png", images["b"][..., ::-1])[1].tobytes(), np.uint8))
+             png_b=np.frombuffer(cv2.imencode(".png", images["b"][..., ::-1])[1].tobytes(), np.uint8),
+             jpeg_b=np.frombuffer(jpeg_b, np.uint8),
+             jpeg_b_pixels=cv2.imdecode(np.frombuffer(jpeg_b, np.uint8), cv2.IMREAD_COLOR)[..., ::-1])
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     script = tmp / "fresh.py"
@@ -143,6 +151,8 @@ def exported(tmp_path_factory):
         "tensor": dict(np.load(tmp / "tensor.npz")), "bytes": dict(np.load(tmp / "bytes.npz")),
         "bytes_box_masks": dict(np.load(tmp / "bytes_box_masks.npz")),
         "tensor_box_masks": dict(np.load(tmp / "tensor_box_masks.npz")),
+        "jpeg_b": jpeg_b, "jpeg": dict(np.load(tmp / "jpeg.npz")),
+        "jpeg_pixels": dict(np.load(tmp / "jpeg_pixels.npz")),
         "report": json.loads((tmp / "report.json").read_text()),
     }
 
@@ -265,6 +275,25 @@ def test_predictor_from_saved_model_matches_keras(exported):
     np.testing.assert_array_equal(result["category_ids"], ref["classes"])
     np.testing.assert_array_equal(np.array(CATEGORY_IDS)[result["classes"] - 1], ref["classes"])
     assert result["masks"].shape == (ref["num"],) + SIZE_B and result["masks"].dtype == np.uint8
+
+
+def test_serving_default_on_a_jpeg_equals_image_tensor_on_pils_pixels(exported):
+    """The SavedModel decodes JPEG bytes to PIL's / OpenCV's pixels (accurate IDCT, not TF's default fast
+    one): serving_default on the JPEG and image_tensor on OpenCV's decode of it (the fresh process has
+    only TensorFlow) give the same outputs, bit for bit."""
+    try:
+        from PIL import Image
+    except ImportError:  # PIL comes with torchvision (test extra); OpenCV alone is the reference then
+        pass
+    else:  # the pixels fed to image_tensor are PIL's (torchvision's and detectron2's reader)
+        pil = np.asarray(Image.open(io.BytesIO(exported["jpeg_b"])).convert("RGB"))
+        np.testing.assert_array_equal(
+            cv2.imdecode(np.frombuffer(exported["jpeg_b"], np.uint8), cv2.IMREAD_COLOR)[..., ::-1], pil)
+    from_bytes, from_pixels = exported["jpeg"], exported["jpeg_pixels"]
+    assert int(from_bytes["num_detections"][0]) > 0
+    assert sorted(from_bytes) == sorted(from_pixels)
+    for key in from_bytes:
+        np.testing.assert_array_equal(from_bytes[key], from_pixels[key], err_msg=key)
 
 
 # A 4000 x 3000 photo with D = 100 detections, pasted in a fresh process whose peak RSS is measured.

@@ -72,7 +72,7 @@ def test_predict_cli_writes_png_and_json_and_skips_bad_file(model_dir):
     for name, (h, w) in SIZES.items():
         stem = os.path.splitext(name)[0]
         picture = cv2.imread(str(out / f"{stem}.png"))[..., ::-1]
-        original = tf.io.decode_image(tf.io.read_file(str(model_dir / name)), channels=3).numpy()
+        original = cv2.imread(str(model_dir / name))[..., ::-1]  # OpenCV: PIL's pixels (accurate IDCT)
         assert picture.shape == (h, w, 3)
         assert (picture != original).any()  # detections were drawn
         record = json.loads((out / f"{stem}.json").read_text())
@@ -90,6 +90,23 @@ def test_predict_cli_writes_png_and_json_and_skips_bad_file(model_dir):
             assert det["category_id"] == cid and cid in CATEGORY_IDS
             assert det["category_name"] == CLASS_NAMES[cls - 1] == CLASS_NAMES[CATEGORY_IDS.index(cid)]
             np.testing.assert_array_equal(mask_util.decode(det["segmentation"]), mask)  # RLE of the pasted mask
+
+
+def test_jpeg_and_a_png_of_its_pil_pixels_give_identical_detections(model_dir, tmp_path):
+    """predict.py's steps (Predictor.from_model_dir, predict_files) on b.jpg and on a lossless PNG holding
+    PIL's decode of it (torchvision's and detectron2's pixels): the same JSON and drawing, bit for bit."""
+    Image = pytest.importorskip("PIL.Image", reason="PIL (a torchvision dependency) is the reference decoder")
+    from maskrcnn_tf.predictor import predict_files
+
+    pil = np.asarray(Image.open(model_dir / "b.jpg").convert("RGB"))
+    Image.fromarray(pil).save(tmp_path / "b_pil.png")
+    predictor = Predictor.from_model_dir(str(model_dir / "run"))
+    predict_files(predictor, [str(model_dir / "b.jpg"), str(tmp_path / "b_pil.png")], str(tmp_path / "out"),
+                  score_threshold=0.0)
+    jpeg, png = (json.loads((tmp_path / "out" / f"{stem}.json").read_text()) for stem in ("b", "b_pil"))
+    assert len(jpeg["detections"]) > 0 and jpeg["detections"] == png["detections"]
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "out" / "b.png")),
+                                  cv2.imread(str(tmp_path / "out" / "b_pil.png")))
 
 
 def test_predict_cli_reports_a_missing_saved_model(model_dir):
