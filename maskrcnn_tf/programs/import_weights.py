@@ -8,8 +8,14 @@ The model directory (config.json, label_map.json, checkpoints/ckpt-0) is what tr
 eval.py, export.py, predict.py and `train.py --init_checkpoint` take it unchanged. Neither torch nor
 detectron2 is needed: the files are read with an allow-list unpickler that refuses anything but array
 builders (maskrcnn_tf/weights/). Faster R-CNN checkpoints give a box-only model. Bad input (unreadable or
-unsafe file, another architecture, another class count) ends with a one-line "error: ..." naming the
-file, the key and the shapes, exit status 1, and no model directory.
+unsafe file, another architecture, another class count, buffers such as detectron2's cell anchors or
+pixel statistics that contradict the config) ends with a one-line "error: ..." naming the file, the key
+and the shapes, exit status 1, and no model directory.
+
+A file name carrying a hash prefix (torchvision's "-bf2d0c1e.pth", detectron2's "model_final_f10217.pkl")
+is checked against the file first, as torch.hub does; --no_verify_hash skips that. The summary line says
+which BatchNorm epsilon the model runs with and why (a state dict does not record it:
+--params_override=model.backbone.norm_epsilon=... sets it) and which buffers were checked.
 """
 import os
 
@@ -26,6 +32,9 @@ flags.DEFINE_string("checkpoint", None, "torchvision .pth, or detectron2 model-z
 flags.DEFINE_string("model_dir", None, "Model directory to create (must not exist).")
 flags.DEFINE_multi_string("params_override", [], "Config field of the imported model: dotted.name=JSON value, "
                           "e.g. model.detection.score_threshold=0.3 (repeatable).")
+flags.DEFINE_boolean("no_verify_hash", False, "Skip the check of the hash prefix in the checkpoint's file name "
+                     "(torchvision: SHA-256, '-bf2d0c1e.pth'; detectron2 model zoo: MD5, "
+                     "'model_final_f10217.pkl').")
 flags.mark_flags_as_required(["source", "checkpoint", "model_dir"])
 
 
@@ -36,14 +45,15 @@ def app_main(argv):
 
     # Checkpoint writing logs at INFO through absl; keep the console to this program's lines.
     logging.set_verbosity(logging.WARNING)
-    from maskrcnn_tf.weights.importer import import_weights
+    from maskrcnn_tf.weights.importer import import_checkpoint
 
     try:
-        written = import_weights(FLAGS.source, FLAGS.checkpoint, FLAGS.model_dir,
-                                 config_lib.parse_overrides(FLAGS.params_override))
+        result = import_checkpoint(FLAGS.source, FLAGS.checkpoint, FLAGS.model_dir,
+                                   config_lib.parse_overrides(FLAGS.params_override),
+                                   verify_hash=not FLAGS.no_verify_hash)
     except (ValueError, OSError, tf.errors.OpError) as e:
         launch.exit_with_error(e)
-    print(f"import_weights: {FLAGS.checkpoint} -> {written}", flush=True)
+    print(result.summary(FLAGS.checkpoint), flush=True)
 
 
 def main() -> None:

@@ -21,20 +21,37 @@ _{i}_conv / _{i}_bn, shortcut -> _0_conv / _0_bn; the stem is conv1_conv / conv1
 - Backbone conv biases (absent in detectron2) are set to 0.
 - A checkpoint without roi_heads.mask_head.* is a Faster R-CNN one: `has_mask_head` tells the importer
   to build a box-only model. Any key this mapping does not use is an error naming it (a keypoint head,
-  a ResNet-101's extra blocks), except pixel_mean / pixel_std buffers, which are input normalisation.
+  a ResNet-101's extra blocks), except the non-weight buffers published files carry (docs/design.md
+  section 15), which `check_buffers` compares with the model's config:
+  - proposal_generator.anchor_generator.cell_anchors.{0..4} [A, 4] (persistent until detectron2 564bc2fb,
+    2021-05; the 2019-2020 model zoo has them): per level, the zero-centred [x0, y0, x1, y1] anchors of
+    DefaultAnchorGenerator.generate_cell_anchors (area size**2, w = sqrt(area / ratio), h = ratio * w, no
+    rounding). They must equal the config's anchors at offset 0 (model.anchors sizes, aspect_ratios and
+    round_base_anchors, same order); the grid offset itself (cfg.MODEL.ANCHOR_GENERATOR.OFFSET) is not
+    in the file.
+  - pixel_mean / pixel_std [3, 1, 1] (persistent from 9ced00a1, 2020-04, to 3c0509e6, 2021-02: user
+    checkpoints of that time): cfg.MODEL.PIXEL_MEAN / PIXEL_STD in the input order, BGR 0..255 for the
+    MSRA models; they must equal the config's model.pixel_mean / pixel_std (RGB) reversed.
+  - *.num_batches_tracked (BatchNorm2d / SyncBatchNorm counters; FrozenBatchNorm2d saves none): dropped.
 """
 
 import re
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
+from maskrcnn_tf import config as config_lib
+from maskrcnn_tf.ops import anchors as anchor_ops
 from maskrcnn_tf.weights import layout
 
 BACKBONE = "backbone.bottom_up."
 MASK_HEAD = "roi_heads.mask_head."
-# Buffers some detectron2 versions save with the model; they are config (pixel_mean/std), not weights.
-IGNORED_KEYS = ("pixel_mean", "pixel_std")
+CELL_ANCHORS = "proposal_generator.anchor_generator.cell_anchors."
+_CELL_ANCHOR_KEY = re.compile(r"^proposal_generator\.anchor_generator\.cell_anchors\.(\d+)$")
+PIXEL_BUFFERS = ("pixel_mean", "pixel_std")  # detectron2 key == our ModelConfig field
+BN_COUNTER = ".num_batches_tracked"
+ANCHOR_ATOL = 1e-3  # pixels: detectron2 stores float32 of float64 corners, as ops/anchors.py does
+PIXEL_ATOL = 1e-3  # 0..255 units
 # The variables the import must fill: backbone (keras.applications names start with conv) and the heads.
 REQUIRED_PREFIXES = ("conv", "mask_rcnn/fpn/", "mask_rcnn/rpn_head/", "mask_rcnn/box_head/",
                      "mask_rcnn/mask_head/")
@@ -45,6 +62,85 @@ _BLOCK_KEY = re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.(conv[123]|short
 
 def has_mask_head(state_dict: Dict[str, np.ndarray]) -> bool:
     return any(key.startswith(MASK_HEAD) for key in state_dict)
+
+
+def is_buffer(key: str) -> bool:
+    """Whether `key` is one of the non-weight buffers published detectron2 files carry (module docstring)."""
+    return bool(_CELL_ANCHOR_KEY.match(key)) or key in PIXEL_BUFFERS or key.endswith(BN_COUNTER)
+
+
+def config_cell_anchors(anchor_config) -> List[np.ndarray]:
+    """Our base anchors per level P2..P6 as detectron2's cell_anchors: float64 [A, 4] [x0, y0, x1, y1] around 0.
+
+    Taken from ops/anchors.py (the anchors the model uses) at cell (0, 0) with offset 0, so sizes, aspect
+    ratios, their order and round_base_anchors all enter the comparison.
+    """
+    side = 2 ** config_lib.MAX_LEVEL
+    grids = anchor_ops.multilevel_anchors((side, side), anchor_config.sizes, anchor_config.aspect_ratios,
+                                          config_lib.MIN_LEVEL, config_lib.MAX_LEVEL, offset=0.0,
+                                          round_base_anchors=anchor_config.round_base_anchors)
+    count = anchor_ops.num_anchors_per_location(anchor_config.aspect_ratios)
+    return [np.asarray(grids[f"P{level}"][:count], np.float64)[:, [1, 0, 3, 2]]  # [y1, x1, y2, x2] -> xyxy
+            for level in range(config_lib.MIN_LEVEL, config_lib.MAX_LEVEL + 1)]
+
+
+def _numbers(values) -> str:
+    return ", ".join(f"{v:.6g}" for v in values)
+
+
+def _describe_anchors(boxes: np.ndarray) -> str:
+    """'size 32, aspect ratios 0.5, 1, 2' (sqrt of area, height / width) of [A, 4] xyxy boxes."""
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        return f"of shape {boxes.shape}"
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    sizes = np.sqrt(np.abs(widths * heights))
+    ratios = heights / np.where(widths == 0, np.nan, widths)
+    size = f"size {sizes[0]:.6g}" if np.allclose(sizes, sizes[0], rtol=1e-3) else f"sizes {_numbers(sizes)}"
+    return f"{size}, aspect ratios {_numbers(np.round(ratios, 4))}"
+
+
+def check_buffers(state_dict: Dict[str, np.ndarray], model_config) -> List[str]:
+    """Compares the information-carrying buffers (module docstring) with `model_config` (a ModelConfig).
+
+    Returns what was checked (for the import's summary line); ValueError naming the key, the checkpoint's
+    values and the config's otherwise (one line).
+    """
+    checked = []
+    levels = {}
+    for key in state_dict:
+        match = _CELL_ANCHOR_KEY.match(key)
+        if match:
+            levels[int(match.group(1))] = key
+    if levels:
+        expected = config_cell_anchors(model_config.anchors)
+        if sorted(levels) != list(range(len(expected))):
+            raise ValueError(f"{CELL_ANCHORS}{{{', '.join(map(str, sorted(levels)))}}}: anchors of {len(levels)} "
+                             f"levels; the model has {len(expected)} "
+                             f"(P{config_lib.MIN_LEVEL}..P{config_lib.MAX_LEVEL})")
+        for index, want in enumerate(expected):
+            key = levels[index]
+            got = np.asarray(state_dict[key], np.float64)
+            if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=ANCHOR_ATOL):
+                raise ValueError(
+                    f"{key}: the checkpoint's P{index + config_lib.MIN_LEVEL} anchors ({_describe_anchors(got)}) "
+                    f"differ from the config's ({_describe_anchors(want)}, round_base_anchors="
+                    f"{model_config.anchors.round_base_anchors}): the RPN was trained on other anchors; give them "
+                    "with --params_override=model.anchors.sizes=[...] / model.anchors.aspect_ratios=[...]")
+        checked.append(f"{len(levels)} cell_anchors")
+    for key in PIXEL_BUFFERS:
+        if key not in state_dict:
+            continue
+        value = np.asarray(state_dict[key], np.float64)
+        rgb = np.asarray(getattr(model_config, key), np.float64)
+        if value.size != 3 or not np.allclose(value.reshape(3)[::-1], rgb, rtol=0, atol=PIXEL_ATOL):
+            flat = value.reshape(-1)
+            hint = (f"; if the model was trained so, pass --params_override=model.{key}=[{_numbers(flat[::-1])}]"
+                    if flat.size == 3 else "")
+            raise ValueError(f"{key}: the checkpoint's normalisation [{_numbers(flat)}] (detectron2's input order, "
+                             f"BGR) differs from the config's model.{key} ({_numbers(rgb)}) (RGB), "
+                             f"[{_numbers(rgb[::-1])}] in BGR{hint}")
+        checked.append(key)
+    return checked
 
 
 def _backbone_layer(key: str):
@@ -64,7 +160,8 @@ def detectron2_variables(state_dict: Dict[str, np.ndarray], num_classes: int,
     """({our variable path: array}, {path: detectron2 key}) for a detectron2 state dict.
 
     num_classes: K of the model; box_roi_size: side of the box head's RoI features (7).
-    Raises ValueError naming the key when a needed key is missing or an unused one is present.
+    Raises ValueError naming the key when a needed key is missing or an unused one is present. The
+    buffers of `is_buffer` are left to `check_buffers` (call it first: this function does not read them).
     """
     values, sources, used = {}, {}, set()
 
@@ -152,7 +249,7 @@ def detectron2_variables(state_dict: Dict[str, np.ndarray], num_classes: int,
         conv("mask_rcnn/mask_head/deconv", f"{MASK_HEAD}deconv", layout.deconv_kernel)
         conv("mask_rcnn/mask_head/predictor", f"{MASK_HEAD}predictor")
 
-    unused = sorted(k for k in state_dict if k not in used and k not in IGNORED_KEYS)
+    unused = sorted(k for k in state_dict if k not in used and not is_buffer(k))
     if unused:
         raise ValueError(f"key {unused[0]} (shape {tuple(np.shape(state_dict[unused[0]]))}) has no place in this "
                          f"model ({len(unused)} unused keys; another architecture?)")
@@ -161,8 +258,11 @@ def detectron2_variables(state_dict: Dict[str, np.ndarray], num_classes: int,
 
 def assign_detectron2_weights(model, state_dict: Dict[str, np.ndarray]) -> None:
     """Copies a detectron2 R-FPN Mask (or Faster) R-CNN state dict into `model` (built with the same K,
-    depth and include_mask); ValueError naming the key and the expected and found shapes otherwise."""
+    depth and include_mask); ValueError naming the key and the expected and found shapes otherwise.
+    The buffers are checked against the model's config (build_model sets it)."""
     num_classes = model.box_head.num_classes
+    if getattr(model, "config", None) is not None:
+        check_buffers(state_dict, model.config.model)
     if has_mask_head(state_dict) != model.include_mask:
         raise ValueError(f"the checkpoint {'has' if has_mask_head(state_dict) else 'has no'} mask head "
                          f"(roi_heads.mask_head.*) but the model has include_mask={model.include_mask}")

@@ -9,8 +9,9 @@ are refused (their elements would be arbitrary pickled objects). Any other globa
 refused to load: the pickle names global X.Y (not an array builder)") before anything is called.
 Pickles written by Python 2 (Detectron-era files) are read with latin-1 strings, as detectron2 does.
 
-detectron2's own training checkpoints (`.pth`, a torch.save zip of {"model": ...}) are read with
-torch_pickle. The result is the "model" entry, flattened as torch_pickle.state_dict_of does.
+detectron2's own training checkpoints (`.pth`, torch.save of {"model": ..., "iteration": ...}, a zip or, before
+PyTorch 1.6, the legacy stream) are read with torch_pickle. The result is the "model" entry, flattened as
+torch_pickle.state_dict_of does. docs/design.md section 15 lists the published layouts and their buffers.
 """
 
 import codecs
@@ -74,7 +75,7 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
-    if zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(path) or torch_pickle.is_legacy_file(path):
         return torch_pickle.load_state_dict(path)
     try:
         with open(path, "rb") as f:

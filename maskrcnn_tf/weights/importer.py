@@ -14,12 +14,30 @@ detectron2_pickle, mapped by detectron2_mapping; K = 80 in COCO id order).
 The directory is built in a temporary sibling (".<name>.tmp-<pid>") and renamed at the end, so a failure
 leaves no half-written model directory; an existing MODEL_DIR is refused. Every failure is a ValueError
 whose message starts with the checkpoint file (and names the offending key and shapes).
+
+Before anything is unpickled:
+- Integrity. A file name ending in "-<8 or more hex digits>.<ext>" (torch.hub's convention, all of
+  torchvision's files: maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth) carries the first digits of the file's
+  SHA-256; detectron2's model-zoo names "model_final_<6 hex digits>.pkl" carry the first digits of its MD5
+  (detectron2 MODEL_ZOO.md). Either is checked as torch.hub does (digest[:len(prefix)] == prefix) and a
+  mismatch is refused (a truncated or tampered download); verify_hash=False (--no_verify_hash) skips it.
+- BatchNorm epsilon, which no state dict records (`norm_epsilon_of`): a --params_override of
+  model.backbone.norm_epsilon wins; a torchvision file whose SHA-256 starts with a published COCO_V1
+  prefix (PUBLISHED; renamed copies too) runs with 0, as torchvision's builders set (overwrite_eps);
+  backbone num_batches_tracked counters mean nn.BatchNorm2d, 1e-5; any other torchvision file gets the
+  preset's 0 (COCO_V1 and models fine-tuned from it), a model trained from an ImageNet backbone or from
+  scratch with FrozenBatchNorm2d needs 1e-5 by override; detectron2 always 1e-5 (its FrozenBatchNorm2d).
+  The value and its reason are on the summary line (ImportResult.summary).
+Buffers that carry information (detectron2's cell anchors and pixel statistics) are compared with the
+config (detectron2_mapping.check_buffers); counters are dropped.
 """
 
+import hashlib
 import json
 import os
+import re
 import shutil
-from typing import Callable, Dict, NamedTuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -33,6 +51,95 @@ CHECKPOINT_NAME = "ckpt-0"
 UNUSED_ID_NAME = "N/A"
 
 
+EPSILON_FIELD = "model.backbone.norm_epsilon"
+TORCH_BATCH_NORM_EPSILON = 1e-5  # nn.BatchNorm2d's and FrozenBatchNorm2d's default (torchvision, detectron2)
+# torch.hub's naming: "<name>-<first hex digits of the SHA-256>.<ext>" (torch/hub.py HASH_REGEX, 8 or more here).
+SHA256_SUFFIX = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+# detectron2 MODEL_ZOO.md: "any model on this page contains its md5 prefix in its file name".
+MD5_SUFFIX = re.compile(r"^model_final_([0-9a-f]{6})\.pkl$")
+HASH_CHUNK_BYTES = 1 << 20
+# Published torchvision files that run with another eps than the state dict can tell: SHA-256 prefix ->
+# (what, eps). Both builders call overwrite_eps(model, 0.0) for COCO_V1 (pytorch/vision#2933: these weights
+# were trained when FrozenBatchNorm2d had no eps).
+PUBLISHED = {
+    "bf2d0c1e": ("torchvision's maskrcnn_resnet50_fpn COCO_V1 file", 0.0),
+    "258fb6c6": ("torchvision's fasterrcnn_resnet50_fpn COCO_V1 file", 0.0),
+}
+
+
+class Integrity(NamedTuple):
+    sha256: Optional[str]  # hex digest when computed
+    note: str  # for the summary line, e.g. "SHA-256 prefix bf2d0c1e verified"
+
+
+def _digest(path: str, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_integrity(path: str, verify: bool = True, want_sha256: bool = False) -> Integrity:
+    """Checks the hash prefix the file name carries (module docstring); ValueError in one line on a mismatch.
+
+    want_sha256: compute the SHA-256 even when the name carries none (to recognise a renamed published file).
+    """
+    name = os.path.basename(path)
+    sha_claim, md5_claim = SHA256_SUFFIX.search(name), MD5_SUFFIX.match(name)
+    if not verify:
+        return Integrity(None, "hash not verified (--no_verify_hash)")
+    sha256 = _digest(path, "sha256") if (sha_claim or want_sha256) else None
+    notes = []
+    for claim, algorithm, label in ((sha_claim, "sha256", "SHA-256"), (md5_claim, "md5", "MD5")):
+        if claim is None:
+            continue
+        prefix = claim.group(1)
+        digest = sha256 if algorithm == "sha256" else _digest(path, algorithm)
+        if digest[:len(prefix)] != prefix:
+            raise ValueError(f"{path}: its {label} is {digest}, but the file name says it starts with {prefix}: a "
+                             "truncated or tampered download (download it again; --no_verify_hash skips this check)")
+        notes.append(f"{label} prefix {prefix} verified")
+    return Integrity(sha256, ", ".join(notes) or "no hash in the file name")
+
+
+def _published(path: str, integrity: Integrity):
+    """(prefix, (what, eps)) of a published file recognised by its SHA-256 (or, unverified, by its name)."""
+    for prefix, entry in PUBLISHED.items():
+        if integrity.sha256 is not None:
+            if integrity.sha256.startswith(prefix):
+                return prefix, entry
+        else:
+            claim = SHA256_SUFFIX.search(os.path.basename(path))
+            if claim and claim.group(1).startswith(prefix):
+                return prefix, entry
+    return None
+
+
+def norm_epsilon_of(source: str, path: str, state_dict: Dict[str, np.ndarray], integrity: Integrity,
+                    overrides: Dict = None) -> Tuple[Optional[float], str]:
+    """(the backbone BatchNorm epsilon to build with, why) for the import's summary line (module docstring).
+
+    None: the --params_override value is used as given."""
+    if EPSILON_FIELD in (overrides or {}):
+        return None, f"from --params_override={EPSILON_FIELD}"
+    if source == "detectron2":
+        return TORCH_BATCH_NORM_EPSILON, "detectron2's FrozenBatchNorm2d"
+    published = _published(path, integrity)
+    if published:
+        prefix, (what, eps) = published
+        how = f"SHA-256 {prefix}..." if integrity.sha256 is not None else f"its name says {prefix}, hash not verified"
+        return eps, f"{what} ({how}), which torchvision runs with eps {eps:g}"
+    counters = torchvision_mapping.backbone_batch_norm_counters(state_dict)
+    if counters:
+        return TORCH_BATCH_NORM_EPSILON, (f"the backbone saved {counters} BatchNorm num_batches_tracked counters: "
+                                          "trained with nn.BatchNorm2d, eps 1e-5")
+    preset_eps = config_lib.get_preset(SOURCES[source].preset).model.backbone.norm_epsilon
+    return preset_eps, (f"assumed: torchvision's COCO_V1 and models fine-tuned from it run with {preset_eps:g}; "
+                        "a model trained from an ImageNet backbone runs with 1e-5: "
+                        f"--params_override={EPSILON_FIELD}=1e-5")
+
+
 class Source(NamedTuple):
     preset: str
     read: Callable[[str], Dict[str, np.ndarray]]
@@ -42,6 +149,8 @@ class Source(NamedTuple):
     variables: Callable
     # Contiguous class i + 1 <-> COCO category id; None = the 80 COCO 2017 categories in id order.
     category_ids: tuple
+    # (state_dict, cfg) -> [what was checked]: buffers compared with the config (ValueError if they differ).
+    buffers: Callable = lambda state_dict, cfg: []
 
 
 SOURCES = {
@@ -54,8 +163,28 @@ SOURCES = {
                          detectron2_mapping.has_mask_head,
                          lambda sd, cfg: detectron2_mapping.detectron2_variables(
                              sd, cfg.model.num_classes, cfg.model.roi.box_output_size),
-                         tuple(cid for cid, _ in coco_classes.COCO_CATEGORIES)),
+                         tuple(cid for cid, _ in coco_classes.COCO_CATEGORIES),
+                         lambda sd, cfg: detectron2_mapping.check_buffers(sd, cfg.model)),
 }
+
+
+class ImportResult(NamedTuple):
+    checkpoint_prefix: str  # MODEL_DIR/checkpoints/ckpt-0
+    source: str
+    num_classes: int
+    include_mask: bool
+    norm_epsilon: float
+    epsilon_reason: str
+    integrity: str
+    checked: List[str]  # buffers compared with the config
+
+    def summary(self, checkpoint: str) -> str:
+        """The program's one summary line."""
+        kind = "Mask R-CNN" if self.include_mask else "Faster R-CNN (boxes only)"
+        checked = f"; buffers checked: {', '.join(self.checked)}" if self.checked else ""
+        return (f"import_weights: {checkpoint} -> {self.checkpoint_prefix}: {self.source} {kind}, "
+                f"{self.num_classes} classes; BatchNorm eps {self.norm_epsilon:g} ({self.epsilon_reason}); "
+                f"{self.integrity}{checked}")
 
 
 def _categories(category_ids):
@@ -64,18 +193,22 @@ def _categories(category_ids):
             for i, cid in enumerate(category_ids)]
 
 
-def import_config(source: str, include_mask: bool, overrides: Dict = None) -> config_lib.Config:
-    """The config of an imported model: the source's preset, its COCO label map, then `overrides`
-    (dotted names, e.g. a smaller canvas)."""
+def import_config(source: str, include_mask: bool, overrides: Dict = None,
+                  norm_epsilon: Optional[float] = None) -> config_lib.Config:
+    """The config of an imported model: the source's preset, its COCO label map, the backbone BatchNorm
+    epsilon (None: the preset's), then `overrides` (dotted names, e.g. a smaller canvas)."""
     spec = SOURCES[source]
     categories = _categories(spec.category_ids)
-    cfg = config_lib.replace(config_lib.get_preset(spec.preset), **{
+    fields = {
         "model.num_classes": len(categories),
         "model.include_mask": include_mask,
         "model.backbone.weights": None,  # every weight comes from the checkpoint
         "data.category_ids": tuple(c["id"] for c in categories),
         "data.class_names": tuple(c["name"] for c in categories),
-    })
+    }
+    if norm_epsilon is not None:
+        fields[EPSILON_FIELD] = norm_epsilon
+    cfg = config_lib.replace(config_lib.get_preset(spec.preset), **fields)
     return config_lib.validate(config_lib.replace(cfg, **(overrides or {})))
 
 
@@ -85,12 +218,21 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
-def import_weights(source: str, checkpoint: str, model_dir: str, overrides: Dict = None) -> str:
-    """Writes model_dir from a reference checkpoint; returns the checkpoint prefix written.
+def import_weights(source: str, checkpoint: str, model_dir: str, overrides: Dict = None,
+                   verify_hash: bool = True) -> str:
+    """Writes model_dir from a reference checkpoint; returns the checkpoint prefix written
+    (`import_checkpoint` also returns what the summary line says)."""
+    return import_checkpoint(source, checkpoint, model_dir, overrides, verify_hash).checkpoint_prefix
 
-    ValueError starting with the checkpoint path when it cannot be read, names a disallowed global, or
-    does not fit the source's architecture (unused or missing keys, shapes, class count); with
-    "--model_dir" for an existing directory. Nothing is left behind on failure.
+
+def import_checkpoint(source: str, checkpoint: str, model_dir: str, overrides: Dict = None,
+                      verify_hash: bool = True) -> ImportResult:
+    """Writes model_dir from a reference checkpoint.
+
+    ValueError starting with the checkpoint path when its name's hash prefix does not match (unless
+    verify_hash is False), it cannot be read, names a disallowed global, does not fit the source's
+    architecture (unused or missing keys, shapes, class count) or holds buffers that contradict the
+    config; with "--model_dir" for an existing directory. Nothing is left behind on failure.
     """
     if source not in SOURCES:
         raise ValueError(f"--source={source!r}: expected one of {', '.join(SOURCES)}")
@@ -101,12 +243,17 @@ def import_weights(source: str, checkpoint: str, model_dir: str, overrides: Dict
     if not os.path.isdir(parent):
         raise ValueError(f"--model_dir={model_dir}: parent directory {parent} does not exist")
     spec = SOURCES[source]
+    if not os.path.isfile(checkpoint):
+        raise ValueError(f"{checkpoint}: no such file")
+    integrity = check_integrity(checkpoint, verify_hash, want_sha256=source == "torchvision")
     state_dict = spec.read(checkpoint)  # ValueError naming the file
-    cfg = import_config(source, spec.has_mask_head(state_dict), overrides)
+    norm_epsilon, epsilon_reason = norm_epsilon_of(source, checkpoint, state_dict, integrity, overrides)
+    cfg = import_config(source, spec.has_mask_head(state_dict), overrides, norm_epsilon)
 
     from maskrcnn_tf.model import build_model  # late import: building pulls in all of TF/Keras
 
     try:
+        checked = spec.buffers(state_dict, cfg)
         values, sources = spec.variables(state_dict, cfg)
         model = build_model(cfg)
         # The mappings' REQUIRED_PREFIXES are the same: the backbone and the four heads.
@@ -135,4 +282,6 @@ def import_weights(source: str, checkpoint: str, model_dir: str, overrides: Dict
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    return os.path.join(model_dir, run_dir.CHECKPOINT_DIR, CHECKPOINT_NAME)
+    return ImportResult(os.path.join(model_dir, run_dir.CHECKPOINT_DIR, CHECKPOINT_NAME), source,
+                        cfg.model.num_classes, cfg.model.include_mask, cfg.model.backbone.norm_epsilon,
+                        epsilon_reason, integrity.note, checked)

@@ -11,6 +11,21 @@ parameter builders, the typed storage classes, collections.OrderedDict and torch
 NumPy stand-ins; any other global is refused ("FILE: refused to load: the pickle names global X.Y (not an
 array builder)") before anything is called.
 
+torch.save before PyTorch 1.6 (and `_use_new_zipfile_serialization=False` since) writes the legacy format,
+one stream of consecutive pickles and raw bytes (torch/serialization.py `_legacy_save` / `_legacy_load`):
+    pickle  LEGACY_MAGIC_NUMBER (0x1950a86a20f9469cfc6c)
+    pickle  LEGACY_PROTOCOL_VERSION (1001)
+    pickle  sys_info {"protocol_version": 1001, "little_endian": bool, "type_sizes": {...}}
+    pickle  the object; each storage a persistent id ("storage", torch.<Type>Storage, key, location, numel,
+            view_metadata None or (view key, offset, numel))
+    pickle  the sorted list of storage keys
+    then, for each key in that order: numel as a little-endian int64, then numel elements (little endian)
+torchvision's COCO_V1 detection files date from torchvision 0.3 (May 2019, PyTorch 1.1), before the zip
+format: their names still end in the SHA-256 prefix of that upload, so they are in this format. It is read
+with the same allow-list: the object pickle is unpickled twice, once to collect the storage records (no
+tensor built), then, after the storage bytes are read, to build the tensors. The older tar format
+(PyTorch < 0.4) is refused with a message.
+
 Decisions:
 - Tensors come back as C-contiguous copies with their logical shape (strides and storage offsets applied,
   bounds checked against the storage size first). bfloat16 (no NumPy dtype) is returned as float32, which
@@ -18,13 +33,14 @@ Decisions:
 - The state dict is the object itself, or its "model" / "state_dict" entry (detectron2 training
   checkpoints, many training scripts). Nested dicts are flattened with "." between the keys (what
   torch's module names look like); a leaf that is not a tensor is a ValueError naming it.
-- The legacy (pre-1.6, non-zip) format is refused with a message saying how to re-save the file.
+- A pickled module (torch.save(model) rather than its state_dict) names its classes and is refused.
 """
 
 import collections
 import io
 import os
 import pickle
+import tarfile
 import zipfile
 from typing import Dict
 
@@ -47,8 +63,10 @@ STORAGE_DTYPES = {
 }
 BFLOAT16_STORAGE = "BFloat16Storage"
 STATE_DICT_ENTRIES = ("model", "state_dict")
-# Legacy torch.save files start with a pickled magic number (torch/serialization.py).
+# Legacy torch.save files start with a pickled magic number and protocol version (torch/serialization.py).
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+INT64_BYTES = 8
 
 
 class _StorageType:
@@ -109,10 +127,15 @@ def _rebuild_tensor(path: str):
     return rebuild
 
 
-def _allowed_globals(path: str) -> dict:
+def _skip_tensor(*args, **kwargs):
+    """_rebuild_tensor_v2 stand-in of the legacy format's first pass (storage bytes not read yet)."""
+    return None
+
+
+def _allowed_globals(path: str, rebuild=None) -> dict:
     allowed = {
         "collections.OrderedDict": _ordered_dict,
-        "torch._utils._rebuild_tensor_v2": _rebuild_tensor(path),
+        "torch._utils._rebuild_tensor_v2": rebuild or _rebuild_tensor(path),
         "torch._utils._rebuild_parameter": _rebuild_parameter,
         "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
         "torch.Size": _size,
@@ -159,6 +182,85 @@ def _read_archive(path: str, archive: zipfile.ZipFile):
     return unpickler.load()
 
 
+def is_legacy_file(path: str) -> bool:
+    """Whether `path` starts like a legacy (non-zip) torch.save file: a pickled LEGACY_MAGIC_NUMBER."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    # A pickle (PROTO opcode) whose first value is the 10-byte long, stored in little endian.
+    return head[:1] == b"\x80" and LEGACY_MAGIC_NUMBER.to_bytes(10, "little") in head
+
+
+def _legacy_record(path: str, pid):
+    """(storage key, storage type name, numel, view (key, offset, numel) or None) of a legacy persistent id."""
+    if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] in ("storage", b"storage")
+            and isinstance(pid[1], _StorageType)):
+        raise ValueError(f"{path}: unexpected persistent id {pid!r} (expected a storage record)")
+    _, storage_type, key, _, numel, view = pid
+    if not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"{path}: storage {key!r} has {numel!r} elements")
+    if view is not None:
+        if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, int) and v >= 0 for v in view[1:])):
+            raise ValueError(f"{path}: storage {key!r} has a malformed view record {view!r}")
+        if view[1] + view[2] > numel:
+            raise ValueError(f"{path}: a view of storage {key!r} reaches element {view[1] + view[2]} of {numel}")
+    return str(key), storage_type.name, numel, view
+
+
+def _read_legacy(path: str, f):
+    """The unpickled object of a legacy torch.save stream (module docstring), read through the allow-list."""
+
+    def plain():  # magic number, protocol version, sys_info, storage keys: no globals, no persistent ids
+        return restricted_pickle.RestrictedUnpickler(f, {}).load()
+
+    if plain() != LEGACY_MAGIC_NUMBER:
+        raise ValueError(f"{path}: not a torch.save checkpoint (no legacy magic number)")
+    version = plain()
+    if version != LEGACY_PROTOCOL_VERSION:
+        raise ValueError(f"{path}: legacy torch.save protocol version {version!r}, expected {LEGACY_PROTOCOL_VERSION}")
+    sys_info = plain()
+    if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
+        raise ValueError(f"{path}: written on a big-endian machine (sys_info {sys_info!r}); not supported")
+    start = f.tell()
+    records = {}
+
+    def collect(pid):
+        key, type_name, numel, _ = _legacy_record(path, pid)
+        if records.setdefault(key, (type_name, numel)) != (type_name, numel):
+            raise ValueError(f"{path}: storage {key} is recorded as {records[key]} and as {(type_name, numel)}")
+        return None
+
+    restricted_pickle.RestrictedUnpickler(f, _allowed_globals(path, _skip_tensor), persistent_load=collect).load()
+    keys = plain()
+    if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(records):
+        raise ValueError(f"{path}: the storage key list does not match the storages the pickle names")
+    storages = {}
+    for key in map(str, keys):
+        type_name, numel = records[key]
+        dtype = np.dtype(STORAGE_DTYPES[type_name]).newbyteorder("<")
+        head = f.read(INT64_BYTES)
+        written = int.from_bytes(head, "little", signed=True) if len(head) == INT64_BYTES else None
+        if written != numel:
+            raise ValueError(f"{path}: storage {key} records {written} elements where the pickle says {numel} "
+                             "(truncated or corrupt file)")
+        raw = f.read(numel * dtype.itemsize)
+        if len(raw) < numel * dtype.itemsize:
+            raise ValueError(f"{path}: storage {key} holds {len(raw)} bytes, fewer than its {numel} elements of "
+                             f"{dtype.itemsize} bytes (truncated file)")
+        storages[key] = _Storage(np.frombuffer(raw, dtype).astype(dtype.newbyteorder("=")),
+                                 type_name == BFLOAT16_STORAGE)
+
+    def load(pid):
+        key, _, _, view = _legacy_record(path, pid)
+        storage = storages[key]
+        if view is None:
+            return storage
+        _, offset, numel = view
+        return _Storage(storage.array[offset:offset + numel], storage.is_bfloat16)
+
+    f.seek(start)
+    return restricted_pickle.RestrictedUnpickler(f, _allowed_globals(path), persistent_load=load).load()
+
+
 def _flatten(path: str, obj, prefix: str, out: Dict[str, np.ndarray]) -> None:
     for key, value in obj.items():
         name = f"{prefix}{key}"
@@ -192,16 +294,20 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            head = f.read(64)
-        if head[:1] == b"\x80" and LEGACY_MAGIC_NUMBER.to_bytes(10, "little") in head:
-            raise ValueError(f"{path}: legacy (PyTorch < 1.6) torch.save format, not supported; re-save it with "
+    legacy = not zipfile.is_zipfile(path) and is_legacy_file(path)
+    if not legacy and not zipfile.is_zipfile(path):
+        if tarfile.is_tarfile(path):
+            raise ValueError(f"{path}: the tar torch.save format of PyTorch < 0.4, not supported; re-save it with "
                              "torch.save(torch.load(f), f2) using any PyTorch >= 1.6")
-        raise ValueError(f"{path}: not a torch.save checkpoint (not a zip archive; truncated or another format)")
+        raise ValueError(f"{path}: not a torch.save checkpoint (neither a zip archive nor the legacy format; "
+                         "truncated or another format)")
     try:
-        with zipfile.ZipFile(path) as archive:
-            obj = _read_archive(path, archive)
+        if legacy:
+            with open(path, "rb") as f:
+                obj = _read_legacy(path, f)
+        else:
+            with zipfile.ZipFile(path) as archive:
+                obj = _read_archive(path, archive)
     except restricted_pickle.RefusedGlobal as e:
         raise ValueError(restricted_pickle.refusal_message(path, e.qualified_name)) from None
     except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, zipfile.LargeZipFile, OSError) as e:

@@ -25,8 +25,12 @@ Conventions:
 - Input: RGB, no channel reversal (the preset normalises with ImageNet mean/std in 0..255 units).
 - Backbone conv biases (absent in torchvision) are set to 0. The ResNets have the stride in the 3x3
   convs and COCO_V1 runs its frozen BN with eps 0: the preset's backbone fields, not weights.
-- num_batches_tracked buffers are ignored; any other key the mapping does not use is an error naming
-  it (a keypoint head, a ResNet-101's extra blocks), as is a shape mismatch (expected and found).
+- num_batches_tracked buffers (nn.BatchNorm2d's counters; torchvision's FrozenBatchNorm2d has none and
+  drops them on load) are dropped; their presence in the backbone tells the importer the model ran
+  nn.BatchNorm2d, eps 1e-5 (`backbone_batch_norm_counters`). A torchvision state dict has no other
+  buffers (AnchorGenerator.cell_anchors and the transform's image_mean / image_std are plain attributes).
+  Any other key the mapping does not use is an error naming it (a keypoint head, a ResNet-101's extra
+  blocks), as is a shape mismatch (expected and found).
 """
 
 import re
@@ -77,6 +81,11 @@ def _canonical(state_dict: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray]
         new = canonical_key(key)
         out[new], original[new] = value, key
     return out, original
+
+
+def backbone_batch_norm_counters(state_dict: Dict[str, np.ndarray]) -> int:
+    """How many backbone BatchNorm layers saved a num_batches_tracked counter (nn.BatchNorm2d, not frozen)."""
+    return sum(1 for key in state_dict if key.startswith(BODY) and key.endswith(IGNORED_SUFFIX))
 
 
 def has_mask_head(state_dict: Dict[str, np.ndarray]) -> bool:

@@ -80,9 +80,49 @@ def r50_fpn_state_dict(rng, blocks=R50_BLOCKS, mask=True, num_classes=NUM_CLASSE
     return {k: np.asarray(v, np.float32) for k, v in sd.items()}
 
 
-def write_model_zoo_pickle(path, state_dict):
+D2_ANCHOR_SIZES = (32, 64, 128, 256, 512)  # configs/Base-RCNN-FPN.yaml: one size per level P2..P6
+D2_ASPECT_RATIOS = (0.5, 1.0, 2.0)  # config/defaults.py ANCHOR_GENERATOR.ASPECT_RATIOS
+MODEL_ZOO_AUTHOR = "Detectron2 Model Zoo"  # what DetectionCheckpointer logs for model-zoo files (issue #1811)
+
+
+def detectron2_cell_anchors(sizes=D2_ANCHOR_SIZES, aspect_ratios=D2_ASPECT_RATIOS):
+    """The anchor_generator.cell_anchors buffers, computed as detectron2's DefaultAnchorGenerator does
+    (modeling/anchor_generator.py generate_cell_anchors, then .float()): one [A, 4] per level."""
+    import math
+
+    buffers = {}
+    for level, size in enumerate(sizes):
+        anchors = []
+        for ratio in aspect_ratios:
+            w = math.sqrt(size ** 2.0 / ratio)
+            h = ratio * w
+            anchors.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+        buffers[f"proposal_generator.anchor_generator.cell_anchors.{level}"] = torch.tensor(anchors).float().numpy()
+    return buffers
+
+
+def model_zoo_model(state_dict, pixel_stats=False):
+    """The "model" dict of a 2019-2020 model-zoo file (docs/design.md section 15): the weights and the five
+    cell_anchors buffers; pixel_stats adds pixel_mean / pixel_std [3, 1, 1] (BGR), which checkpoints
+    written between detectron2 9ced00a1 (2020-04) and 3c0509e6 (2021-02) carry."""
+    model = dict(state_dict)
+    model.update(detectron2_cell_anchors())
+    if pixel_stats:
+        model["pixel_mean"] = np.array([103.530, 116.280, 123.675], np.float32).reshape(3, 1, 1)
+        model["pixel_std"] = np.ones((3, 1, 1), np.float32)
+    return model
+
+
+def write_model_zoo_pickle(path, state_dict, buffers=True, matching_heuristics=None, protocol=2):
+    """A detectron2 model-zoo .pkl as documented in docs/design.md section 15: a pickle of {"model": {name:
+    np.ndarray}, "__author__": str} (the two keys DetectionCheckpointer requires), the model dict with its
+    cell_anchors buffers unless buffers=False; matching_heuristics, when given, is the optional flag."""
+    top = {"model": model_zoo_model(state_dict) if buffers else dict(state_dict), "__author__": MODEL_ZOO_AUTHOR}
+    if matching_heuristics is not None:
+        top["matching_heuristics"] = matching_heuristics
     with open(path, "wb") as f:
-        pickle.dump({"model": state_dict, "__author__": "test", "matching_heuristics": True}, f, protocol=2)
+        pickle.dump(top, f, protocol=protocol)
+    return top["model"]
 
 
 # ---------------------------------------------------------------- detectron2's forward, in torch
@@ -132,8 +172,8 @@ def d2_features(sd, bgr):
 def d2_checkpoint(tmp_path_factory):
     state_dict = r50_fpn_state_dict(np.random.default_rng(0))
     path = tmp_path_factory.mktemp("d2") / "model_final_test.pkl"
-    write_model_zoo_pickle(path, state_dict)
-    return path, state_dict
+    written = write_model_zoo_pickle(path, state_dict)
+    return path, written
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +199,8 @@ def test_reader_returns_every_array_unchanged(d2_checkpoint):
     path, state_dict = d2_checkpoint
     loaded = detectron2_pickle.load_state_dict(str(path))
     assert sorted(loaded) == sorted(state_dict)
-    assert len(loaded) == 5 * 53 + 4 * 4 + 6 + 8 + 12  # 53 conv+norm layers, FPN, RPN, box, mask heads
+    # 53 conv+norm layers, FPN, RPN, box, mask heads, and the five cell_anchors buffers
+    assert len(loaded) == 5 * 53 + 4 * 4 + 6 + 8 + 12 + 5
     for key, value in state_dict.items():
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
 

@@ -56,14 +56,14 @@ def _image() -> np.ndarray:
 
 
 def torchvision_reference_model():
-    """maskrcnn_resnet50_fpn (91 classes) with seeded random weights and scaled class logits, its transform
-    set to the test's 320 px. Its BatchNorm layers keep torchvision's initial statistics (mean 0, var 1):
-    random statistics with eps 0 are test_torchvision_equivalence.py's subject; here the point is the
-    command-line path (import, predict.py, export.py, a fresh SavedModel process)."""
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
+    """maskrcnn_resnet50_fpn (91 classes) as its COCO_V1 weights run (FrozenBatchNorm2d, eps 0) with seeded
+    random weights and scaled class logits, its transform set to the test's 320 px. Its BatchNorm layers
+    keep torchvision's initial statistics (mean 0, var 1): random statistics with eps 0 are
+    test_torchvision_equivalence.py's subject; here the point is the command-line path (the published
+    file's layout, import, predict.py, export.py, a fresh SavedModel process)."""
+    from tests.weights.test_published_layouts import frozen_bn_maskrcnn
 
-    torch.manual_seed(0)
-    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
+    model = frozen_bn_maskrcnn(seed=0, num_classes=91)
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.weight.mul_(LOGIT_SCALE)
     model.transform.min_size, model.transform.max_size = (IMAGE_SIDE,), IMAGE_SIDE
@@ -72,10 +72,14 @@ def torchvision_reference_model():
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    """(work dir, torchvision model, image, model_dir) after a successful import_weights.py run."""
+    """(work dir, torchvision model, image, model_dir, checkpoint) after a successful import_weights.py run
+    of a file in the layout of the published COCO_V1 file (docs/design.md section 15: legacy torch.save
+    stream, old key names, "-<SHA-256 prefix>.pth" name)."""
+    from tests.weights.test_published_layouts import coco_v1_state_dict, write_coco_v1_file
+
     work = tmp_path_factory.mktemp("import")
     model = torchvision_reference_model()
-    torch.save(model.state_dict(), work / "maskrcnn_tv.pth")
+    checkpoint = write_coco_v1_file(str(work), "maskrcnn_tv", coco_v1_state_dict(model))
     image = _image()
     np.save(work / "image.npy", image)
     import cv2
@@ -83,9 +87,15 @@ def imported(tmp_path_factory):
     cv2.imwrite(str(work / "image.png"), image[:, :, ::-1])
     model_dir = work / "run"
     result = _run(str(REPO_ROOT / "import_weights.py"), "--source=torchvision",
-                  f"--checkpoint={work / 'maskrcnn_tv.pth'}", f"--model_dir={model_dir}", *SMALL_CANVAS)
+                  f"--checkpoint={checkpoint}", f"--model_dir={model_dir}", *SMALL_CANVAS)
     assert result.returncode == 0, result.stderr[-2000:]
-    return work, model, image, model_dir
+    prefix = checkpoint[-len("12345678.pth"):-len(".pth")]
+    assert result.stdout.splitlines()[-1] == (
+        f"import_weights: {checkpoint} -> {model_dir / 'checkpoints' / 'ckpt-0'}: torchvision Mask R-CNN, 90 classes; "
+        "BatchNorm eps 0 (assumed: torchvision's COCO_V1 and models fine-tuned from it run with 0; a model trained "
+        "from an ImageNet backbone runs with 1e-5: --params_override=model.backbone.norm_epsilon=1e-5); "
+        f"SHA-256 prefix {prefix} verified"), result.stdout
+    return work, model, image, model_dir, checkpoint
 
 
 def _torchvision_detections(model, image):
@@ -122,12 +132,13 @@ def test_faster_rcnn_checkpoint_gives_a_box_only_config():
 
 
 def test_run_directory_and_label_map(imported):
-    _, _, _, model_dir = imported
+    _, _, _, model_dir, _ = imported
     assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "label_map.json"]
     assert not [p for p in os.listdir(model_dir.parent) if p.startswith(".run.tmp")]
     config = json.loads((model_dir / "config.json").read_text())
     assert config["model"]["num_classes"] == 90 and config["model"]["include_mask"] is True
     assert config["model"]["backbone"]["stride_in_3x3"] is True
+    assert config["model"]["backbone"]["norm_epsilon"] == 0.0
     label_map = json.loads((model_dir / "label_map.json").read_text())
     # torchvision's classifier index i is COCO id i; the ten unused ids are torchvision's "N/A".
     assert [e["id"] for e in label_map] == list(range(1, 91))
@@ -142,7 +153,7 @@ def test_run_directory_and_label_map(imported):
 
 @pytest.mark.slow
 def test_predict_export_and_saved_model_equal_torchvision(imported):
-    work, model, image, model_dir = imported
+    work, model, image, model_dir, _ = imported
     reference = _torchvision_detections(model, image)
 
     out_dir = work / "predictions"
@@ -191,16 +202,25 @@ def test_predict_export_and_saved_model_equal_torchvision(imported):
 
 @pytest.mark.slow
 def test_bad_inputs_exit_1_naming_the_file_and_leave_nothing(tmp_path, imported):
-    work, model, _, _ = imported
+    work, model, _, _, checkpoint = imported
     state = model.state_dict()
     cases = {}
 
+    torch.save(state, tmp_path / "current.pth")
     truncated = tmp_path / "truncated.pth"
-    truncated.write_bytes((work / "maskrcnn_tv.pth").read_bytes()[:100000])
+    truncated.write_bytes((tmp_path / "current.pth").read_bytes()[:100000])
     cases["truncated"] = (truncated, "torchvision", r"not a torch\.save checkpoint")
+    truncated_legacy = tmp_path / "truncated_legacy.pth"
+    truncated_legacy.write_bytes(pathlib.Path(checkpoint).read_bytes()[:1000000])
+    cases["truncated legacy"] = (truncated_legacy, "torchvision", r"truncated")
     text = tmp_path / "notes.pth"
     text.write_text("hello\n")
     cases["non-zip"] = (text, "torchvision", r"not a torch\.save checkpoint")
+    # The published name on other bytes: refused before anything is read, unless --no_verify_hash.
+    renamed = tmp_path / "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
+    renamed.write_bytes(pathlib.Path(checkpoint).read_bytes())
+    cases["hash"] = (renamed, "torchvision", r"its SHA-256 is [0-9a-f]{64}, but the file name says it starts with "
+                                             r"bf2d0c1e: a truncated or tampered download")
 
     marker = tmp_path / "created_by_pickle"
 
@@ -215,9 +235,12 @@ def test_bad_inputs_exit_1_naming_the_file_and_leave_nothing(tmp_path, imported)
 
     keypoint = dict(state)
     keypoint["roi_heads.keypoint_predictor.kps_score_lowres.weight"] = torch.zeros(512, 17, 4, 4)
-    torch.save(keypoint, tmp_path / "keypoint.pth")
-    cases["keypoint"] = (tmp_path / "keypoint.pth", "torchvision",
-                         r"key roi_heads\.keypoint_predictor\.kps_score_lowres\.weight \(shape \(512, 17, 4, 4\)\)")
+    # Named like a published file whose hash it does not have: --no_verify_hash gets it to the key check.
+    keypoint_path = tmp_path / "keypointrcnn_resnet50_fpn_coco-fc266e95.pth"
+    torch.save(keypoint, keypoint_path)
+    cases["keypoint"] = (keypoint_path, "torchvision",
+                         r"key roi_heads\.keypoint_predictor\.kps_score_lowres\.weight \(shape \(512, 17, 4, 4\)\)",
+                         "--no_verify_hash")
 
     r101 = dict(state)
     for block in range(6, 23):  # ResNet-101's layer3 has 23 blocks, ResNet-50's 6
@@ -234,10 +257,10 @@ def test_bad_inputs_exit_1_naming_the_file_and_leave_nothing(tmp_path, imported)
     cases["classes"] = (tmp_path / "voc.pth", "torchvision",
                         r"cls_score\.weight: expected shape \(91, D\).*found \(21, 1024\)")
 
-    for name, (path, source, pattern) in cases.items():
+    for name, (path, source, pattern, *flags) in cases.items():
         model_dir = tmp_path / f"run_{name}"
         result = _run(str(REPO_ROOT / "import_weights.py"), f"--source={source}", f"--checkpoint={path}",
-                      f"--model_dir={model_dir}", *SMALL_CANVAS)
+                      f"--model_dir={model_dir}", *SMALL_CANVAS, *flags)
         assert result.returncode == 1, (name, result.stderr[-1000:])
         lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), (name, result.stderr[-1000:])
@@ -249,9 +272,9 @@ def test_bad_inputs_exit_1_naming_the_file_and_leave_nothing(tmp_path, imported)
 
 
 def test_existing_model_dir_is_refused(imported):
-    work, _, _, model_dir = imported
+    _, _, _, model_dir, checkpoint = imported
     result = _run(str(REPO_ROOT / "import_weights.py"), "--source=torchvision",
-                  f"--checkpoint={work / 'maskrcnn_tv.pth'}", f"--model_dir={model_dir}")
+                  f"--checkpoint={checkpoint}", f"--model_dir={model_dir}")
     assert result.returncode == 1
     assert "already exists" in result.stderr
     assert pathlib.Path(model_dir, "config.json").exists()
@@ -259,20 +282,31 @@ def test_existing_model_dir_is_refused(imported):
 
 @pytest.mark.slow
 def test_detectron2_model_zoo_pickle_imports_with_coco_label_map(tmp_path):
-    """A detectron2 model-zoo style .pkl (the full mask_rcnn_R_50_FPN key set) -> 80 COCO classes in id
-    order; the written checkpoint restores into the model eval/export/predict build (run_dir)."""
+    """A detectron2 model-zoo .pkl in the documented 2019-2020 layout (the full mask_rcnn_R_50_FPN key set
+    and the five cell_anchors buffers, named model_final_<MD5 prefix>.pkl) -> 80 COCO classes in id order;
+    the buffers are checked, the summary line says so; the written checkpoint restores into the model
+    eval/export/predict build (run_dir)."""
+    import hashlib
+
     from maskrcnn_tf import run_dir
     from maskrcnn_tf.data import coco_classes
     from tests.weights.test_detectron2_pickle import r50_fpn_state_dict, write_model_zoo_pickle
 
     state_dict = r50_fpn_state_dict(np.random.default_rng(7))
-    checkpoint = tmp_path / "model_final_test.pkl"
-    write_model_zoo_pickle(checkpoint, state_dict)
+    written = tmp_path / "written.pkl"
+    write_model_zoo_pickle(written, state_dict)
+    md5 = hashlib.md5(written.read_bytes()).hexdigest()[:6]
+    checkpoint = tmp_path / f"model_final_{md5}.pkl"
+    written.rename(checkpoint)
     model_dir = tmp_path / "d2_run"
     result = _run(str(REPO_ROOT / "import_weights.py"), "--source=detectron2", f"--checkpoint={checkpoint}",
                   f"--model_dir={model_dir}", "--params_override=model.image_size=[128,128]",
                   "--params_override=model.resize_short_side=128", "--params_override=model.resize_max_long_side=128")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == (
+        f"import_weights: {checkpoint} -> {model_dir / 'checkpoints' / 'ckpt-0'}: detectron2 Mask R-CNN, 80 classes; "
+        f"BatchNorm eps 1e-05 (detectron2's FrozenBatchNorm2d); MD5 prefix {md5} verified; buffers checked: "
+        "5 cell_anchors"), result.stdout
     label_map = json.loads((model_dir / "label_map.json").read_text())
     assert [(e["id"], e["name"]) for e in label_map] == list(coco_classes.COCO_CATEGORIES)
     assert [e["contiguous_id"] for e in label_map] == list(range(1, 81))

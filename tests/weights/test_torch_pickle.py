@@ -1,6 +1,7 @@
 """weights/torch_pickle.py: files written by torch.save, compared with torch.load(weights_only=True)."""
 import collections
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -142,11 +143,73 @@ def test_out_of_bounds_stride_is_refused(tmp_path):
         torch_pickle.load_state_dict(str(bad))
 
 
-def test_legacy_format_gets_a_clear_error(tmp_path):
+def _legacy_state():
+    """Every supported dtype, views into one shared storage, a Parameter, and a state_dict's _metadata."""
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(4, 5, 6, generator=generator)
+    state = collections.OrderedDict()
+    state["float32"] = torch.randn(3, 4, generator=generator)
+    state["float64"] = torch.randn(5, generator=generator, dtype=torch.float64)
+    state["float16"] = torch.randn(2, 3, generator=generator).half()
+    state["bfloat16"] = torch.randn(7, generator=generator).bfloat16()
+    state["int64"] = torch.randint(-1000, 1000, (3, 2), generator=generator)
+    state["uint8"] = torch.randint(0, 255, (4,), generator=generator, dtype=torch.uint8)
+    state["bool"] = torch.rand(6, generator=generator) > 0.5
+    state["scalar"] = torch.tensor(2.5)
+    state["empty"] = torch.zeros(0, 3)
+    state["transposed"] = base.permute(2, 0, 1)
+    state["offset_slice"] = base[2, 1:4]
+    state["strided"] = base[:, ::2, 1::3]
+    state["parameter"] = torch.nn.Parameter(torch.randn(2, 2, generator=generator))
+    state._metadata = collections.OrderedDict([("", {"version": 1}), ("backbone.fpn", {"version": 1})])
+    return state
+
+
+def test_legacy_format_equals_torch_load(tmp_path):
+    """The pre-1.6 stream (magic number, protocol, sys_info, object, storage keys, raw storages): what the
+    published COCO_V1 files use (docs/design.md section 15)."""
     path = tmp_path / "legacy.pth"
-    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
-    with pytest.raises(ValueError, match=r"legacy \(PyTorch < 1\.6\)"):
-        torch_pickle.load_state_dict(str(path))
+    torch.save(_legacy_state(), path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path) and torch_pickle.is_legacy_file(str(path))
+    ours = torch_pickle.load_state_dict(str(path))
+    reference = torch.load(path, weights_only=False)  # our own file: torch's full loader is the oracle
+    assert list(ours) == list(reference)
+    for name, tensor in reference.items():
+        expected = _as_numpy(tensor.detach())
+        assert ours[name].shape == expected.shape and ours[name].dtype == expected.dtype, name
+        np.testing.assert_array_equal(ours[name], expected, err_msg=name)
+    # A detectron2 training checkpoint of that time: {"model": ..., "iteration": ...} in the same stream.
+    trainer = tmp_path / "model_0004999.pth"
+    torch.save({"model": {"w": torch.arange(3.0)}, "iteration": 4999}, trainer, _use_new_zipfile_serialization=False)
+    np.testing.assert_array_equal(torch_pickle.load_state_dict(str(trainer))["w"], [0.0, 1.0, 2.0])
+
+
+def test_legacy_format_truncated_or_unsafe_is_a_one_line_error(tmp_path):
+    path = tmp_path / "legacy.pth"
+    torch.save({"w": torch.randn(1000)}, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    cases = {}
+    for name, cut in (("in_storage", len(data) - 100), ("in_pickle", 120)):
+        cases[name] = tmp_path / f"{name}.pth"
+        cases[name].write_bytes(data[:cut])
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    cases["evil"] = tmp_path / "evil.pth"
+    torch.save({"w": torch.ones(2), "x": Payload()}, cases["evil"], _use_new_zipfile_serialization=False)
+    patterns = {"in_storage": r"storage \S+ holds 3900 bytes, fewer than its 1000 elements",
+                "in_pickle": r"unreadable torch checkpoint|not a torch\.save checkpoint",
+                "evil": r"refused to load: the pickle names global (posix|os)\.mkdir"}
+    for name, case in cases.items():
+        with pytest.raises(ValueError) as error:
+            torch_pickle.load_state_dict(str(case))
+        message = str(error.value)
+        assert message.startswith(f"{case}: ") and "\n" not in message, (name, message)
+        assert re.search(patterns[name], message), (name, message)
+    assert not marker.exists()
 
 
 def test_non_tensor_leaf_is_named(tmp_path):
