@@ -33,6 +33,16 @@ LR_SCHEDULES = ("step", "cosine")
 DEVICE_SWITCHES = ("recompute_backbone", "banded_conv_gradients", "heap_trim", "trim_padding")
 ROI_ALIGN_GRADIENTS = ("auto", "sparse_matmul", "segment_sum", "native")
 WEIGHT_DECAY_TYPES = ("coupled", "decoupled")  # optimizer.py
+# Normalization after the convs of the FPN and of the box and mask heads (layers/norm.py): "none" (a conv
+# with bias, today's default), "batch_norm" (keras BatchNormalization with torch's eps 1e-5 and momentum
+# 0.1, i.e. Keras momentum 0.9), "sync_batch_norm" (the same, synchronized=True: statistics over every
+# replica's batch under tf.distribute), "group_norm" (32 groups, eps 1e-5, detectron2's GN). A conv
+# followed by a norm has no bias (torchvision's Conv2dNormActivation).
+NORMS = ("none", "batch_norm", "sync_batch_norm", "group_norm")
+# ResNet backbone BatchNorm (layers/backbone.py): "frozen" (moving statistics and affine fixed, folded into
+# the convs: today's default), "batch_norm" / "sync_batch_norm" (ordinary BatchNorm: batch statistics in
+# training, moving statistics updated with torch's momentum 0.1, gamma and beta trained).
+BACKBONE_NORMS = ("frozen", "batch_norm", "sync_batch_norm")
 # RoIAlign/anchor levels and the FPN output levels: P2..P6 (strides 4..64).
 MIN_LEVEL, MAX_LEVEL = 2, 6
 # Largest stride of the network is 2**MAX_LEVEL; the padded image must be divisible by it.
@@ -51,9 +61,15 @@ class BackboneConfig:
     # ResNets: where a stage's stride-2 goes. False: the first 1x1 conv of the block (keras.applications,
     # MSRA/caffe, detectron2); True: the 3x3 conv, padded 1 on each side as torch does (torchvision).
     stride_in_3x3: bool = False
-    # ResNets: frozen-BN epsilon. keras.applications 1.001e-5; detectron2's FrozenBatchNorm2d 1e-5;
-    # torchvision's COCO_V1 Mask R-CNN weights run with 0.0 (torchvision calls overwrite_eps(model, 0.0)).
+    # ResNets: BatchNorm epsilon. keras.applications 1.001e-5; detectron2's FrozenBatchNorm2d 1e-5;
+    # torchvision's COCO_V1 Mask R-CNN weights run with 0.0 (torchvision calls overwrite_eps(model, 0.0));
+    # its v2 model (maskrcnn_resnet50_fpn_v2) uses nn.BatchNorm2d's 1e-5.
     norm_epsilon: float = 1.001e-5
+    # ResNets: "frozen" (default; detectron2's FrozenBatchNorm2d, folded into the convs) or "batch_norm" /
+    # "sync_batch_norm": ordinary BatchNorm that trains (batch statistics in training, moving statistics
+    # in inference and checkpointed; torchvision v2 from scratch). BACKBONE_NORMS above. Inference is the
+    # same function either way; trainable BN runs the convs unfolded and without `recompute_backbone`.
+    norm: str = "frozen"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +126,17 @@ class RoIConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
+    # Box head: box_num_convs x (3x3 conv box_conv_dim + box_norm + ReLU) on the 7x7 RoI features, then
+    # flatten and num_fcs x (FC fc_dim + ReLU). Default: 0 convs + 2 FC 1024 (FPN paper, torchvision v1,
+    # detectron2); torchvision v2: 4 convs 256 with BatchNorm + 1 FC 1024 (FastRCNNConvFCHead).
     num_fcs: int = 2
     fc_dim: int = 1024
+    box_num_convs: int = 0
+    box_conv_dim: int = 256
+    box_norm: str = "none"  # NORMS; the box convs' norm (convs with a norm have no bias)
     mask_num_convs: int = 4
     mask_num_filters: int = 256
+    mask_norm: str = "none"  # NORMS; after each of the mask_num_convs convs (torchvision v2: batch_norm)
     # The mask head's output size is not a setting: one stride-2 deconvolution makes it
     # 2 * roi.mask_output_size (28 by default).
 
@@ -135,7 +158,12 @@ class ModelConfig:
     include_mask: bool = True
     backbone: BackboneConfig = BackboneConfig()
     fpn_num_filters: int = 256
+    # NORMS: after each FPN lateral 1x1 and output 3x3 conv (torchvision v2: batch_norm, convs without bias).
+    fpn_norm: str = "none"
     rpn_num_filters: int = 256
+    # 3x3 conv + ReLU layers of the RPN head before its two 1x1 predictors, with bias and no norm
+    # (1: the FPN paper, torchvision v1, detectron2; torchvision v2: 2, RPNHead(conv_depth=2)).
+    rpn_num_convs: int = 1
     anchors: AnchorConfig = AnchorConfig()
     rpn: RPNConfig = RPNConfig()
     roi: RoIConfig = RoIConfig()
@@ -346,6 +374,67 @@ def torchvision_maskrcnn_r50_fpn() -> Config:
     )
 
 
+# torchvision's ResNet-50 v2 detectors build their backbone with nn.BatchNorm2d (default eps), not the frozen
+# eps-0 BatchNorm of the COCO_V1 v1 weights.
+TORCHVISION_V2_NORM_EPSILON = 1e-5
+
+
+def torchvision_maskrcnn_r50_fpn_v2() -> Config:
+    """torchvision's `maskrcnn_resnet50_fpn_v2` (COCO_V1: 47.4 box AP / 41.8 mask AP; its Faster R-CNN twin
+    `fasterrcnn_resnet50_fpn_v2`: 46.7 box AP, imported as this preset with include_mask False): inference
+    and fine-tuning from weights imported with import_weights.py --source=torchvision.
+
+    The v1 preset (torchvision_maskrcnn_r50_fpn) with v2's architecture. Sources: torchvision
+    models/detection/mask_rcnn.py `maskrcnn_resnet50_fpn_v2` (MR), faster_rcnn.py (FR), rpn.py (RPN),
+    backbone_utils.py `_resnet_fpn_extractor` (BU), ops/feature_pyramid_network.py (FPN), ops/misc.py
+    Conv2dNormActivation (CNA: a conv has a bias only without a norm); recipe: pytorch/vision PR #5773.
+
+    | setting               | torchvision v2                                     | ours                                  | source  |
+    |-----------------------|----------------------------------------------------|---------------------------------------|---------|
+    | weights file          | maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth         | import_weights.py --source=torchvision| MR      |
+    | published AP          | 47.4 box / 41.8 mask (Faster v2: 46.7 box)          | not measured here (no COCO run)       | MR, FR  |
+    | backbone              | resnet50(norm_layer default nn.BatchNorm2d)        | resnet50, stride_in_3x3               | MR      |
+    | backbone BN eps       | 1e-5 (no overwrite_eps, unlike v1's 0.0)            | norm_epsilon 1e-5                     | MR      |
+    | backbone BN in eval   | running statistics                                 | norm frozen (folded): the same        | MR      |
+    | trainable stages      | trainable_backbone_layers 3 with weights (5 from    | freeze_at 2 (conv1 + layer1 frozen)   | MR, BU  |
+    |                       | scratch); requires_grad only, inference unchanged  |                                       |         |
+    | FPN                   | 1x1 lateral + 3x3 output: conv (no bias) + BN      | fpn_norm batch_norm                   | BU, FPN |
+    | FPN extra level       | LastLevelMaxPool: P6 = P5[::2, ::2]                | the same (P6 from P5)                 | BU, FPN |
+    | RPN head              | RPNHead(conv_depth=2): 2 x (3x3 conv + ReLU),      | rpn_num_convs 2                       | MR, RPN |
+    |                       | with bias, no norm                                 |                                       |         |
+    | box head              | FastRCNNConvFCHead: 4 x (3x3 conv 256, no bias,    | box_num_convs 4, box_conv_dim 256,    | MR, FR  |
+    |                       | BN, ReLU), flatten (C, H, W), Linear 12544 -> 1024 | box_norm batch_norm, num_fcs 1,       |         |
+    |                       | + ReLU                                             | fc_dim 1024 (fc1 kernel permuted)     |         |
+    | mask head             | MaskRCNNHeads: 4 x (3x3 conv 256, no bias, BN,     | mask_norm batch_norm, 4 convs 256     | MR      |
+    |                       | ReLU); predictor deconv + 1x1 as v1                |                                       |         |
+    | BN (FPN, heads)       | nn.BatchNorm2d: eps 1e-5, momentum 0.1             | eps 1e-5, Keras momentum 0.9          | CNA     |
+    | everything else       | MaskRCNN defaults, as v1: anchors, RPN 2000/1000   | as torchvision_maskrcnn_r50_fpn       | MR      |
+    |                       | pre/post NMS, RoIAlign 7/14 sampling 2, 800/1333,  |                                       |         |
+    |                       | score 0.05, NMS 0.5, 100 detections                |                                       |         |
+    | training recipe       | 400 epochs, batch 64 (32 GPUs x 2), SGD lr 0.1,    | not this preset: fine-tuning uses the | PR 5773 |
+    |                       | steps 352/384, wd 4e-5, SyncBN, LSJ, no pretrained | v1 preset's solver settings           |         |
+    |                       | backbone                                           |                                       |         |
+
+    Deviations, chosen: the backbone BN is frozen (folded into the convs), which is exactly torchvision's
+    inference; fine-tuning in torchvision would train it with batch statistics (nn.BatchNorm2d in train
+    mode): set model.backbone.norm=batch_norm or sync_batch_norm for that. The FPN and head BN layers
+    train with batch statistics as torchvision's do (model.fpn_norm / heads.*_norm = sync_batch_norm
+    for statistics over all replicas). PR #5773's text also lists "c5 instead of p5 input on extra
+    layers"; that is RetinaNet's LastLevelP6P7: Mask R-CNN v2 keeps LastLevelMaxPool on P5 (BU).
+    """
+    base = torchvision_maskrcnn_r50_fpn()
+    model = dataclasses.replace(
+        base.model,
+        backbone=dataclasses.replace(base.model.backbone, norm_epsilon=TORCHVISION_V2_NORM_EPSILON, norm="frozen"),
+        fpn_norm="batch_norm",
+        rpn_num_convs=2,
+        heads=dataclasses.replace(base.model.heads, box_num_convs=4, box_conv_dim=256, box_norm="batch_norm",
+                                  num_fcs=1, fc_dim=1024, mask_num_convs=4, mask_num_filters=256,
+                                  mask_norm="batch_norm"),
+    )
+    return dataclasses.replace(base, model=model)
+
+
 def detectron2_r50_fpn_1x() -> Config:
     """detectron2's model-zoo R50-FPN Mask R-CNN (1x: 38.6 box AP / 35.2 mask AP): its model conventions.
 
@@ -434,6 +523,7 @@ def detectron2_r50_fpn_1x() -> Config:
 
 PRESETS = {"coco_r50_fpn_1x": coco_r50_fpn_1x, "tiny": tiny,
            "torchvision_maskrcnn_r50_fpn": torchvision_maskrcnn_r50_fpn,
+           "torchvision_maskrcnn_r50_fpn_v2": torchvision_maskrcnn_r50_fpn_v2,
            "detectron2_r50_fpn_1x": detectron2_r50_fpn_1x}
 
 
@@ -581,6 +671,16 @@ def validate(cfg: Config) -> Config:
     _check(0 < m.roi.foreground_fraction <= 1, "model.roi.foreground_fraction", m.roi.foreground_fraction, "(0, 1]")
     _check(m.roi.roi_align_backend in ROI_ALIGN_BACKENDS, "model.roi.roi_align_backend",
            m.roi.roi_align_backend, " | ".join(ROI_ALIGN_BACKENDS))
+    _check(m.backbone.norm in BACKBONE_NORMS, "model.backbone.norm", m.backbone.norm, " | ".join(BACKBONE_NORMS))
+    _check(m.backbone.name != "tiny" or m.backbone.norm == "frozen", "model.backbone.norm", m.backbone.norm,
+           "frozen for the tiny backbone (its GroupNorm always trains)")
+    for name, value in (("model.fpn_norm", m.fpn_norm), ("model.heads.box_norm", m.heads.box_norm),
+                        ("model.heads.mask_norm", m.heads.mask_norm)):
+        _check(value in NORMS, name, value, " | ".join(NORMS))
+    _check(isinstance(m.rpn_num_convs, int) and m.rpn_num_convs >= 1, "model.rpn_num_convs", m.rpn_num_convs,
+           "an integer >= 1")
+    _check(isinstance(m.heads.box_num_convs, int) and m.heads.box_num_convs >= 0, "model.heads.box_num_convs",
+           m.heads.box_num_convs, "an integer >= 0")
     _check(m.backbone.norm_epsilon >= 0, "model.backbone.norm_epsilon", m.backbone.norm_epsilon, "a number >= 0")
     _check(isinstance(m.backbone.stride_in_3x3, bool), "model.backbone.stride_in_3x3", m.backbone.stride_in_3x3,
            "true | false")

@@ -408,7 +408,8 @@ def _backbone_conventions(backbone_cfg) -> dict:
     """Backbone keyword arguments for the ResNet conventions (the tiny backbone has none)."""
     if backbone_cfg.name == "tiny":
         return {}
-    return dict(stride_in_3x3=backbone_cfg.stride_in_3x3, norm_epsilon=backbone_cfg.norm_epsilon)
+    return dict(stride_in_3x3=backbone_cfg.stride_in_3x3, norm_epsilon=backbone_cfg.norm_epsilon,
+                norm=backbone_cfg.norm)
 
 
 def inference_canvases(model_cfg: config_lib.ModelConfig) -> tuple:
@@ -445,13 +446,14 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
                                               torchvision_level_mapper=m.roi.torchvision_level_mapper,
                                               name="mask_roi_align"),
             mask_head=MaskHead(num_classes=m.num_classes, num_convs=m.heads.mask_num_convs,
-                               num_filters=m.heads.mask_num_filters, name="mask_head"))
+                               num_filters=m.heads.mask_num_filters, norm=m.heads.mask_norm, name="mask_head"))
     model = MaskRCNN(
         backbone=Backbone(name=m.backbone.name, weights=m.backbone.weights, freeze_at=m.backbone.freeze_at,
                           tiny_width=m.backbone.tiny_width, recompute=switches.recompute_backbone,
                           **_backbone_conventions(m.backbone)),
-        fpn=FPN(num_filters=m.fpn_num_filters, name="fpn"),
-        rpn_head=RPNHead(num_anchors_per_location=num_anchors, num_filters=m.rpn_num_filters, name="rpn_head"),
+        fpn=FPN(num_filters=m.fpn_num_filters, norm=m.fpn_norm, name="fpn"),
+        rpn_head=RPNHead(num_anchors_per_location=num_anchors, num_filters=m.rpn_num_filters,
+                         num_convs=m.rpn_num_convs, name="rpn_head"),
         anchor_labeler=AnchorLabeler(positive_iou=m.rpn.positive_iou, negative_iou=m.rpn.negative_iou,
                                      batch_size_per_image=m.rpn.batch_size_per_image,
                                      positive_fraction=m.rpn.positive_fraction, name="anchor_labeler",
@@ -470,6 +472,7 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
                                          torchvision_level_mapper=m.roi.torchvision_level_mapper,
                                          name="box_roi_align"),
         box_head=BoxHead(num_classes=m.num_classes, num_fcs=m.heads.num_fcs, fc_dim=m.heads.fc_dim,
+                         num_convs=m.heads.box_num_convs, conv_dim=m.heads.box_conv_dim, norm=m.heads.box_norm,
                          name="box_head"),
         detection_generator=DetectionGenerator(
             score_threshold=m.detection.score_threshold, nms_iou=m.detection.nms_iou,

@@ -17,6 +17,15 @@ Decisions (beyond docs/design.md):
   `trainable=False` (gamma, beta not trained) and the network is always called with `training=False`
   (moving statistics are used and never updated), whatever `training` the caller passes. Detection batches
   are too small for batch statistics.
+- Trainable BatchNorm (`norm="batch_norm"` or `"sync_batch_norm"`, ResNets; torchvision v2 trained from
+  scratch): BN layers of the stages above freeze_at train (gamma and beta trained; in training, batch
+  statistics and moving statistics updated with torch's momentum 0.1 = Keras momentum 0.9;
+  sync_batch_norm takes the batch statistics over all replicas, keras `synchronized=True`). Their
+  moving statistics are variables like any other, so checkpoints hold them. Training runs the convs and
+  BN layers unfolded (`_resnet` with `_conv_bn`) and without `recompute` (the recomputation would
+  update the moving statistics a second time); inference runs the folded path, the same function. BN
+  in frozen stages runs in inference mode (Keras' trainable=False BN; torchvision's frozen stages keep
+  nn.BatchNorm2d in training mode, which only matters with trainable_backbone_layers < 5).
 - `freeze_at` follows detectron2's FREEZE_AT: stage 1 = stem (`conv1_*`, `pool1_*`), stage n = res_n
   (`conv{n}_*`); stages 1..freeze_at get `trainable=False`, 0 freezes nothing. Keras propagates
   `layer.trainable = True` to every sublayer, so the `trainable` setter re-applies the freezing afterwards.
@@ -59,6 +68,7 @@ Decisions (beyond docs/design.md):
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Optional
@@ -83,6 +93,10 @@ LEVELS = (2, 3, 4, 5)
 NUM_STAGES = 5  # stem + res2..res5
 # keras.applications' BatchNormalization epsilon (the default norm_epsilon).
 KERAS_NORM_EPSILON = 1.001e-5
+# Backbone.norm values (config.BACKBONE_NORMS); trainable BN updates its moving statistics with torch's
+# momentum 0.1 (Keras' momentum is the old value's weight).
+FROZEN, SYNC_BATCH_NORM = "frozen", "sync_batch_norm"
+KERAS_BN_MOMENTUM = 0.9
 # torch's padding=1 for a 3x3 conv, in tf.nn.conv2d's explicit NHWC form.
 TORCH_3X3_PADDING = [[0, 0], [1, 1], [1, 1], [0, 0]]
 # torchvision ImageNet classification checkpoints (--pretrained=FILE.pth).
@@ -129,8 +143,21 @@ def _folded_conv_bn(layers, prefix: str, x, relu: bool, strides=None, padding=No
     return tf.nn.relu(y) if relu else y
 
 
-def _folded_resnet(layers, images, recompute_stages=(), stride_in_3x3=False):
-    """The keras.applications ResNet (v1: stride in the first 1x1 conv of a block) with folded frozen BN.
+def _conv_bn(layers, prefix: str, x, relu: bool, strides=None, padding=None, training=True, frozen_stages=()):
+    """`{prefix}_conv` then its BN layer called with `training` (trainable BN; module docstring), unless the
+    layer's stage is in frozen_stages (inference mode). Arguments as _folded_conv_bn."""
+    conv, norm = layers[f"{prefix}_conv"], layers[f"{prefix}_bn"]
+    strides = conv.strides if strides is None else strides
+    padding = conv.padding.upper() if padding is None else padding
+    y = tf.nn.bias_add(tf.nn.conv2d(x, tf.cast(conv.kernel, x.dtype), strides, padding), tf.cast(conv.bias, x.dtype))
+    y = norm(y, training=training and _stage_of(norm.name) not in frozen_stages)
+    return tf.nn.relu(y) if relu else y
+
+
+def _resnet(layers, images, recompute_stages=(), stride_in_3x3=False, conv_bn=_folded_conv_bn):
+    """The keras.applications ResNet (v1: stride in the first 1x1 conv of a block) with folded frozen BN
+    (conv_bn=_folded_conv_bn) or, for trainable BN in training, each conv followed by its BN layer
+    (conv_bn=_conv_bn with training bound).
 
     layers: {name: layer} of the Keras network; images [B, H, W, 3]; recompute_stages: stages (3 = res3)
     run under tf.recompute_grad (their inner activations are recomputed in the backward pass).
@@ -138,24 +165,24 @@ def _folded_resnet(layers, images, recompute_stages=(), stride_in_3x3=False):
     every side (torch's padding=1; TF's "SAME" would pad (0, 1) at stride 2 on even sizes).
     Returns {"C2".."C5"} like the network.
     """
-    x = _folded_conv_bn(layers, "conv1", layers["conv1_pad"](images), relu=True)  # [B, H/2, W/2, 64]
+    x = conv_bn(layers, "conv1", layers["conv1_pad"](images), relu=True)  # [B, H/2, W/2, 64]
     x = layers["pool1_pool"](layers["pool1_pad"](x))  # [B, H/4, W/4, 64]
     features = {}
     for stage in LEVELS:
         def run_stage(x, stage=stage):
             block = 1
             while (prefix := f"conv{stage}_block{block}") + "_out" in layers:  # 3, 4, 6 (or 23), 3 blocks
-                shortcut = (_folded_conv_bn(layers, f"{prefix}_0", x, relu=False)
+                shortcut = (conv_bn(layers, f"{prefix}_0", x, relu=False)
                             if f"{prefix}_0_conv" in layers else x)
                 if stride_in_3x3:
                     block_strides = layers[f"{prefix}_1_conv"].strides
-                    y = _folded_conv_bn(layers, f"{prefix}_1", x, relu=True, strides=1)
-                    y = _folded_conv_bn(layers, f"{prefix}_2", y, relu=True, strides=block_strides,
-                                        padding=TORCH_3X3_PADDING)
+                    y = conv_bn(layers, f"{prefix}_1", x, relu=True, strides=1)
+                    y = conv_bn(layers, f"{prefix}_2", y, relu=True, strides=block_strides,
+                                padding=TORCH_3X3_PADDING)
                 else:
-                    y = _folded_conv_bn(layers, f"{prefix}_1", x, relu=True)
-                    y = _folded_conv_bn(layers, f"{prefix}_2", y, relu=True)
-                y = _folded_conv_bn(layers, f"{prefix}_3", y, relu=False)
+                    y = conv_bn(layers, f"{prefix}_1", x, relu=True)
+                    y = conv_bn(layers, f"{prefix}_2", y, relu=True)
+                y = conv_bn(layers, f"{prefix}_3", y, relu=False)
                 x = tf.nn.relu(shortcut + y)
                 block += 1
             return x
@@ -227,20 +254,22 @@ class Backbone(keras.layers.Layer):
       stride_in_3x3: ResNets: the stride of a block sits in its 3x3 conv with torch's symmetric
         padding (torchvision) instead of its first 1x1 conv (keras.applications, detectron2). Folded
         path only: fold_batchnorm=False raises (the Keras network has the stride in its 1x1 convs).
-      norm_epsilon: ResNets: frozen-BN epsilon (None = keras.applications' 1.001e-5; torchvision's
-        COCO_V1 Mask R-CNN 0.0, detectron2 1e-5).
+      norm_epsilon: ResNets: BN epsilon (None = keras.applications' 1.001e-5; torchvision's
+        COCO_V1 Mask R-CNN 0.0, detectron2 and torchvision v2 1e-5).
+      norm: ResNets: "frozen" | "batch_norm" | "sync_batch_norm" (config.BACKBONE_NORMS, module docstring).
 
     Call: images float [B, H, W, 3], RGB normalised as (rgb - pixel_mean) / pixel_std, H and W divisible
     by 32 -> dict {"C2": [B, H/4, W/4, C_2], "C3": [B, H/8, W/8, C_3], "C4": [B, H/16, W/16, C_4],
     "C5": [B, H/32, W/32, C_5]} in the compute dtype. C_n = 256, 512, 1024, 2048 for ResNets and
-    tiny_width * 1, 2, 4, 8 for tiny. The network always runs in inference mode (frozen BN); `training`
-    only decides whether `recompute` applies.
+    tiny_width * 1, 2, 4, 8 for tiny. With frozen BN the network always runs in inference mode and
+    `training` only decides whether `recompute` applies; with trainable BN `training` is BN's.
     """
 
     def __init__(self, *, name: str = _BACKBONE.name, weights: Optional[str] = _BACKBONE.weights,
                  freeze_at: int = _BACKBONE.freeze_at, tiny_width: int = _BACKBONE.tiny_width,
                  fold_batchnorm: bool = True, recompute: bool = True,
-                 stride_in_3x3: bool = _BACKBONE.stride_in_3x3, norm_epsilon: Optional[float] = None, **kwargs):
+                 stride_in_3x3: bool = _BACKBONE.stride_in_3x3, norm_epsilon: Optional[float] = None,
+                 norm: str = _BACKBONE.norm, **kwargs):
         if name not in BACKBONE_NAMES:
             raise ValueError(f"Backbone: name={name!r}; expected one of {', '.join(BACKBONE_NAMES)}")
         if not 0 <= freeze_at <= NUM_STAGES:
@@ -249,6 +278,10 @@ class Backbone(keras.layers.Layer):
             raise ValueError("Backbone: the tiny backbone has no ImageNet weights; use weights=None or a path")
         if name == TINY and (stride_in_3x3 or norm_epsilon is not None):
             raise ValueError("Backbone: stride_in_3x3 and norm_epsilon apply to ResNets, not to the tiny backbone")
+        if norm not in config_lib.BACKBONE_NORMS:
+            raise ValueError(f"Backbone: norm={norm!r}; expected one of {', '.join(config_lib.BACKBONE_NORMS)}")
+        if name == TINY and norm != FROZEN:
+            raise ValueError("Backbone: norm applies to ResNets; the tiny backbone's GroupNorm always trains")
         if norm_epsilon is not None and norm_epsilon < 0:
             raise ValueError(f"Backbone: norm_epsilon={norm_epsilon}; expected a number >= 0")
         if (name != TINY and isinstance(weights, str) and weights.endswith(TORCH_CHECKPOINT_SUFFIX)
@@ -265,6 +298,7 @@ class Backbone(keras.layers.Layer):
         self.recompute = recompute
         self.stride_in_3x3 = stride_in_3x3
         self.norm_epsilon = norm_epsilon
+        self.norm = norm
 
         # keras.applications takes no dtype argument: its layers follow the global policy, so build them
         # under this layer's policy.
@@ -296,6 +330,11 @@ class Backbone(keras.layers.Layer):
             for layer in network.layers:
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.epsilon = float(self.norm_epsilon)
+        if self.norm != FROZEN:
+            for layer in network.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = KERAS_BN_MOMENTUM
+                    layer.synchronized = self.norm == SYNC_BATCH_NORM
         if isinstance(self.weights_source, str) and self.weights_source.endswith(TORCH_CHECKPOINT_SUFFIX):
             # torchvision ImageNet ResNet (RGB, 0..1 ImageNet-normalised inputs): no channel reversal.
             from maskrcnn_tf.weights import torch_pickle, torchvision_mapping
@@ -315,7 +354,7 @@ class Backbone(keras.layers.Layer):
         for layer in self.network.layers:
             stage = _stage_of(layer.name)
             # Frozen BN (ResNets only; the tiny backbone's GroupNorm trains unless its stage is frozen).
-            if isinstance(layer, keras.layers.BatchNormalization):
+            if isinstance(layer, keras.layers.BatchNormalization) and self.norm == FROZEN:
                 layer.trainable = False
             if stage is not None and stage <= self.freeze_at:
                 layer.trainable = False
@@ -332,12 +371,18 @@ class Backbone(keras.layers.Layer):
             self._freeze()
 
     def call(self, images, training=None):
-        # Inference mode always: frozen BN (ResNets); GroupNorm does not depend on it.
+        if training and self.norm != FROZEN:
+            # Trainable BN in training: batch statistics, unfolded, nothing recomputed (module docstring).
+            frozen_stages = tuple(range(1, self.freeze_at + 1))
+            return _resnet({layer.name: layer for layer in self.network.layers}, images,
+                           stride_in_3x3=self.stride_in_3x3,
+                           conv_bn=functools.partial(_conv_bn, training=True, frozen_stages=frozen_stages))
+        # Inference mode: frozen BN, or trainable BN outside training (ResNets); GroupNorm does not depend on it.
         if self.fold_batchnorm and self.backbone_name != TINY:
             recompute_stages = range(self.freeze_at + 1, NUM_STAGES + 1) if training and self.recompute else ()
             # Looked up at trace time (not stored: Keras would track a dict of layers as sublayers).
-            return _folded_resnet({layer.name: layer for layer in self.network.layers}, images,
-                                  tuple(recompute_stages), stride_in_3x3=self.stride_in_3x3)
+            return _resnet({layer.name: layer for layer in self.network.layers}, images,
+                           tuple(recompute_stages), stride_in_3x3=self.stride_in_3x3)
         if self.stride_in_3x3:
             raise ValueError("Backbone: stride_in_3x3=True needs fold_batchnorm=True (the Keras network has "
                              "the stride in its 1x1 convs)")
@@ -347,5 +392,5 @@ class Backbone(keras.layers.Layer):
         config = super().get_config()
         config.update(name=self.backbone_name, weights=self.weights_source, freeze_at=self.freeze_at,
                       tiny_width=self.tiny_width, fold_batchnorm=self.fold_batchnorm, recompute=self.recompute,
-                      stride_in_3x3=self.stride_in_3x3, norm_epsilon=self.norm_epsilon)
+                      stride_in_3x3=self.stride_in_3x3, norm_epsilon=self.norm_epsilon, norm=self.norm)
         return config

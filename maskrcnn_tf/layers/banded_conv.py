@@ -6,7 +6,8 @@ kernel gradient in bands of rows and the input gradient as a forward conv (why a
 there). The layer is a Conv2D in every other respect: same variables, paths, checkpoints and config,
 and the plain Conv2D call whenever `training` is falsy
 (inference, export: no custom gradient in the graph) or the configuration is not stride 1, SAME,
-undilated, ungrouped, channels_last, with bias and a ReLU or no activation.
+undilated, ungrouped, channels_last, with a ReLU or no activation (a conv without bias, as before a
+norm layer, runs with a zero bias whose gradient is dropped).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class BandedConv2D(keras.layers.Conv2D):
 
     def _bandable(self) -> bool:
         return (tuple(self.strides) == (1, 1) and self.padding == "same" and tuple(self.dilation_rate) == (1, 1)
-                and self.groups == 1 and self.data_format == "channels_last" and self.use_bias
+                and self.groups == 1 and self.data_format == "channels_last"
                 and self.activation in (keras.activations.relu, keras.activations.linear)
                 and all(k % 2 == 1 for k in self.kernel_size))
 
@@ -35,5 +36,6 @@ class BandedConv2D(keras.layers.Conv2D):
         if not training or not self.banded_gradients or not self._bandable():
             return super().call(inputs)
         dtype = inputs.dtype
-        return conv_ops.conv2d_bias_act(inputs, tf.cast(self.kernel, dtype), tf.cast(self.bias, dtype),
+        bias = tf.cast(self.bias, dtype) if self.use_bias else tf.zeros([self.filters], dtype)
+        return conv_ops.conv2d_bias_act(inputs, tf.cast(self.kernel, dtype), bias,
                                         relu=self.activation is keras.activations.relu)
