@@ -544,7 +544,7 @@ def test_one_worker_cluster_trains_through_the_distribute_script(coco_records, t
                           capture_output=True, text=True, timeout=PROCESS_TIMEOUT,
                           env=_env(TF_CONFIG=tf_config, PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "1 replica(s) (CollectiveAllReduceStrategy)" in proc.stdout and "done: global step 2" in proc.stdout
+    assert "1 replica(s) on 1 x CPU (CollectiveAllReduceStrategy)" in proc.stdout and "done: global step 2" in proc.stdout
     assert loss_log_steps(model_dir) == [1, 2] and checkpoint_steps(model_dir) == [2]
 
 
