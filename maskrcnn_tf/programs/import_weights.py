@@ -16,6 +16,15 @@ A file name carrying a hash prefix (torchvision's "-bf2d0c1e.pth", detectron2's 
 is checked against the file first, as torch.hub does; --no_verify_hash skips that. The summary line says
 which BatchNorm epsilon the model runs with and why (a state dict does not record it:
 --params_override=model.backbone.norm_epsilon=... sets it) and which buffers were checked.
+
+torchvision's v1 (maskrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn) and v2 (maskrcnn_resnet50_fpn_v2,
+fasterrcnn_resnet50_fpn_v2: BatchNorm FPN and heads) files are told apart by their keys and imported with
+the matching preset (torchvision_maskrcnn_r50_fpn or torchvision_maskrcnn_r50_fpn_v2); --config forces
+one, and a file of the other generation then ends with one line naming the file's builder and the
+--config to use.
+
+  python import_weights.py --source=torchvision --checkpoint=maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth \
+      --model_dir=runs/torchvision_v2
 """
 import os
 
@@ -32,6 +41,9 @@ flags.DEFINE_string("checkpoint", None, "torchvision .pth, or detectron2 model-z
 flags.DEFINE_string("model_dir", None, "Model directory to create (must not exist).")
 flags.DEFINE_multi_string("params_override", [], "Config field of the imported model: dotted.name=JSON value, "
                           "e.g. model.detection.score_threshold=0.3 (repeatable).")
+flags.DEFINE_string("config", None, "Preset of the imported model (default: recognised from the checkpoint; "
+                    "torchvision: torchvision_maskrcnn_r50_fpn for v1 files, torchvision_maskrcnn_r50_fpn_v2 for "
+                    "v2 files; detectron2: detectron2_r50_fpn_1x).")
 flags.DEFINE_boolean("no_verify_hash", False, "Skip the check of the hash prefix in the checkpoint's file name "
                      "(torchvision: SHA-256, '-bf2d0c1e.pth'; detectron2 model zoo: MD5, "
                      "'model_final_f10217.pkl').")
@@ -50,7 +62,7 @@ def app_main(argv):
     try:
         result = import_checkpoint(FLAGS.source, FLAGS.checkpoint, FLAGS.model_dir,
                                    config_lib.parse_overrides(FLAGS.params_override),
-                                   verify_hash=not FLAGS.no_verify_hash)
+                                   verify_hash=not FLAGS.no_verify_hash, preset=FLAGS.config)
     except (ValueError, OSError, tf.errors.OpError) as e:
         launch.exit_with_error(e)
     print(result.summary(FLAGS.checkpoint), flush=True)

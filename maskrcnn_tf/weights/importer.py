@@ -6,9 +6,12 @@
     MODEL_DIR/label_map.json    the same categories in data/label_map.py's format
     MODEL_DIR/checkpoints/ckpt-0  run_dir.make_checkpoint(model) (variables keyed by path, no optimizer)
 
-Sources: "torchvision" (maskrcnn_resnet50_fpn / fasterrcnn_resnet50_fpn .pth, read by torch_pickle,
-mapped by torchvision_mapping; K = 90: class i is COCO id i, and the ten ids COCO 2017 does not use are
-named "N/A" as torchvision's own category list does) and "detectron2" (model-zoo .pkl or .pth, read by
+Sources: "torchvision" (maskrcnn_resnet50_fpn / fasterrcnn_resnet50_fpn .pth and their _v2 twins, read
+by torch_pickle, mapped by torchvision_mapping; the preset, torchvision_maskrcnn_r50_fpn or _v2, is
+recognised from the keys (torchvision_mapping.preset_for) unless `preset` (--config) names one, and a
+file of the other generation is refused in one line naming it and the --config to use; K = 90: class i
+is COCO id i, and the ten ids COCO 2017 does not use are named "N/A" as torchvision's own category
+list does) and "detectron2" (model-zoo .pkl or .pth, read by
 detectron2_pickle, mapped by detectron2_mapping; K = 80 in COCO id order).
 
 The directory is built in a temporary sibling (".<name>.tmp-<pid>") and renamed at the end, so a failure
@@ -24,8 +27,9 @@ Before anything is unpickled:
 - BatchNorm epsilon, which no state dict records (`norm_epsilon_of`): a --params_override of
   model.backbone.norm_epsilon wins; a torchvision file whose SHA-256 starts with a published COCO_V1
   prefix (PUBLISHED; renamed copies too) runs with 0, as torchvision's builders set (overwrite_eps);
-  backbone num_batches_tracked counters mean nn.BatchNorm2d, 1e-5; any other torchvision file gets the
-  preset's 0 (COCO_V1 and models fine-tuned from it), a model trained from an ImageNet backbone or from
+  backbone num_batches_tracked counters mean nn.BatchNorm2d, 1e-5; a v2 file gets its preset's 1e-5
+  (torchvision's v2 builders use nn.BatchNorm2d and never overwrite_eps); any other torchvision file
+  gets the v1 preset's 0 (COCO_V1 and models fine-tuned from it), a model trained from an ImageNet backbone or from
   scratch with FrozenBatchNorm2d needs 1e-5 by override; detectron2 always 1e-5 (its FrozenBatchNorm2d).
   The value and its reason are on the summary line (ImportResult.summary).
 Buffers that carry information (detectron2's cell anchors and pixel statistics) are compared with the
@@ -58,12 +62,14 @@ SHA256_SUFFIX = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 # detectron2 MODEL_ZOO.md: "any model on this page contains its md5 prefix in its file name".
 MD5_SUFFIX = re.compile(r"^model_final_([0-9a-f]{6})\.pkl$")
 HASH_CHUNK_BYTES = 1 << 20
-# Published torchvision files that run with another eps than the state dict can tell: SHA-256 prefix ->
-# (what, eps). Both builders call overwrite_eps(model, 0.0) for COCO_V1 (pytorch/vision#2933: these weights
-# were trained when FrozenBatchNorm2d had no eps).
+# Published torchvision files, SHA-256 prefix -> (what, eps). The v1 builders call overwrite_eps(model, 0.0)
+# for COCO_V1 (pytorch/vision#2933: these weights were trained when FrozenBatchNorm2d had no eps), which no
+# state dict can tell; the v2 builders use nn.BatchNorm2d's 1e-5 (named here for the summary line).
 PUBLISHED = {
     "bf2d0c1e": ("torchvision's maskrcnn_resnet50_fpn COCO_V1 file", 0.0),
     "258fb6c6": ("torchvision's fasterrcnn_resnet50_fpn COCO_V1 file", 0.0),
+    "73cbd019": ("torchvision's maskrcnn_resnet50_fpn_v2 COCO_V1 file", TORCH_BATCH_NORM_EPSILON),
+    "dd69338a": ("torchvision's fasterrcnn_resnet50_fpn_v2 COCO_V1 file", TORCH_BATCH_NORM_EPSILON),
 }
 
 
@@ -117,10 +123,11 @@ def _published(path: str, integrity: Integrity):
 
 
 def norm_epsilon_of(source: str, path: str, state_dict: Dict[str, np.ndarray], integrity: Integrity,
-                    overrides: Dict = None) -> Tuple[Optional[float], str]:
+                    overrides: Dict = None, preset: Optional[str] = None) -> Tuple[Optional[float], str]:
     """(the backbone BatchNorm epsilon to build with, why) for the import's summary line (module docstring).
 
-    None: the --params_override value is used as given."""
+    preset: the import's preset (None: the source's, recognised from the file). None: the
+    --params_override value is used as given."""
     if EPSILON_FIELD in (overrides or {}):
         return None, f"from --params_override={EPSILON_FIELD}"
     if source == "detectron2":
@@ -134,7 +141,11 @@ def norm_epsilon_of(source: str, path: str, state_dict: Dict[str, np.ndarray], i
     if counters:
         return TORCH_BATCH_NORM_EPSILON, (f"the backbone saved {counters} BatchNorm num_batches_tracked counters: "
                                           "trained with nn.BatchNorm2d, eps 1e-5")
-    preset_eps = config_lib.get_preset(SOURCES[source].preset).model.backbone.norm_epsilon
+    preset = preset or preset_of(source, state_dict)
+    preset_eps = config_lib.get_preset(preset).model.backbone.norm_epsilon
+    if preset == torchvision_mapping.PRESETS[torchvision_mapping.V2]:
+        return preset_eps, (f"a torchvision v2 model: its builders use nn.BatchNorm2d, eps {preset_eps:g}, "
+                            "and no overwrite_eps")
     return preset_eps, (f"assumed: torchvision's COCO_V1 and models fine-tuned from it run with {preset_eps:g}; "
                         "a model trained from an ImageNet backbone runs with 1e-5: "
                         f"--params_override={EPSILON_FIELD}=1e-5")
@@ -151,6 +162,11 @@ class Source(NamedTuple):
     category_ids: tuple
     # (state_dict, cfg) -> [what was checked]: buffers compared with the config (ValueError if they differ).
     buffers: Callable = lambda state_dict, cfg: []
+    # state_dict -> the preset that builds it (None: `preset`); the presets --config may name.
+    preset_for: Optional[Callable] = None
+    presets: Tuple[str, ...] = ()
+    # (state_dict, cfg, preset) -> None, or ValueError when the file is another generation than the model.
+    check_architecture: Callable = lambda state_dict, cfg, preset: None
 
 
 SOURCES = {
@@ -158,7 +174,11 @@ SOURCES = {
                           torchvision_mapping.has_mask_head,
                           lambda sd, cfg: torchvision_mapping.torchvision_variables(
                               sd, cfg.model.num_classes, cfg.model.roi.box_output_size, cfg.model.include_mask),
-                          tuple(range(1, config_lib.TORCHVISION_COCO_NUM_CLASSES + 1))),
+                          tuple(range(1, config_lib.TORCHVISION_COCO_NUM_CLASSES + 1)),
+                          preset_for=torchvision_mapping.preset_for,
+                          presets=tuple(torchvision_mapping.PRESETS.values()),
+                          check_architecture=lambda sd, cfg, preset: torchvision_mapping.check_architecture(
+                              sd, cfg.model, preset)),
     "detectron2": Source("detectron2_r50_fpn_1x", detectron2_pickle.load_state_dict,
                          detectron2_mapping.has_mask_head,
                          lambda sd, cfg: detectron2_mapping.detectron2_variables(
@@ -166,6 +186,19 @@ SOURCES = {
                          tuple(cid for cid, _ in coco_classes.COCO_CATEGORIES),
                          lambda sd, cfg: detectron2_mapping.check_buffers(sd, cfg.model)),
 }
+
+
+def preset_of(source: str, state_dict: Dict[str, np.ndarray]) -> str:
+    """The preset an import of `state_dict` from `source` uses when --config does not name one."""
+    spec = SOURCES[source]
+    return spec.preset_for(state_dict) if spec.preset_for else spec.preset
+
+
+def _check_preset(source: str, preset: Optional[str]) -> None:
+    allowed = SOURCES[source].presets or (SOURCES[source].preset,)
+    if preset is not None and preset not in allowed:
+        raise ValueError(f"--config={preset}: a {source} checkpoint imports into {' or '.join(allowed)} "
+                         "(default: recognised from the checkpoint)")
 
 
 class ImportResult(NamedTuple):
@@ -177,11 +210,14 @@ class ImportResult(NamedTuple):
     epsilon_reason: str
     integrity: str
     checked: List[str]  # buffers compared with the config
+    preset: Optional[str] = None  # the config the model was built from (config.py); None: the source's
 
     def summary(self, checkpoint: str) -> str:
         """The program's one summary line."""
         kind = "Mask R-CNN" if self.include_mask else "Faster R-CNN (boxes only)"
         checked = f"; buffers checked: {', '.join(self.checked)}" if self.checked else ""
+        if self.preset not in (None, SOURCES[self.source].preset):
+            kind += f" ({self.preset})"  # e.g. torchvision v2
         return (f"import_weights: {checkpoint} -> {self.checkpoint_prefix}: {self.source} {kind}, "
                 f"{self.num_classes} classes; BatchNorm eps {self.norm_epsilon:g} ({self.epsilon_reason}); "
                 f"{self.integrity}{checked}")
@@ -194,10 +230,12 @@ def _categories(category_ids):
 
 
 def import_config(source: str, include_mask: bool, overrides: Dict = None,
-                  norm_epsilon: Optional[float] = None) -> config_lib.Config:
-    """The config of an imported model: the source's preset, its COCO label map, the backbone BatchNorm
-    epsilon (None: the preset's), then `overrides` (dotted names, e.g. a smaller canvas)."""
+                  norm_epsilon: Optional[float] = None, preset: Optional[str] = None) -> config_lib.Config:
+    """The config of an imported model: `preset` (None: the source's first, torchvision v1), its COCO label
+    map, the backbone BatchNorm epsilon (None: the preset's), then `overrides` (dotted names, e.g. a
+    smaller canvas)."""
     spec = SOURCES[source]
+    _check_preset(source, preset)
     categories = _categories(spec.category_ids)
     fields = {
         "model.num_classes": len(categories),
@@ -208,7 +246,7 @@ def import_config(source: str, include_mask: bool, overrides: Dict = None,
     }
     if norm_epsilon is not None:
         fields[EPSILON_FIELD] = norm_epsilon
-    cfg = config_lib.replace(config_lib.get_preset(spec.preset), **fields)
+    cfg = config_lib.replace(config_lib.get_preset(preset or spec.preset), **fields)
     return config_lib.validate(config_lib.replace(cfg, **(overrides or {})))
 
 
@@ -219,20 +257,21 @@ def _write_json(path: str, obj) -> None:
 
 
 def import_weights(source: str, checkpoint: str, model_dir: str, overrides: Dict = None,
-                   verify_hash: bool = True) -> str:
+                   verify_hash: bool = True, preset: Optional[str] = None) -> str:
     """Writes model_dir from a reference checkpoint; returns the checkpoint prefix written
     (`import_checkpoint` also returns what the summary line says)."""
-    return import_checkpoint(source, checkpoint, model_dir, overrides, verify_hash).checkpoint_prefix
+    return import_checkpoint(source, checkpoint, model_dir, overrides, verify_hash, preset).checkpoint_prefix
 
 
 def import_checkpoint(source: str, checkpoint: str, model_dir: str, overrides: Dict = None,
-                      verify_hash: bool = True) -> ImportResult:
-    """Writes model_dir from a reference checkpoint.
+                      verify_hash: bool = True, preset: Optional[str] = None) -> ImportResult:
+    """Writes model_dir from a reference checkpoint, with `preset` (--config; None: recognised from the
+    checkpoint, `preset_of`).
 
     ValueError starting with the checkpoint path when its name's hash prefix does not match (unless
     verify_hash is False), it cannot be read, names a disallowed global, does not fit the source's
-    architecture (unused or missing keys, shapes, class count) or holds buffers that contradict the
-    config; with "--model_dir" for an existing directory. Nothing is left behind on failure.
+    architecture (unused or missing keys, shapes, class count; a torchvision v1 file in a v2 preset or
+    the reverse) or holds buffers that contradict the config; with "--model_dir" for an existing directory. Nothing is left behind on failure.
     """
     if source not in SOURCES:
         raise ValueError(f"--source={source!r}: expected one of {', '.join(SOURCES)}")
@@ -243,16 +282,19 @@ def import_checkpoint(source: str, checkpoint: str, model_dir: str, overrides: D
     if not os.path.isdir(parent):
         raise ValueError(f"--model_dir={model_dir}: parent directory {parent} does not exist")
     spec = SOURCES[source]
+    _check_preset(source, preset)
     if not os.path.isfile(checkpoint):
         raise ValueError(f"{checkpoint}: no such file")
     integrity = check_integrity(checkpoint, verify_hash, want_sha256=source == "torchvision")
     state_dict = spec.read(checkpoint)  # ValueError naming the file
-    norm_epsilon, epsilon_reason = norm_epsilon_of(source, checkpoint, state_dict, integrity, overrides)
-    cfg = import_config(source, spec.has_mask_head(state_dict), overrides, norm_epsilon)
+    preset = preset or preset_of(source, state_dict)
+    norm_epsilon, epsilon_reason = norm_epsilon_of(source, checkpoint, state_dict, integrity, overrides, preset)
+    cfg = import_config(source, spec.has_mask_head(state_dict), overrides, norm_epsilon, preset)
 
     from maskrcnn_tf.model import build_model  # late import: building pulls in all of TF/Keras
 
     try:
+        spec.check_architecture(state_dict, cfg, preset)
         checked = spec.buffers(state_dict, cfg)
         values, sources = spec.variables(state_dict, cfg)
         model = build_model(cfg)
@@ -284,4 +326,4 @@ def import_checkpoint(source: str, checkpoint: str, model_dir: str, overrides: D
         raise
     return ImportResult(os.path.join(model_dir, run_dir.CHECKPOINT_DIR, CHECKPOINT_NAME), source,
                         cfg.model.num_classes, cfg.model.include_mask, cfg.model.backbone.norm_epsilon,
-                        epsilon_reason, integrity.note, checked)
+                        epsilon_reason, integrity.note, checked, preset)

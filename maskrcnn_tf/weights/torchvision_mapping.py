@@ -18,6 +18,21 @@ Checkpoints saved by older torchvision releases (the published COCO_V1 files amo
 these differently (fpn inner_blocks.{i}.weight, rpn.head.conv.weight, mask_head.mask_fcn{i}.weight);
 torchvision upgrades them on load and so does `canonical_key`.
 
+torchvision's v2 detectors (`maskrcnn_resnet50_fpn_v2`, `fasterrcnn_resnet50_fpn_v2`; the
+torchvision_maskrcnn_r50_fpn_v2 preset) differ in the FPN and the heads; `architecture(state_dict)`
+tells them apart by their keys (V2_KEYS / V1_KEYS):
+  backbone.fpn.inner_blocks.{i}.0 / .1         fpn/lateral_P{i+2} (no bias) / lateral_P{i+2}_norm (BatchNorm)
+  backbone.fpn.layer_blocks.{i}.0 / .1         fpn/output_P{i+2} (no bias) / output_P{i+2}_norm
+  rpn.head.conv.{j}.0                          rpn_head/conv, conv2 (two 3x3 convs with bias)
+  roi_heads.box_head.{j}.0 / .1 (j = 0..3)     box_head/conv{j+1} (no bias) / conv{j+1}_norm
+  roi_heads.box_head.5 (after Flatten at 4)    box_head/fc1 (reads the last conv's NCHW-flattened output)
+  roi_heads.mask_head.{i}.0 / .1               mask_head/conv{i+1} (no bias) / conv{i+1}_norm
+The predictors and the backbone map as in v1. The old key forms above are upgraded for v2 files too
+(torchvision renames only weight/bias keys: `{block}.{i}.weight`, `rpn.head.conv.weight`,
+`mask_head.mask_fcn{i}.weight`, so a v2 file's `.1.*` BatchNorm keys and `rpn.head.conv.1.0.*` keep
+their names). `check_architecture` refuses a v1 file in a v2 model and the reverse in one line that
+names the file's builder and the --config to import it with.
+
 Conventions:
 - Background: torchvision's classifier column 0 is background, like ours; its COCO heads have 91
   outputs (background + category ids 1..90), so the model has K = 90 and class i = COCO id i.
@@ -34,7 +49,7 @@ Conventions:
 """
 
 import re
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -59,6 +74,23 @@ _OLD_KEYS = (
     (re.compile(r"^rpn\.head\.conv\.(weight|bias)$"), r"rpn.head.conv.0.0.\1"),
     (re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$"), None),
 )
+
+
+# torchvision R50-FPN detector generations, their presets (config.py) and builders (include_mask -> name).
+V1, V2 = "v1", "v2"
+PRESETS = {V1: "torchvision_maskrcnn_r50_fpn", V2: "torchvision_maskrcnn_r50_fpn_v2"}
+BUILDERS = {(V1, True): "maskrcnn_resnet50_fpn", (V1, False): "fasterrcnn_resnet50_fpn",
+            (V2, True): "maskrcnn_resnet50_fpn_v2", (V2, False): "fasterrcnn_resnet50_fpn_v2"}
+DESCRIPTIONS = {V1: "v1: FPN and heads without norm, one RPN conv, 2-FC box head",
+                V2: "v2: BatchNorm FPN and heads, two RPN convs, 4-conv + 1-FC box head"}
+# Keys (current form) only one generation has: v2's second RPN conv, conv box head and FPN BatchNorm;
+# v1's TwoMLPHead.
+V2_KEYS = ("rpn.head.conv.1.0.weight", "roi_heads.box_head.0.0.weight", "backbone.fpn.inner_blocks.0.1.weight")
+V1_KEYS = ("roi_heads.box_head.fc6.weight",)
+BATCH_NORMS = ("batch_norm", "sync_batch_norm")  # config.NORMS that load a torch BatchNorm2d
+# v2's shape (mask_rcnn.py maskrcnn_resnet50_fpn_v2): RPNHead(conv_depth=2), FastRCNNConvFCHead([256] * 4, [1024]).
+V2_RPN_CONVS, V2_BOX_CONVS, V2_BOX_FCS = 2, 4, 1
+V1_RPN_CONVS, V1_BOX_FCS = 1, 2
 
 
 def canonical_key(key: str) -> str:
@@ -92,6 +124,55 @@ def has_mask_head(state_dict: Dict[str, np.ndarray]) -> bool:
     return any(key.startswith(MASK_PREFIXES) for key in state_dict)
 
 
+def architecture(state_dict: Dict[str, np.ndarray]) -> str:
+    """V2 when the (old- or new-form) keys hold one of V2_KEYS and none of V1_KEYS, else V1 (a file of
+    neither then fails in the mapping, naming its first missing or unused key)."""
+    keys = {canonical_key(key) for key in state_dict}
+    is_v2 = any(key in keys for key in V2_KEYS) and not any(key in keys for key in V1_KEYS)
+    return V2 if is_v2 else V1
+
+
+def preset_for(state_dict: Dict[str, np.ndarray]) -> str:
+    """The preset (config.py) that builds the model of a torchvision detector state dict."""
+    return PRESETS[architecture(state_dict)]
+
+
+def model_architecture(model_cfg) -> Optional[str]:
+    """V1 or V2 when a config.ModelConfig builds that torchvision generation's layers, else None."""
+    m, h = model_cfg, model_cfg.heads
+    if (m.fpn_norm == "none" and m.rpn_num_convs == V1_RPN_CONVS and h.box_num_convs == 0
+            and h.num_fcs == V1_BOX_FCS and (not m.include_mask or h.mask_norm == "none")):
+        return V1
+    if (m.fpn_norm in BATCH_NORMS and m.rpn_num_convs == V2_RPN_CONVS and h.box_num_convs == V2_BOX_CONVS
+            and h.box_norm in BATCH_NORMS and h.num_fcs == V2_BOX_FCS
+            and (not m.include_mask or h.mask_norm in BATCH_NORMS)):
+        return V2
+    return None
+
+
+def check_architecture(state_dict: Dict[str, np.ndarray], model_cfg, preset: str) -> None:
+    """ValueError in one line when the file's generation (architecture) is not the one `model_cfg`
+    (made from `preset` and any overrides) builds: what the file is and the --config to import it with."""
+    found, built = architecture(state_dict), model_architecture(model_cfg)
+    if found == built:
+        return
+    what = f"the checkpoint is torchvision's {builder_of(state_dict)} ({DESCRIPTIONS[found]})"
+    if built is None:
+        m, h = model_cfg, model_cfg.heads
+        raise ValueError(
+            f"{what} but the overridden model is neither torchvision v1 nor v2 (model.fpn_norm={m.fpn_norm}, "
+            f"model.rpn_num_convs={m.rpn_num_convs}, model.heads.box_num_convs={h.box_num_convs}, "
+            f"model.heads.box_norm={h.box_norm}, model.heads.num_fcs={h.num_fcs}, model.heads.mask_norm="
+            f"{h.mask_norm}); import it with --config={PRESETS[found]} and without --params_override of those fields")
+    raise ValueError(f"{what} but --config={preset} builds a torchvision {built} model; import it with "
+                     f"--config={PRESETS[found]} (or without --config: it is recognised from its keys)")
+
+
+def builder_of(state_dict: Dict[str, np.ndarray]) -> str:
+    """torchvision's builder name of a detector state dict, e.g. "fasterrcnn_resnet50_fpn_v2"."""
+    return BUILDERS[(architecture(state_dict), has_mask_head(state_dict))]
+
+
 class _Table:
     """Collects {our variable path: array} and {path: checkpoint key}, remembering the keys used."""
 
@@ -113,6 +194,19 @@ class _Table:
         self.put(f"{path}/kernel", f"{key}.weight", kernel)
         if bias:
             self.put(f"{path}/bias", f"{key}.bias", self.take(f"{key}.bias"))
+        return kernel
+
+    def norm(self, path, key):
+        """A torch BatchNorm2d `key` (weight, bias, running_mean, running_var) -> Keras BN `path`."""
+        for variable, buffer in BN_BUFFERS:
+            self.put(f"{path}/{variable}", f"{key}.{buffer}", self.take(f"{key}.{buffer}"))
+
+    def conv_norm(self, path, key, with_norm):
+        """torchvision's Conv2dNormActivation `key`: conv `{key}.0` with a bias when without norm, else
+        without bias and followed by the BatchNorm `{key}.1` (our `{path}_norm`). Returns the kernel."""
+        kernel = self.conv(path, f"{key}.0", bias=not with_norm)
+        if with_norm:
+            self.norm(f"{path}_norm", f"{key}.1")
         return kernel
 
     def unused_error(self, ignore_prefix=None):
@@ -141,13 +235,55 @@ def _resnet(table: _Table, prefix: str) -> None:
     for ours, (conv, norm) in sorted(layers.items()):
         kernel = table.conv(f"{ours}_conv", conv, bias=False)
         table.put(f"{ours}_conv/bias", f"{conv}.weight", np.zeros(kernel.shape[-1], np.float32))
-        for variable, buffer in BN_BUFFERS:
-            table.put(f"{ours}_bn/{variable}", f"{norm}.{buffer}", table.take(f"{norm}.{buffer}"))
+        table.norm(f"{ours}_bn", norm)
+
+
+def _first_fc(table: _Table, key: str, channels: int, box_roi_size: int) -> None:
+    """The box head's first Linear `key` over NCHW-flattened [channels, P, P] features -> fc1."""
+    weight = table.take(f"{key}.weight")
+    try:
+        kernel = layout.dense_kernel_after_nchw_flatten(weight, channels, box_roi_size, box_roi_size)
+    except ValueError as e:
+        raise ValueError(f"{table.original.get(f'{key}.weight', f'{key}.weight')}: {e}") from None
+    table.put("mask_rcnn/box_head/fc1/kernel", f"{key}.weight", kernel)
+    table.put("mask_rcnn/box_head/fc1/bias", f"{key}.bias", table.take(f"{key}.bias"))
+
+
+def _two_fc_box_head(table: _Table, box_roi_size: int) -> None:
+    """v1's TwoMLPHead: fc6 (over the NCHW-flattened RoI features), fc7."""
+    fc6 = table.take("roi_heads.box_head.fc6.weight")
+    channels = fc6.shape[1] // (box_roi_size * box_roi_size) if fc6.ndim == 2 else 0
+    _first_fc(table, "roi_heads.box_head.fc6", channels, box_roi_size)
+    table.put("mask_rcnn/box_head/fc2/kernel", "roi_heads.box_head.fc7.weight",
+              layout.dense_kernel(table.take("roi_heads.box_head.fc7.weight")))
+    table.put("mask_rcnn/box_head/fc2/bias", "roi_heads.box_head.fc7.bias", table.take("roi_heads.box_head.fc7.bias"))
+
+
+def _conv_fc_box_head(table: _Table, box_roi_size: int) -> None:
+    """v2's FastRCNNConvFCHead, an nn.Sequential: Conv2dNormActivation blocks 0..n-1 (conv without bias +
+    BatchNorm + ReLU), Flatten at n, then (Linear, ReLU) pairs from n + 1; the first Linear reads the last
+    conv's NCHW-flattened output."""
+    prefix = "roi_heads.box_head"
+    convs = 0
+    while f"{prefix}.{convs}.0.weight" in table.state_dict:
+        kernel = table.conv_norm(f"mask_rcnn/box_head/conv{convs + 1}", f"{prefix}.{convs}", with_norm=True)
+        convs += 1
+    channels = kernel.shape[-1] if convs else 0
+    index = convs + 1  # after the Flatten
+    _first_fc(table, f"{prefix}.{index}", channels, box_roi_size)
+    fc = 2
+    while f"{prefix}.{index + 2}.weight" in table.state_dict:
+        index += 2
+        table.put(f"mask_rcnn/box_head/fc{fc}/kernel", f"{prefix}.{index}.weight",
+                  layout.dense_kernel(table.take(f"{prefix}.{index}.weight")))
+        table.put(f"mask_rcnn/box_head/fc{fc}/bias", f"{prefix}.{index}.bias", table.take(f"{prefix}.{index}.bias"))
+        fc += 1
 
 
 def torchvision_variables(state_dict: Dict[str, np.ndarray], num_classes: int, box_roi_size: int = 7,
                           include_mask: bool = True) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
-    """({our variable path: array}, {path: checkpoint key}) for a torchvision R50-FPN detector state dict.
+    """({our variable path: array}, {path: checkpoint key}) for a torchvision R50-FPN detector state dict,
+    v1 or v2 (`architecture`, from its keys).
 
     num_classes: K of the model (torchvision COCO: 90); box_roi_size: side of the box head's RoI
     features (7). Raises ValueError naming the key when a needed key is missing, an unused one is present
@@ -158,30 +294,27 @@ def torchvision_variables(state_dict: Dict[str, np.ndarray], num_classes: int, b
     if has_mask_head(canonical) != include_mask:
         raise ValueError(f"the checkpoint {'has' if has_mask_head(canonical) else 'has no'} mask head "
                          f"(roi_heads.mask_head.*) but the model has include_mask={include_mask}")
+    with_norm = architecture(canonical) == V2  # v2: BatchNorm after the FPN, box and mask head convs
     _resnet(table, BODY)
     for i, level in enumerate(FPN_LEVELS):
-        table.conv(f"mask_rcnn/fpn/lateral_P{level}", f"backbone.fpn.inner_blocks.{i}.0")
-        table.conv(f"mask_rcnn/fpn/output_P{level}", f"backbone.fpn.layer_blocks.{i}.0")
+        table.conv_norm(f"mask_rcnn/fpn/lateral_P{level}", f"backbone.fpn.inner_blocks.{i}", with_norm)
+        table.conv_norm(f"mask_rcnn/fpn/output_P{level}", f"backbone.fpn.layer_blocks.{i}", with_norm)
 
     table.conv("mask_rcnn/rpn_head/conv", "rpn.head.conv.0.0")
+    index = 1
+    while f"rpn.head.conv.{index}.0.weight" in canonical:  # v2: RPNHead(conv_depth=2)
+        table.conv(f"mask_rcnn/rpn_head/conv{index + 1}", f"rpn.head.conv.{index}.0")
+        index += 1
     table.conv("mask_rcnn/rpn_head/objectness", "rpn.head.cls_logits")
     table.put("mask_rcnn/rpn_head/box_deltas/kernel", "rpn.head.bbox_pred.weight",
               layout.box_code_order(layout.conv_kernel(table.take("rpn.head.bbox_pred.weight")), axis=3))
     table.put("mask_rcnn/rpn_head/box_deltas/bias", "rpn.head.bbox_pred.bias",
               layout.box_code_order(table.take("rpn.head.bbox_pred.bias")))
 
-    fc6_key = "roi_heads.box_head.fc6.weight"
-    fc6 = table.take(fc6_key)
-    channels = fc6.shape[1] // (box_roi_size * box_roi_size) if fc6.ndim == 2 else 0
-    try:
-        fc6_kernel = layout.dense_kernel_after_nchw_flatten(fc6, channels, box_roi_size, box_roi_size)
-    except ValueError as e:
-        raise ValueError(f"{original.get(fc6_key, fc6_key)}: {e}") from None
-    table.put("mask_rcnn/box_head/fc1/kernel", fc6_key, fc6_kernel)
-    table.put("mask_rcnn/box_head/fc1/bias", "roi_heads.box_head.fc6.bias", table.take("roi_heads.box_head.fc6.bias"))
-    table.put("mask_rcnn/box_head/fc2/kernel", "roi_heads.box_head.fc7.weight",
-              layout.dense_kernel(table.take("roi_heads.box_head.fc7.weight")))
-    table.put("mask_rcnn/box_head/fc2/bias", "roi_heads.box_head.fc7.bias", table.take("roi_heads.box_head.fc7.bias"))
+    if with_norm:
+        _conv_fc_box_head(table, box_roi_size)
+    else:
+        _two_fc_box_head(table, box_roi_size)
 
     predictor = "roi_heads.box_predictor"
     cls_weight = table.take(f"{predictor}.cls_score.weight")
@@ -200,7 +333,7 @@ def torchvision_variables(state_dict: Dict[str, np.ndarray], num_classes: int, b
     if include_mask:
         index = 0
         while f"roi_heads.mask_head.{index}.0.weight" in canonical:
-            table.conv(f"mask_rcnn/mask_head/conv{index + 1}", f"roi_heads.mask_head.{index}.0")
+            table.conv_norm(f"mask_rcnn/mask_head/conv{index + 1}", f"roi_heads.mask_head.{index}", with_norm)
             index += 1
         table.conv("mask_rcnn/mask_head/deconv", "roi_heads.mask_predictor.conv5_mask", layout.deconv_kernel)
         logits_key = "roi_heads.mask_predictor.mask_fcn_logits"
@@ -216,8 +349,9 @@ def torchvision_variables(state_dict: Dict[str, np.ndarray], num_classes: int, b
 
 
 def assign_torchvision_weights(model, state_dict: Dict[str, np.ndarray]) -> None:
-    """Copies a torchvision maskrcnn_resnet50_fpn / fasterrcnn_resnet50_fpn state dict into `model` (built
-    with the same K, depth and include_mask; the torchvision_maskrcnn_r50_fpn preset for its outputs).
+    """Copies a torchvision maskrcnn_resnet50_fpn / fasterrcnn_resnet50_fpn (v1 or v2) state dict into `model`
+    (built with the same K, depth and include_mask; the torchvision_maskrcnn_r50_fpn or _v2 preset, as
+    `preset_for` says, for its outputs).
     ValueError naming the key and the expected and found shapes otherwise; the model is untouched then."""
     values, sources = torchvision_variables(state_dict, model.box_head.num_classes,
                                             model.box_roi_align.output_size, model.include_mask)
