@@ -391,12 +391,12 @@ def torchvision_maskrcnn_r50_fpn_v2() -> Config:
 
     | setting               | torchvision v2                                     | ours                                  | source  |
     |-----------------------|----------------------------------------------------|---------------------------------------|---------|
-    | weights file          | maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth         | import_weights.py --source=torchvision| MR      |
-    | published AP          | 47.4 box / 41.8 mask (Faster v2: 46.7 box)          | not measured here (no COCO run)       | MR, FR  |
+    | weights file          | maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth         | import_weights.py (from the keys)     | MR      |
+    | published AP          | 47.4 box / 41.8 mask (Faster v2: 46.7 box)         | not measured here (no COCO run)       | MR, FR  |
     | backbone              | resnet50(norm_layer default nn.BatchNorm2d)        | resnet50, stride_in_3x3               | MR      |
-    | backbone BN eps       | 1e-5 (no overwrite_eps, unlike v1's 0.0)            | norm_epsilon 1e-5                     | MR      |
+    | backbone BN eps       | 1e-5 (no overwrite_eps, unlike v1's 0.0)           | norm_epsilon 1e-5                     | MR      |
     | backbone BN in eval   | running statistics                                 | norm frozen (folded): the same        | MR      |
-    | trainable stages      | trainable_backbone_layers 3 with weights (5 from    | freeze_at 2 (conv1 + layer1 frozen)   | MR, BU  |
+    | trainable stages      | trainable_backbone_layers 3 with weights (5 from   | freeze_at 2 (conv1 + layer1 frozen)   | MR, BU  |
     |                       | scratch); requires_grad only, inference unchanged  |                                       |         |
     | FPN                   | 1x1 lateral + 3x3 output: conv (no bias) + BN      | fpn_norm batch_norm                   | BU, FPN |
     | FPN extra level       | LastLevelMaxPool: P6 = P5[::2, ::2]                | the same (P6 from P5)                 | BU, FPN |
