@@ -16,7 +16,15 @@ visualize.draw_detections) and `<stem>.json`:
                      "segmentation": {"size": [h, w], "counts": str}}, ...]}   compressed COCO RLE
 
 so each detection is a COCO result dict without "image_id" (pycocotools.mask.decode reads the mask).
-Only detections scoring >= score_threshold are drawn and written, best first. Images are decoded with
+Only detections scoring >= score_threshold are drawn and written, best first; the count below it is
+printed.
+
+Memory: the graph returns box-local 28 x 28 masks only (the SavedModel's image_tensor_box_masks
+signature), and predict() pastes just the detections it returns (score >= score_threshold), one at a
+time and each only into its box's window: a call holds the image, its n returned detections' uint8
+h x w masks (none with masks="box", one at a time with masks="rle") and one box window, whatever the
+image size and the model's max_detections. Pasting follows the in-graph rule exactly (same values
+bit for bit). Images are decoded with
 data/image_decoding.py (the decoder the training pipeline and the serving signature use, so pixel values
 match; JPEGs with the accurate IDCT, giving PIL's pixels). An unreadable file is reported on stderr with
 its path and the reason and skipped; output names that collide (same stem in two folders) get a numeric
@@ -63,9 +71,9 @@ class Predictor:
     @classmethod
     def from_keras_model(cls, model, cfg) -> "Predictor":
         """Wraps a built MaskRCNN of cfg in the export module (nothing is written)."""
-        module = export_lib.ServingModule(model, cfg, include_pasted_masks=True)
+        module = export_lib.ServingModule(model, cfg, include_pasted_masks=False)
         meta = module.metadata()
-        return cls(lambda images: module.serve_tensor(images), meta["category_ids"].numpy(),
+        return cls(lambda images: module.serve_tensor_box_masks(images), meta["category_ids"].numpy(),
                    [n.decode("utf-8") for n in meta["class_names"].numpy()])
 
     @classmethod
@@ -79,32 +87,43 @@ class Predictor:
             raise ValueError(f"{export_dir}: not written by maskrcnn_tf export.py (no signature "
                              f"{', '.join(sorted(missing))})")
         meta = loaded.signatures[export_lib.SIGNATURE_METADATA]()
-        detect = loaded.signatures[export_lib.SIGNATURE_TENSOR]
+        # Box-local masks: predict() pastes only what it returns (module docstring, "Memory").
+        detect = loaded.signatures.get(export_lib.SIGNATURE_TENSOR_BOX_MASKS,
+                                       loaded.signatures[export_lib.SIGNATURE_TENSOR])
         predictor = cls(lambda images: detect(images=images), meta["category_ids"].numpy(),
                         [n.decode("utf-8") for n in meta["class_names"].numpy()])
         predictor._loaded = loaded  # keep the restored variables alive as long as the predictor
         return predictor
 
-    def predict(self, images):
+    def predict(self, images, score_threshold: float = 0.0, masks: str = "full"):
         """Detections of one image or of many.
 
         Args:
           images: one image, or a list/tuple of images (or a uint8 [n, h, w, 3] array). An image is a file
             path (str or os.PathLike; any tf.io.gfile location), the encoded bytes of a file (JPEG, PNG,
             BMP, GIF) or a uint8 [h, w, 3] RGB array.
+          score_threshold: only detections scoring >= this are returned (and pasted); 0 = all the model
+            gives (its own model.detection.score_threshold applies first).
+          masks: "full" (uint8 masks at the image size), "rle" (COCO RLE dicts, pasted one at a time) or
+            "box" (only the box-local 28 x 28 probabilities: nothing pasted).
         Returns:
-          for one image a numpy dict over its n = num_detections valid detections, best first; for many a
-          list of such dicts in input order:
+          for one image a numpy dict over its n returned detections, best first; for many a list of such
+          dicts in input order:
           "boxes" float32 [n, 4] [y1, x1, y2, x2] original pixels; "scores" float32 [n];
           "category_ids" int32 [n] dataset category ids; "category_names" list of n str;
-          "classes" int32 [n] contiguous 1..K;
-          "masks" uint8 [n, h, w] 0/1 pasted at the original size (absent for box-only models);
-          "mask_probabilities" float32 [n, 28, 28] (absent for box-only models).
-        Raises ValueError naming the input (path, or position in the list) that is not a readable image.
+          "classes" int32 [n] contiguous 1..K; "num_below_threshold" int, detections left out;
+          "mask_probabilities" float32 [n, 28, 28] (box-local, in the box);
+          masks="full": "masks" uint8 [n, h, w] 0/1; masks="rle": "masks_rle" list of n
+          {"size": [h, w], "counts": str} (no mask entries for box-only models).
+        Raises ValueError naming the input (path, or position in the list) that is not a readable image,
+        or a bad masks value.
         """
+        if masks not in MASK_FORMATS:
+            raise ValueError(f"predict: masks={masks!r}; expected one of {', '.join(MASK_FORMATS)}")
         if _is_many(images):
-            return [self._predict_image(to_rgb(image, f"predict: image {i}")) for i, image in enumerate(images)]
-        return self._predict_image(to_rgb(images, "predict"))
+            return [self._predict_image(to_rgb(image, f"predict: image {i}"), score_threshold, masks)
+                    for i, image in enumerate(images)]
+        return self._predict_image(to_rgb(images, "predict"), score_threshold, masks)
 
     def draw(self, image, result, path: Optional[str] = None,
              score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> np.ndarray:
@@ -118,28 +137,64 @@ class Predictor:
             tf.io.write_file(path, tf.io.encode_png(drawn))
         return drawn
 
-    def _predict_image(self, image: np.ndarray) -> Dict[str, np.ndarray]:
+    def _predict_image(self, image: np.ndarray, score_threshold: float, masks: str) -> Dict[str, np.ndarray]:
         """predict() of one uint8 [h, w, 3] RGB array."""
         outputs = {k: v.numpy() for k, v in self._detect(tf.constant(image[None])).items()}
         n = int(outputs["num_detections"][0])
-        category_ids = outputs["detection_classes"][0, :n].astype(np.int32)
+        scores = outputs["detection_scores"][0, :n].astype(np.float32)
+        keep = np.flatnonzero(scores >= score_threshold)  # scores are sorted: a prefix
+        category_ids = outputs["detection_classes"][0, keep].astype(np.int32)
         lookup = {c: i + 1 for i, c in enumerate(self.category_ids)}
         result = {
-            "boxes": outputs["detection_boxes"][0, :n].astype(np.float32),
-            "scores": outputs["detection_scores"][0, :n].astype(np.float32),
+            "boxes": outputs["detection_boxes"][0, keep].astype(np.float32).reshape(-1, 4),
+            "scores": scores[keep],
             "category_ids": category_ids,
-            "classes": np.array([lookup[int(c)] for c in category_ids], np.int32).reshape(n),
+            "classes": np.array([lookup[int(c)] for c in category_ids], np.int32).reshape(keep.size),
+            "num_below_threshold": n - int(keep.size),
         }
         result["category_names"] = [self.class_names[c - 1] if 1 <= c <= len(self.class_names) else str(c)
                                     for c in result["classes"].tolist()]
         if "detection_masks" in outputs:
-            result["mask_probabilities"] = outputs["detection_masks"][0, :n]
-            if "detection_masks_pasted" in outputs:
-                result["masks"] = outputs["detection_masks_pasted"][0, :n]
-            else:  # exported with --no_pasted_masks: paste here, same rule as the graph
-                pasted = paste_masks(result["mask_probabilities"][None], result["boxes"][None], image.shape[:2])
-                result["masks"] = (np.asarray(pasted)[0] >= export_lib.MASK_THRESHOLD).astype(np.uint8)
+            probabilities = outputs["detection_masks"][0, keep]
+            result["mask_probabilities"] = probabilities
+            pasted = (paste_mask(m, box, image.shape[:2]) for m, box in zip(probabilities, result["boxes"]))
+            if masks == "full":
+                result["masks"] = np.zeros((keep.size, *image.shape[:2]), np.uint8)
+                for i, (window, rows, cols) in enumerate(pasted):
+                    result["masks"][i, rows, cols] = window
+            elif masks == "rle":
+                result["masks_rle"] = [encode_window(window, rows, cols, image.shape[:2])
+                                       for window, rows, cols in pasted]
         return result
+
+
+MASK_FORMATS = ("full", "rle", "box")
+
+
+def paste_mask(mask: np.ndarray, box: np.ndarray, image_hw):
+    """(uint8 window 0/1, row slice, column slice): mask float [M, M] probabilities pasted into its box
+    [y1, x1, y2, x2] (original pixels) of an image of size image_hw, computed only over the box's window
+    (the box plus the half mask cell beyond it where pasted values can be nonzero, plus a pixel):
+    ops/masks.paste_masks with its origin, so the values equal the full-size paste's."""
+    height, width = image_hw
+    y1, x1, y2, x2 = (float(v) for v in box)
+    if not (y2 > y1 and x2 > x1):
+        return np.zeros((0, 0), np.uint8), slice(0, 0), slice(0, 0)
+    half_y, half_x = (y2 - y1) / (2 * mask.shape[0]), (x2 - x1) / (2 * mask.shape[1])
+    top, bottom = max(0, int(np.floor(y1 - half_y)) - 1), min(height, int(np.ceil(y2 + half_y)) + 1)
+    left, right = max(0, int(np.floor(x1 - half_x)) - 1), min(width, int(np.ceil(x2 + half_x)) + 1)
+    if bottom <= top or right <= left:
+        return np.zeros((0, 0), np.uint8), slice(0, 0), slice(0, 0)
+    window = paste_masks(mask[None, None], np.asarray(box, np.float32)[None, None], (bottom - top, right - left),
+                         origin=(top, left))[0, 0]
+    return (np.asarray(window) >= export_lib.MASK_THRESHOLD).astype(np.uint8), slice(top, bottom), slice(left, right)
+
+
+def encode_window(window: np.ndarray, rows: slice, cols: slice, image_hw) -> dict:
+    """COCO RLE {"size": [h, w], "counts": str} of an h x w mask that is `window` at (rows, cols), 0 elsewhere."""
+    full = np.zeros(image_hw, np.uint8)
+    full[rows, cols] = window
+    return encode_masks(full[None])[0]
 
 
 def _is_many(images) -> bool:
@@ -236,7 +291,10 @@ def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: 
         except ValueError as e:
             print(f"predict: skipped {path}: {e}", file=sys.stderr)
             continue
-        result = predictor.predict(image)
+        result = predictor.predict(image, score_threshold=score_threshold)
+        if result["num_below_threshold"]:
+            print(f"predict: {path}: {len(result['scores'])} detection(s) >= score_threshold {score_threshold:g}, "
+                  f"{result['num_below_threshold']} below it left out", flush=True)
         masks = result.get("masks")
         drawn = visualize.draw_detections(image, result["boxes"], result["classes"], result["scores"],
                                           masks=masks, class_names=class_names,

@@ -206,8 +206,10 @@ def paste_masks(
     masks: tf.Tensor,
     boxes: tf.Tensor,
     image_size: Tuple[Union[int, tf.Tensor], Union[int, tf.Tensor]],
+    origin: Tuple[int, int] = (0, 0),
 ) -> tf.Tensor:
-    """Pastes M x M mask probabilities into their boxes of an H x W image.
+    """Pastes M x M mask probabilities into their boxes of an H x W image (or of the H x W window at
+    `origin` of a larger image: the same values as the window of the full paste, bit for bit).
 
     Args:
       masks: float [B, D, M, M] probabilities (mask cell (i, j) covers the (i, j)-th 1/M x 1/M part of
@@ -215,6 +217,7 @@ def paste_masks(
       boxes: float [B, D, 4] [y1, x1, y2, x2] in the target image's pixels (continuous coordinates;
         may extend past the image; -1 padding rows give zeros).
       image_size: (H, W) python ints or int32 scalar tensors.
+      origin: (row, column) python ints, the window's top-left pixel in the image of `boxes`.
 
     Returns:
       float32 [B, D, H, W] probabilities sampled at pixel centres by bilinear interpolation of the
@@ -225,8 +228,9 @@ def paste_masks(
     masks = tf.cast(masks, tf.float32)
     boxes = tf.cast(boxes, tf.float32)
     mask_size = tf.shape(masks)[-1]
-    pixel_centres_y = tf.cast(tf.range(height), tf.float32) + 0.5  # [H]
-    pixel_centres_x = tf.cast(tf.range(width), tf.float32) + 0.5  # [W]
+    top, left = origin
+    pixel_centres_y = tf.cast(tf.range(height) + top, tf.float32) + 0.5  # [H]
+    pixel_centres_x = tf.cast(tf.range(width) + left, tf.float32) + 0.5  # [W]
     y1, x1, y2, x2 = tf.unstack(boxes, axis=-1)  # each [B, D]
     row_index, row_weights = _tent_taps(
         _to_cells(pixel_centres_y, y1, y2 - y1, mask_size), mask_size)  # [B, D, H, 2] each
