@@ -292,7 +292,7 @@ class MaskRCNN(keras.Model):
 
         mask_sum, mask_rois = tf.constant(0.0), tf.constant(0.0)
         if self.include_mask:
-            mask_sum, mask_rois = self._mask_loss_sum(data, pyramid, samples)
+            mask_sum, mask_rois = self._mask_loss_sum(data, pyramid, samples, training)
         return {"rpn_cls_loss": rpn_cls, "rpn_reg_loss": rpn_reg, "rpn_loss": rpn_cls + rpn_reg,
                 "rcnn_cls_loss": rcnn_cls, "rcnn_reg_loss": rcnn_reg, "rcnn_mask_loss_sum": mask_sum,
                 "mask_rois": mask_rois}
@@ -313,7 +313,7 @@ class MaskRCNN(keras.Model):
         return (tf.random.experimental.stateless_fold_in(step_seed, 1),
                 tf.random.experimental.stateless_fold_in(step_seed, 2))
 
-    def _mask_loss_sum(self, data, pyramid, samples):
+    def _mask_loss_sum(self, data, pyramid, samples, training):
         """(summed mask loss, mask RoI count) over the first max_mask_rois foreground RoIs of each image
         (a static count, or the batch's largest foreground count when padding is trimmed)."""
         foreground = samples["is_foreground"]
@@ -330,7 +330,8 @@ class MaskRCNN(keras.Model):
         has_masks = data.get("has_masks")
         if has_masks is not None:
             is_mask_roi &= tf.cast(has_masks, tf.bool)[:, None]
-        mask_logits = self.mask_head(self.mask_roi_align(pyramid, rois), classes)  # [B, Sm, M, M]
+        mask_features = self.mask_roi_align(pyramid, rois)
+        mask_logits = self.mask_head(mask_features, classes, training=training)  # [B, Sm, M, M]
         mask_size = int(mask_logits.shape[-1])
         targets = mask_ops.mask_targets(
             tf.cast(data["gt_masks"], tf.float32), data["gt_boxes"], rois, matched, output_size=mask_size)

@@ -112,11 +112,15 @@ def test_tiny_model_with_v2_heads_has_their_variables_saves_and_trains(tmp_path)
     data, _ = make_batch(cfg, TWO_IMAGES)
     fpn_mean = model.fpn.lateral_norms[0].moving_mean.numpy().copy()
     box_mean = model.box_head.conv_norms[0].moving_mean.numpy().copy()
+    mask_means = [v.numpy().copy() for v in model.mask_head.weights if v.path.endswith("moving_mean")]
     model.compile(optimizer=build_optimizer(cfg, model))
     logs = model.train_on_batch(data, return_dict=True)
     assert all(np.isfinite(v) for v in logs.values()), logs
     assert np.abs(model.fpn.lateral_norms[0].moving_mean.numpy() - fpn_mean).max() > 1e-3
     assert np.abs(model.box_head.conv_norms[0].moving_mean.numpy() - box_mean).max() > 1e-3
+    # The mask head's too (its loss once called it without training=True: BatchNorm stayed in inference).
+    moved = [v.numpy() for v in model.mask_head.weights if v.path.endswith("moving_mean")]
+    assert len(moved) == 2 and all(np.abs(a - b).max() > 1e-3 for a, b in zip(moved, mask_means))
 
 
 def test_dataclass_defaults_are_todays_architecture():
