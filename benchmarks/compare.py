@@ -80,7 +80,8 @@ ERROR_TAIL_LINES = 8
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                        help=f"comma-separated subset of {','.join(ALL_CASES)}, or 'all' (every case but {','.join(GPU_CASES)})")
+                        help=f"comma-separated subset of {','.join(ALL_CASES)}, or 'all' (every case but "
+                             f"{','.join(GPU_CASES)})")
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
     parser.add_argument("--ours_python", default=os.environ.get("OURS_PYTHON", sys.executable))
     parser.add_argument("--torch_python", default=os.environ.get("TORCH_PYTHON", "/work/peer_torch/bin/python"))

@@ -104,8 +104,9 @@ def check_mirrored_jit(tf, np, strategy) -> dict:
     total = [float(v) for v in strategy.experimental_local_results(losses["total_loss"])]
     ops = xla_ops(step.get_concrete_function(batch))
     changed = sum(not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
-    ok = (model.replica_jit_compile and int(optimizer.iterations.numpy()) == 3
-          and all(np.isfinite(float(v)) for name in LOSS_NAMES for v in strategy.experimental_local_results(losses[name]))
+    local = strategy.experimental_local_results
+    finite = all(np.isfinite(float(v)) for name in LOSS_NAMES for v in local(losses[name]))
+    ok = (model.replica_jit_compile and int(optimizer.iterations.numpy()) == 3 and finite
           and changed > len(before) // 2
           and {"Conv2D", "Conv2DBackpropFilter", "Conv2DBackpropInput"} <= ops
           and not any(op.startswith(("Collective", "Nccl")) for op in ops))
@@ -188,8 +189,8 @@ def check_throughput(tf, repeats: int) -> dict:
     if proc.returncode != 0:
         return {"status": "fail", "stderr_tail": proc.stderr[-2000:]}
     record = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"status": "pass", "images_per_second": {p: r["images_per_second"] for p, r in record["by_precision"].items()},
-            "record": record}
+    by_precision = {p: r["images_per_second"] for p, r in record["by_precision"].items()}
+    return {"status": "pass", "images_per_second": by_precision, "record": record}
 
 
 def main(argv=None) -> int:

@@ -21,9 +21,10 @@ the devices the model will run on: on only for a host whose devices are CPUs and
 off on GPU and TPU. An explicit True/False in the config is kept. `train.steps_per_loop` "auto" is 1 on a CPU
 host (the callback sees every step; a CPU does not idle between calls) and, on GPU and TPU, the largest
 divisor of log_every_steps, checkpoint_every_steps and total_steps up to MAX_AUTO_STEPS_PER_LOOP: the
-host then syncs once per loop, not once per step, and loss.log and checkpoints keep their steps. The fifth CPU technique, one inter-op
-thread, must be set before TensorFlow starts, so distribute.configure_host_threads decides it (same
-rule; a remote TPU client counts as a TPU although it sees no local accelerator).
+host then syncs once per loop, not once per step, and loss.log and checkpoints keep their steps. The
+sixth CPU technique, one inter-op thread, must be set before TensorFlow starts, so
+distribute.configure_host_threads decides it (same rule; a remote TPU client counts as a TPU although
+it sees no local accelerator).
 
 RoIAlign gradients (crop_and_resize backend) and determinism:
 

@@ -227,7 +227,8 @@ class MaskRCNN(keras.Model):
         for key, tail in expected.items():
             shape = shapes[key]
             if len(shape) != len(tail) + 1 or any(t is not None and s != t for s, t in zip(shape[1:], tail)):
-                raise ValueError(f"batch: {key} has shape {shape}; expected [B, {', '.join(str(t or 'N') for t in tail)}]")
+                expected_shape = ", ".join(str(t or "N") for t in tail)
+                raise ValueError(f"batch: {key} has shape {shape}; expected [B, {expected_shape}]")
             if key.startswith("gt_") and shape[1] != num_instances:
                 raise ValueError(f"batch: {key} has {shape[1]} instances per image but gt_boxes has {num_instances}")
 

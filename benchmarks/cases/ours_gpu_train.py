@@ -1,5 +1,6 @@
 """maskrcnn_tf training throughput on NVIDIA GPUs: images/s at batch 2 per GPU, 1024 x 1024, float32 and
-mixed_float16 (or mixed_bfloat16 on request), in one process. One JSON line on stdout (benchmarks/cases/_harness.py), logs on stderr.
+mixed_float16 (or mixed_bfloat16 on request), in one process. One JSON line on stdout
+(benchmarks/cases/_harness.py), logs on stderr.
 
   /work/venv/bin/python benchmarks/cases/ours_gpu_train.py --case=gpu_train [--image_size=1024]
       [--repeats=50] [--warmup=10] [--batch_per_gpu=2] [--precisions=float32,mixed_float16]

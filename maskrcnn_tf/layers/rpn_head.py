@@ -1,8 +1,9 @@
 """RPN head (Ren et al. 2015), shared over FPN levels: {"P2".."P6"} -> (objectness, deltas) per level.
 
 num_convs 3x3 conv + ReLU layers (1: the FPN paper, detectron2, torchvision v1; 2: torchvision v2's
-RPNHead(conv_depth=2); all with bias, no norm), then two sibling 1x1 convs: A objectness logits (sigmoid, one per anchor; not the
-2-way softmax of the paper, as detectron2) and A * 4 box deltas [dy, dx, dh, dw] per location.
+RPNHead(conv_depth=2); all with bias, no norm), then two sibling 1x1 convs: A objectness logits
+(sigmoid, one per anchor; not the 2-way softmax of the paper, as detectron2) and A * 4 box deltas
+[dy, dx, dh, dw] per location.
 
 Decisions (beyond docs/design.md):
 - Initialisation as detectron2's StandardRPNHead: normal(std 0.01) kernels, zero biases, all convs.

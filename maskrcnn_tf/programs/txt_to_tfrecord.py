@@ -4,8 +4,10 @@
       --output_prefix=records/train [--class_names=my_data/names.txt] [--num_shards=4]
 
 Each line: `relative/path.jpg x1,y1,x2,y2,cls x1,y1,x2,y2,cls ...` (pixels; cls an integer id; line i
-of names.txt names class i; the path may contain spaces). Lines with paths escaping --image_dir or bad fields are skipped and listed
-with their line numbers in {output_prefix}_summary.json. Records have no masks: train with masks off.
+of names.txt names class i; the path may contain spaces). Lines with paths escaping --image_dir or bad
+fields are skipped and listed with their line numbers in {output_prefix}_summary.json. Records have no
+masks: train.py skips their mask loss, so a model trained only on them has an untrained mask head; train
+a box-only model with --params_override=model.include_mask=false.
 {output_prefix}_annotations.json is the records' ground truth in COCO format (boxes only, image ids = line
 numbers, file names as listed): pass it to eval.py as --val_json.
 """

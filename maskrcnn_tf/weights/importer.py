@@ -271,7 +271,8 @@ def import_checkpoint(source: str, checkpoint: str, model_dir: str, overrides: D
     ValueError starting with the checkpoint path when its name's hash prefix does not match (unless
     verify_hash is False), it cannot be read, names a disallowed global, does not fit the source's
     architecture (unused or missing keys, shapes, class count; a torchvision v1 file in a v2 preset or
-    the reverse) or holds buffers that contradict the config; with "--model_dir" for an existing directory. Nothing is left behind on failure.
+    the reverse) or holds buffers that contradict the config; with "--model_dir" for an existing
+    directory. Nothing is left behind on failure.
     """
     if source not in SOURCES:
         raise ValueError(f"--source={source!r}: expected one of {', '.join(SOURCES)}")
