@@ -51,7 +51,8 @@ def test_validate_names_the_convention_field(field, value, message):
 def test_torchvision_preset_has_torchvision_settings():
     m = config_lib.get_preset("torchvision_maskrcnn_r50_fpn").model
     assert (m.num_classes, m.backbone.stride_in_3x3, m.backbone.norm_epsilon) == (90, True, 0.0)
-    assert (m.anchors.offset, m.anchors.round_base_anchors, m.roi.aligned, m.roi.sampling_ratio) == (0.0, True, False, 2)
+    assert (m.anchors.offset, m.anchors.round_base_anchors, m.roi.aligned,
+            m.roi.sampling_ratio) == (0.0, True, False, 2)
     assert (m.rpn.min_box_size, m.detection.min_box_size, m.detection.score_threshold) == (1e-3, 1e-2, 0.05)
     assert m.roi.torchvision_level_mapper
     # torchvision's rpn.py and roi_heads.fastrcnn_loss: smooth_l1_loss(beta=1 / 9).
@@ -67,6 +68,7 @@ def test_detectron2_preset_model_conventions():
     cfg = config_lib.get_preset("detectron2_r50_fpn_1x")
     m = cfg.model
     assert (m.backbone.stride_in_3x3, m.backbone.norm_epsilon) == (False, 1e-5)
-    assert (m.anchors.offset, m.anchors.round_base_anchors, m.roi.aligned, m.roi.sampling_ratio) == (0.0, False, True, 0)
+    assert (m.anchors.offset, m.anchors.round_base_anchors, m.roi.aligned,
+            m.roi.sampling_ratio) == (0.0, False, True, 0)
     assert m.pixel_std == (1.0, 1.0, 1.0) and m.resize_mode == "short_side"
     assert m.pixel_mean == pytest.approx((123.675, 116.28, 103.53))  # detectron2's BGR means, in RGB order

@@ -9,7 +9,8 @@ from maskrcnn_tf.optimizer import build_schedule
 def test_solver_settings_are_detectron2s():
     cfg = config_lib.get_preset("detectron2_r50_fpn_1x")
     t, d = cfg.train, cfg.data
-    assert (d.train_batch_size, t.base_learning_rate, t.reference_batch_size) == (16, 0.02, 16)  # IMS_PER_BATCH, BASE_LR
+    assert (d.train_batch_size, t.base_learning_rate,
+            t.reference_batch_size) == (16, 0.02, 16)  # IMS_PER_BATCH, BASE_LR
     assert (t.momentum, t.weight_decay, t.weight_decay_type) == (0.9, 1e-4, "coupled")  # MOMENTUM, WEIGHT_DECAY
     assert (t.clip_grad_norm, t.precision, t.seed) == (0.0, "float32", None)  # CLIP_GRADIENTS, AMP, SEED -1
     assert (d.flip_probability, d.scale_jitter) == (0.5, (0.8, 1.0))  # RANDOM_FLIP; 640..800 of 800

@@ -57,7 +57,8 @@ def test_config_json_written_before_the_architecture_fields_loads_as_today(prese
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("model.fpn_norm", "batchnorm", r"model\.fpn_norm='batchnorm'.*none \| batch_norm \| sync_batch_norm \| group_norm"),
+    ("model.fpn_norm", "batchnorm",
+     r"model\.fpn_norm='batchnorm'.*none \| batch_norm \| sync_batch_norm \| group_norm"),
     ("model.heads.box_norm", "bn", r"model\.heads\.box_norm"),
     ("model.heads.mask_norm", "layer_norm", r"model\.heads\.mask_norm"),
     ("model.rpn_num_convs", 0, r"model\.rpn_num_convs=0.*integer >= 1"),

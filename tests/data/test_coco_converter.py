@@ -193,7 +193,8 @@ def test_killed_conversion_leaves_no_final_names(tmp_path):
         assert not glob.glob(prefix + "-*-of-*.tfrecord") and not glob.glob(prefix + "_*.json")
         # The next run over the same prefix deletes the dead run's *.tmp-<pid> files and writes everything.
         rerun = subprocess.run(
-            [sys.executable, str(REPO_ROOT / "data_prep" / "coco_to_tfrecord.py"), f"--image_dir={paths['train_images']}",
+            [sys.executable, str(REPO_ROOT / "data_prep" / "coco_to_tfrecord.py"),
+             f"--image_dir={paths['train_images']}",
              f"--annotation_file={paths['train_annotations']}", f"--output_prefix={prefix}", "--num_shards=4"],
             env=env, capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-2000:]

@@ -134,7 +134,8 @@ def test_txt_paths_with_spaces_and_a_repeated_image(tmp_path, capsys):
     # Nothing written at all: an error that names the cause.
     (tmp_path / "gone.txt").write_text("gone dir/x.jpg 1,1,5,5,1\n")
     with pytest.raises(conversion_report.ConversionError, match="no image written: --image_dir points at .* but "
-                                                                "the annotation file lists files like 'gone dir/x.jpg'"):
+                                                                "the annotation file lists files like "
+                                                                "'gone dir/x.jpg'"):
         txt_converter.convert_txt(str(image_dir), str(tmp_path / "gone.txt"), str(tmp_path / "out" / "g"),
                                   progress=False)
 

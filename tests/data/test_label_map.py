@@ -20,7 +20,8 @@ def test_write_then_load_orders_by_dataset_id(tmp_path):
 def test_load_follows_contiguous_ids_not_file_order(tmp_path):
     path = tmp_path / "m.json"
     # A file listed in another order, with a non-monotonic mapping: contiguous id decides the position.
-    path.write_text(json.dumps([{"id": 5, "contiguous_id": 2, "name": "b"}, {"id": 9, "contiguous_id": 1, "name": "a"}]))
+    path.write_text(json.dumps([{"id": 5, "contiguous_id": 2, "name": "b"},
+                                {"id": 9, "contiguous_id": 1, "name": "a"}]))
     assert label_map.load_label_map(str(path)) == ((9, 5), ("a", "b"))
 
 

@@ -42,7 +42,8 @@ def test_overfits_two_images_and_then_finds_every_instance():
     height, width = cfg.model.image_size
     for b, instances in enumerate(TWO_IMAGES):
         n = out["num_detections"][b]
-        scores, classes, boxes = out["detection_scores"][b, :n], out["detection_classes"][b, :n], out["detection_boxes"][b, :n]
+        scores, classes, boxes = (out["detection_scores"][b, :n], out["detection_classes"][b, :n],
+                                  out["detection_boxes"][b, :n])
         pasted = mask_ops.paste_masks(out["detection_masks"][b:b + 1, :n], boxes[None], (height, width))[0].numpy()
         found = []
         for i, (cls, _) in enumerate(instances):

@@ -169,7 +169,8 @@ def test_configure_host_threads(setting, cpu_devices, expected):
     # A fresh process: the thread count can only be set before TensorFlow's runtime starts.
     code = ("import sys; from maskrcnn_tf import distribute; import tensorflow as tf; "
             f"distribute.configure_cpu_devices({cpu_devices}); "
-            f"print(distribute.configure_host_threads({setting}), tf.config.threading.get_inter_op_parallelism_threads())")
+            f"print(distribute.configure_host_threads({setting}), "
+            "tf.config.threading.get_inter_op_parallelism_threads())")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == [str(expected), str(expected)]
     with pytest.raises(ValueError, match="inter_op_threads"):
@@ -500,7 +501,8 @@ def test_coco_chain_train_eval_export_predict(coco_run, tmp_path):
     table_line = " Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]"
     assert proc.stdout.count(table_line) == 2 or "no detections" in proc.stdout + proc.stderr
     metrics = json.load(open(os.path.join(model_dir, run_dir.EVAL_DIR, "metrics.json")))
-    assert "segm/AP" in metrics["metrics"] and os.path.exists(os.path.join(model_dir, run_dir.EVAL_DIR, "detections.json"))
+    assert "segm/AP" in metrics["metrics"] and os.path.exists(
+        os.path.join(model_dir, run_dir.EVAL_DIR, "detections.json"))
 
     export_dir = str(tmp_path / "export")
     _run_program("export.py", f"--model_dir={model_dir}", f"--export_dir={export_dir}")
@@ -544,7 +546,8 @@ def test_one_worker_cluster_trains_through_the_distribute_script(coco_records, t
                           capture_output=True, text=True, timeout=PROCESS_TIMEOUT,
                           env=_env(TF_CONFIG=tf_config, PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "1 replica(s) on 1 x CPU (CollectiveAllReduceStrategy)" in proc.stdout and "done: global step 2" in proc.stdout
+    assert ("1 replica(s) on 1 x CPU (CollectiveAllReduceStrategy)" in proc.stdout
+            and "done: global step 2" in proc.stdout)
     assert loss_log_steps(model_dir) == [1, 2] and checkpoint_steps(model_dir) == [2]
 
 

@@ -213,7 +213,8 @@ def test_one_training_step_equals_torchvision():
     def recording_rpn_sampler(labels):
         record["anchor_labels"] = [l.numpy().copy() for l in labels]
         pos, neg = rpn_sampler(labels)
-        record["anchor_pos"], record["anchor_neg"] = [p.numpy().astype(bool) for p in pos], [n.numpy().astype(bool) for n in neg]
+        record["anchor_pos"], record["anchor_neg"] = ([p.numpy().astype(bool) for p in pos],
+                                                      [n.numpy().astype(bool) for n in neg])
         return pos, neg
 
     def recording_add_gt_proposals(proposals, gt_boxes):
@@ -229,7 +230,8 @@ def test_one_training_step_equals_torchvision():
             restricted.append(torch.where(torch.from_numpy(rows >= 0), label, torch.full_like(label, -1)))
         record["roi_labels"] = [l.numpy().copy() for l in labels]
         pos, neg = roi_sampler(restricted)
-        record["roi_pos"], record["roi_neg"] = [p.numpy().astype(bool) for p in pos], [n.numpy().astype(bool) for n in neg]
+        record["roi_pos"], record["roi_neg"] = ([p.numpy().astype(bool) for p in pos],
+                                                [n.numpy().astype(bool) for n in neg])
         return pos, neg
 
     own_targets, given_targets, image_counter = [], [], iter(range(2))
@@ -268,7 +270,8 @@ def test_one_training_step_equals_torchvision():
     anchor_rows = [np.concatenate([np.flatnonzero(p), np.flatnonzero(n)]) for p, n in
                    zip(record["anchor_pos"], record["anchor_neg"])]
     anchor_positive = [np.arange(len(r)) < p.sum() for r, p in zip(anchor_rows, record["anchor_pos"])]
-    model.anchor_labeler.sampler = _forced_sampler(anchor_rows, anchor_positive, model.anchor_labeler.batch_size_per_image)
+    model.anchor_labeler.sampler = _forced_sampler(anchor_rows, anchor_positive,
+                                                   model.anchor_labeler.batch_size_per_image)
     roi_rows, roi_positive = [], []
     for b in range(2):
         taken = np.flatnonzero(record["roi_pos"][b] | record["roi_neg"][b])  # torchvision's order
@@ -360,14 +363,17 @@ def test_normalizers_differ_from_torchvision_only_when_fewer_rows_are_sampled():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 500)).astype(np.float32)
     targets = (rng.random((2, 500)) < 0.2).astype(np.float32)
-    deltas, box_targets = rng.normal(size=(2, 500, 4)).astype(np.float32), rng.normal(size=(2, 500, 4)).astype(np.float32)
+    deltas, box_targets = (rng.normal(size=(2, 500, 4)).astype(np.float32),
+                           rng.normal(size=(2, 500, 4)).astype(np.float32))
     for sampled_per_image in (256, 100):  # enough candidates, and too few
         sampled = np.zeros((2, 500), bool)
         sampled[:, :sampled_per_image] = True
         positive = sampled & (targets > 0)
         fixed = 2 * 256
-        ours_cls = float(losses.rpn_objectness_loss(tf.constant(logits), tf.constant(targets), tf.constant(sampled), fixed))
-        ours_box = float(losses.rpn_box_loss(tf.constant(deltas), tf.constant(box_targets), tf.constant(positive), fixed,
+        ours_cls = float(losses.rpn_objectness_loss(tf.constant(logits), tf.constant(targets), tf.constant(sampled),
+                                                    fixed))
+        ours_box = float(losses.rpn_box_loss(tf.constant(deltas), tf.constant(box_targets),
+                                             tf.constant(positive), fixed,
                                              beta=1 / 9))
         n = int(sampled.sum())
         theirs_cls = float(torch.nn.functional.binary_cross_entropy_with_logits(

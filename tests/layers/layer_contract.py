@@ -83,7 +83,8 @@ def run_layer_test(layer_cls, *, init_kwargs, call_args, call_kwargs=None, expec
     clone.set_weights(layer.get_weights())
     _assert_outputs_close(clone(*call_args, **call_kwargs), outputs, 0.0, "from_config clone")
     floats = _float_outputs(outputs)
-    expected = float32_output_dtypes if isinstance(float32_output_dtypes, list) else [float32_output_dtypes] * len(floats)
+    expected = (float32_output_dtypes if isinstance(float32_output_dtypes, list)
+                else [float32_output_dtypes] * len(floats))
     assert [x.dtype.name for x in floats] == expected
     assert all(np.all(np.isfinite(np.asarray(x))) for x in floats)
 
@@ -91,7 +92,8 @@ def run_layer_test(layer_cls, *, init_kwargs, call_args, call_kwargs=None, expec
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(MIXED_POLICY)
     try:
-        mixed = layer_cls(**dict(init_kwargs, **(mixed_kwargs if mixed_kwargs is not None else {"dtype": MIXED_POLICY})))
+        mixed = layer_cls(**dict(init_kwargs,
+                                 **(mixed_kwargs if mixed_kwargs is not None else {"dtype": MIXED_POLICY})))
         mixed_outputs = mixed(*call_args, **call_kwargs)
         mixed.set_weights(layer.get_weights())
         mixed_outputs = mixed(*call_args, **call_kwargs)
