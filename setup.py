@@ -33,7 +33,8 @@ setup(
         # NVIDIA GPUs: TensorFlow's own CUDA and cuDNN wheels (Linux). A TPU VM brings tensorflow-tpu and
         # libtpu instead (README, "Install"): install this package there with --no-deps.
         "gpu": ["tensorflow[and-cuda]>=2.16"],
-        # torch/torchvision are executable oracles for the equivalence tests, never runtime dependencies.
-        "test": ["pytest", "pytest-xdist", "torch==2.14.1", "torchvision==0.29.1"],
+        # torch/torchvision (and PIL, for JPEG pixels) are executable oracles for the tests, never runtime
+        # dependencies; ruff runs in tests/test_lint.py.
+        "test": ["pytest", "pytest-xdist", "ruff==0.17.6", "pillow", "torch==2.14.1", "torchvision==0.29.1"],
     },
 )

@@ -160,6 +160,15 @@ def count_records(file_pattern) -> int:
     return total
 
 
+def records_have_masks(file_pattern) -> bool:
+    """Whether the dataset carries masks, from its first record (a converter writes the mask key for
+    every record of a dataset with masks, none for a box-only one such as the TXT converter's)."""
+    for path in _match_files(file_pattern):
+        for serialized in tf.data.TFRecordDataset(path).take(1):
+            return schema.MASK in tf.train.Example.FromString(serialized.numpy()).features.feature
+    return False
+
+
 def count_training_records(file_pattern) -> int:
     """count_records, but zero records is a ValueError naming the pattern: a training pipeline repeats
     forever, and repeating an empty dataset never yields a batch (the run would hang)."""

@@ -273,6 +273,12 @@ def run_training(train_file_pattern, model_dir, preset, label_map_path=None, ext
 
     cfg, label_map_path, steps_per_epoch = resolve_config(preset, train_file_pattern, label_map_path,
                                                           extra_overrides)
+    from maskrcnn_tf.data import pipeline
+
+    if cfg.model.include_mask and not pipeline.records_have_masks(train_file_pattern):
+        print("data: the records have no masks (boxes only, e.g. the TXT converter's): their mask loss is "
+              "skipped, so the mask head stays untrained; --params_override=model.include_mask=false trains "
+              "a box-only model", flush=True)
     # A preset is a recipe (e.g. detectron2's): say where this run leaves it, so a changed setting is a choice.
     changed = config_lib.differences(config_lib.get_preset(preset), cfg, ignore=config_lib.DATASET_FIELDS)
     if changed:

@@ -233,3 +233,11 @@ def test_coco_val2017_records_decode_with_boxes_matching_the_json(tmp_path):
             assert np.all(areas > 0.05) and batch["gt_masks"][i].max() <= 1.0
             checked += 1
     assert checked == 10
+
+
+def test_records_have_masks_reads_the_first_record(tmp_path):
+    # train.py says in one line that box-only records (the TXT converter's) leave the mask head untrained.
+    with_masks = _write(tmp_path / "masks.tfrecord", [_record(1, [(0, 0, 10, 10)]), _record(2, [(0, 0, 5, 5)])])
+    boxes_only = _write(tmp_path / "boxes.tfrecord", [_record(1, [(0, 0, 10, 10)], masks=False)])
+    assert pipeline.records_have_masks(with_masks) is True
+    assert pipeline.records_have_masks(boxes_only) is False
