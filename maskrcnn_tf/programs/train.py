@@ -270,15 +270,10 @@ def run_training(train_file_pattern, model_dir, preset, label_map_path=None, ext
     import tensorflow as tf
 
     from maskrcnn_tf import training
+    from maskrcnn_tf.data import pipeline
 
     cfg, label_map_path, steps_per_epoch = resolve_config(preset, train_file_pattern, label_map_path,
                                                           extra_overrides)
-    from maskrcnn_tf.data import pipeline
-
-    if cfg.model.include_mask and not pipeline.records_have_masks(train_file_pattern):
-        print("data: the records have no masks (boxes only, e.g. the TXT converter's): their mask loss is "
-              "skipped, so the mask head stays untrained; --params_override=model.include_mask=false trains "
-              "a box-only model", flush=True)
     # A preset is a recipe (e.g. detectron2's): say where this run leaves it, so a changed setting is a choice.
     changed = config_lib.differences(config_lib.get_preset(preset), cfg, ignore=config_lib.DATASET_FIELDS)
     if changed:
@@ -291,11 +286,16 @@ def run_training(train_file_pattern, model_dir, preset, label_map_path=None, ext
         raise ValueError(f"--val_json={val_json}: file not found")
     if (eval_file_pattern is None) != (val_json is None):
         raise ValueError("evaluation during training needs both --eval_file_pattern and --val_json")
+    # The strategy first: multi-worker collectives must be configured before any TensorFlow op runs.
+    strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
     if eval_file_pattern:  # records and JSON must be the same images: say so now, not after an epoch
         from maskrcnn_tf.evaluation.run import check_inputs
 
         check_inputs(eval_file_pattern, val_json)
-    strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
+    if cfg.model.include_mask and not pipeline.records_have_masks(train_file_pattern):
+        print("data: the records have no masks (boxes only, e.g. the TXT converter's): their mask loss is "
+              "skipped, so the mask head stays untrained; --params_override=model.include_mask=false trains "
+              "a box-only model", flush=True)
     eval_every_epochs = FLAGS.eval_every_epochs
     if eval_every_epochs is None:
         eval_every_epochs = 0 if FLAGS.strategy == "tpu" else 1
