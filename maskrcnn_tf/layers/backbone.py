@@ -12,7 +12,8 @@ Decisions (beyond docs/design.md):
   unfolded Keras network cannot move its strides, so fold_batchnorm=False refuses that combination.
   `norm_epsilon` overrides every BatchNormalization's epsilon (torchvision's COCO_V1 Mask R-CNN: 0).
   A `weights` path ending in .pth is a torchvision ImageNet classification checkpoint: read without
-  torch (weights/torch_pickle.py) and mapped by weights/torchvision_mapping.py; RGB, no reversal.
+  torch (weights/torch_pickle.py) and mapped by weights/torchvision_mapping.py; RGB, no reversal; its name's
+  hash suffix and its conventions (stride_in_3x3, norm_epsilon 1e-5) are checked (weights/imagenet_backbones.py).
 - Frozen BatchNorm, as detectron2's FrozenBatchNorm2d: every BatchNormalization layer is
   `trainable=False` (gamma, beta not trained) and the network is always called with `training=False`
   (moving statistics are used and never updated), whatever `training` the caller passes. Detection batches
@@ -336,11 +337,11 @@ class Backbone(keras.layers.Layer):
                     layer.momentum = KERAS_BN_MOMENTUM
                     layer.synchronized = self.norm == SYNC_BATCH_NORM
         if isinstance(self.weights_source, str) and self.weights_source.endswith(TORCH_CHECKPOINT_SUFFIX):
-            # torchvision ImageNet ResNet (RGB, 0..1 ImageNet-normalised inputs): no channel reversal.
-            from maskrcnn_tf.weights import torch_pickle, torchvision_mapping
+            # torchvision ImageNet ResNet (RGB, 0..1 ImageNet-normalised inputs): no channel reversal. The name's
+            # hash suffix and the stride / epsilon conventions are checked (weights/imagenet_backbones.py).
+            from maskrcnn_tf.weights import imagenet_backbones
 
-            state_dict = torch_pickle.load_state_dict(self.weights_source)
-            torchvision_mapping.assign_torchvision_resnet(network, state_dict, source=self.weights_source)
+            imagenet_backbones.load_backbone(network, self.weights_source, self.stride_in_3x3, self.norm_epsilon)
             return network
         if self.weights_source not in (None, IMAGENET):
             network.load_weights(self.weights_source)

@@ -86,10 +86,12 @@ def _digest(path: str, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-def check_integrity(path: str, verify: bool = True, want_sha256: bool = False) -> Integrity:
+def check_integrity(path: str, verify: bool = True, want_sha256: bool = False,
+                    skip_hint: str = "download it again; --no_verify_hash skips this check") -> Integrity:
     """Checks the hash prefix the file name carries (module docstring); ValueError in one line on a mismatch.
 
     want_sha256: compute the SHA-256 even when the name carries none (to recognise a renamed published file).
+    skip_hint: the mismatch message's advice in parentheses (callers without --no_verify_hash say so).
     """
     name = os.path.basename(path)
     sha_claim, md5_claim = SHA256_SUFFIX.search(name), MD5_SUFFIX.match(name)
@@ -104,7 +106,7 @@ def check_integrity(path: str, verify: bool = True, want_sha256: bool = False) -
         digest = sha256 if algorithm == "sha256" else _digest(path, algorithm)
         if digest[:len(prefix)] != prefix:
             raise ValueError(f"{path}: its {label} is {digest}, but the file name says it starts with {prefix}: a "
-                             "truncated or tampered download (download it again; --no_verify_hash skips this check)")
+                             f"truncated or tampered download ({skip_hint})")
         notes.append(f"{label} prefix {prefix} verified")
     return Integrity(sha256, ", ".join(notes) or "no hash in the file name")
 
