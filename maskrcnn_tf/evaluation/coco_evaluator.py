@@ -21,15 +21,24 @@ Decisions:
   with one printed line): COCOeval marks a matched detection by the id of its annotation, so a detection
   matching annotation 0 counts as a false positive and that annotation as missed. Roboflow exports
   number annotations from 0.
+- Per-category AP (detectron2's `_derive_coco_results`): after each pycocotools table, a table of
+  AP@[.5:.95] per category of the ground truth (in category id order, named by the JSON's "name"),
+  read from `eval["precision"]` at area "all" and maxDets 100: the mean over IoU thresholds and recall
+  points of the entries > -1. A category without (non-crowd) ground truth among the evaluated images
+  has only -1 entries: it is printed as "n/a (no ground truth)" and its value is None, never 0; like
+  pycocotools' AP it is not averaged. Values are fractions (0..1, as the stats), not detectron2's percent.
+  `per_category` holds {iou_type: {name: AP or None}} of the last `evaluate()` (a repeated name gets
+  " (id N)" appended). Without detections every category with ground truth is 0.0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -40,6 +49,10 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "ARmax1", "ARmax10", "ARmax100", "ARs", "ARm", "ARl")
 # How many offending ids an error message lists.
 _IDS_SHOWN = 5
+# Printed (and absent from the averages) for a category without ground truth in the evaluated images.
+NO_GROUND_TRUTH = "n/a (no ground truth)"
+# (name, AP) pairs per row of the per-category table.
+_TABLE_PAIRS = 3
 
 
 def write_results_json(path: Union[str, os.PathLike], results: Sequence[dict]) -> None:
@@ -65,6 +78,55 @@ def _renumber_annotation_id_zero(coco_gt: COCO) -> None:
           ": pycocotools would count a detection matching it as a false positive")
 
 
+def category_names(coco_gt: COCO) -> Dict[int, str]:
+    """Category id -> name from the JSON's categories, in id order; a repeated (or missing) name gets
+    " (id N)" appended so that every name is a unique key."""
+    categories = coco_gt.loadCats(sorted(coco_gt.getCatIds()))
+    counts: Dict[str, int] = {}
+    for c in categories:
+        counts[str(c.get("name", ""))] = counts.get(str(c.get("name", "")), 0) + 1
+    names = {}
+    for c in categories:
+        name = str(c.get("name", ""))
+        names[int(c["id"])] = name if name and counts[name] == 1 else f"{name} (id {c['id']})".lstrip()
+    return names
+
+
+def per_category_ap(coco_eval: COCOeval, names: Dict[int, str]) -> Dict[str, Optional[float]]:
+    """AP@[.5:.95] per category of an accumulated COCOeval (detectron2's `_derive_coco_results`).
+
+    eval["precision"] is [IoU thresholds, recall points, categories (params.catIds order), area ranges,
+    maxDets]; at area "all" and maxDets 100 the AP of a category is the mean of its entries > -1, None
+    when there are none (no ground truth of the category among params.imgIds)."""
+    precision = coco_eval.eval["precision"]
+    params = coco_eval.params
+    area = params.areaRngLbl.index("all")
+    max_dets = list(params.maxDets).index(100)
+    result: Dict[str, Optional[float]] = {}
+    for k, category_id in enumerate(params.catIds):
+        values = precision[:, :, k, area, max_dets]
+        values = values[values > -1]
+        result[names[int(category_id)]] = float(np.mean(values)) if values.size else None
+    return result
+
+
+def format_per_category_table(iou_type: str, per_category: Dict[str, Optional[float]]) -> str:
+    """'Per-category bbox AP:' and a pipe table of _TABLE_PAIRS (category, AP) pairs per row."""
+    cells = [(name, NO_GROUND_TRUTH if ap is None else f"{ap:.4f}") for name, ap in per_category.items()]
+    pairs = max(1, min(_TABLE_PAIRS, len(cells)))
+    rows = [list(itertools.chain(*cells[i:i + pairs])) for i in range(0, len(cells), pairs)]
+    if rows:
+        rows[-1] += [""] * (2 * pairs - len(rows[-1]))
+    header = ["category", "AP"] * pairs
+    widths = [max(len(r[j]) for r in rows + [header]) for j in range(2 * pairs)]
+
+    def line(cols: List[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |"
+
+    rule = "|" + "|".join(":" + "-" * (w + 1) for w in widths) + "|"
+    return "\n".join([f"Per-category {iou_type} AP:", line(header), rule] + [line(r) for r in rows])
+
+
 def _few(ids: Iterable[int]) -> str:
     ids = sorted(ids)
     shown = ", ".join(str(i) for i in ids[:_IDS_SHOWN])
@@ -87,6 +149,8 @@ class COCOEvaluator:
         self.iou_types = ("bbox", "segm") if include_mask else ("bbox",)
         self._known_image_ids = set(self.coco_gt.getImgIds())
         self._known_category_ids = set(self.coco_gt.getCatIds())
+        self._category_names = category_names(self.coco_gt)
+        self.per_category: Dict[str, Dict[str, Optional[float]]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -133,19 +197,28 @@ class COCOEvaluator:
 
         Returns:
           {"bbox/AP": float, ..., "bbox/ARl", "segm/AP", ...}: the 12 COCOeval stats per IoU type, all
-          0.0 when there are no detections.
+          0.0 when there are no detections. The per-category APs go to `self.per_category`.
         """
         metrics = {}
+        self.per_category = {}
         for iou_type in self.iou_types:
-            stats = self._evaluate_one(iou_type)
+            stats, per_category = self._evaluate_one(iou_type)
             metrics.update({f"{iou_type}/{name}": float(v) for name, v in zip(STAT_NAMES, stats)})
+            self.per_category[iou_type] = per_category
+            print(format_per_category_table(iou_type, per_category), flush=True)
         return metrics
 
-    def _evaluate_one(self, iou_type: str) -> np.ndarray:
+    def _categories_with_ground_truth(self) -> set:
+        annotations = self.coco_gt.loadAnns(self.coco_gt.getAnnIds(imgIds=self.image_ids))
+        return {int(a["category_id"]) for a in annotations if not a.get("iscrowd", 0)}
+
+    def _evaluate_one(self, iou_type: str) -> Tuple[np.ndarray, Dict[str, Optional[float]]]:
         if not self._results:
             print(f"COCOEvaluator: no detections on {len(self._image_ids)} images; "
                   f"{iou_type} metrics are 0.")
-            return np.zeros(len(STAT_NAMES))
+            with_gt = self._categories_with_ground_truth()
+            return np.zeros(len(STAT_NAMES)), {name: (0.0 if category_id in with_gt else None)
+                                               for category_id, name in self._category_names.items()}
         # Shallow copies suffice: loadRes and COCOeval only add or replace top-level keys.
         drop = ("bbox",) if iou_type == "segm" else ()
         results = [{k: v for k, v in r.items() if k not in drop} for r in self._results]
@@ -155,4 +228,4 @@ class COCOEvaluator:
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
-        return np.asarray(coco_eval.stats)
+        return np.asarray(coco_eval.stats), per_category_ap(coco_eval, self._category_names)

@@ -30,6 +30,10 @@ Decisions:
 - After the pycocotools tables one summary line per IoU type gives the 12 stats by name, so logs stay
   greppable; `metrics.json` holds those numbers plus the run's context, `detections.json` the COCO
   results (the format of the COCO detection challenge).
+- Each pycocotools table is followed by a per-category AP@[.5:.95] table (COCOEvaluator, detectron2's
+  layout); metrics.json holds it as "per_category": {"bbox": {name: AP}, "segm": {...}}, with null for a
+  category without ground truth in the evaluated images (printed "n/a (no ground truth)"). The "metrics"
+  dict and the returned one keep only the 12 stats per IoU type.
 """
 
 from __future__ import annotations
@@ -163,7 +167,8 @@ def evaluate_model(model, cfg: config_lib.Config, eval_file_pattern, val_json: s
     """Runs the model over eval records and computes the COCO metrics with pycocotools.
 
     Prints pycocotools' standard 12-line tables (bbox, then segm when cfg.model.include_mask and the
-    ground truth has masks), progress lines with images/s, and a summary line per IoU type.
+    ground truth has masks), each followed by a per-category AP table, progress lines with images/s, and
+    a summary line per IoU type.
 
     Args:
       model: a built MaskRCNN; `model(inputs, training=False)` gives the inference dict of model.py
@@ -174,7 +179,8 @@ def evaluate_model(model, cfg: config_lib.Config, eval_file_pattern, val_json: s
         image/filename must be the val JSON's image ids and file names (match_by "id_and_file_name"), or
         the file names must be (match_by "file_name").
       val_json: COCO instances JSON with the ground truth of (at least) those images.
-      output_dir: when given (created if needed), `detections.json` and `metrics.json` are written there.
+      output_dir: when given (created if needed), `detections.json` and `metrics.json` (with the
+        per-category APs under "per_category") are written there.
       max_images: evaluate only the first max_images records (None = all).
       match_by: "id_and_file_name" or "file_name" (image_matching.py).
       inputs: check_inputs(eval_file_pattern, val_json, match_by) when the caller ran it already (eval.py
@@ -241,7 +247,8 @@ def evaluate_model(model, cfg: config_lib.Config, eval_file_pattern, val_json: s
     if output_dir:
         tf.io.gfile.makedirs(output_dir)  # gfile: output_dir may be gs://... (a model_dir's eval/)
         run_dir.write_text(os.path.join(output_dir, DETECTIONS_FILE), json.dumps(results))
-        summary = {"metrics": metrics, "num_images": num_images, "num_detections": len(results),
+        summary = {"metrics": metrics, "per_category": evaluator.per_category,
+                   "num_images": num_images, "num_detections": len(results),
                    "images_per_second": _rate(num_images, start, warm_images, warm_start, start + seconds),
                    "iou_types": list(evaluator.iou_types), "match_by": match.match_by,
                    "eval_file_pattern": eval_file_pattern,

@@ -7,6 +7,10 @@ The model is built from MODEL_DIR/config.json (written by train.py, label map in
 checkpoint, or the latest one. Results go to MODEL_DIR/eval/ (or --output_dir): detections.json (COCO
 results) and metrics.json.
 
+Each pycocotools table is followed by a per-category AP@[.5:.95] table (detectron2's layout, 3 pairs of
+columns of (category, AP)); metrics.json has it under "per_category". A category without ground truth in
+the evaluated images is printed "n/a (no ground truth)" and written as null.
+
 Records are matched to the val JSON's images by image id AND file name before the model is built. Exports
 that renumber images (Roboflow, CVAT, Label Studio; TXT records are numbered by line) need
 --match_by=file_name: each record then takes the id of the JSON image of its file name, and detections are
