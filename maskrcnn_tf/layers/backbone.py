@@ -14,6 +14,8 @@ Decisions (beyond docs/design.md):
   A `weights` path ending in .pth is a torchvision ImageNet classification checkpoint: read without
   torch (weights/torch_pickle.py) and mapped by weights/torchvision_mapping.py; RGB, no reversal; its name's
   hash suffix and its conventions (stride_in_3x3, norm_epsilon 1e-5) are checked (weights/imagenet_backbones.py).
+  A path ending in .pkl is an MSRA/Caffe2-named ImageNet ResNet (detectron2's R-50.pkl; stride_in_3x3=False,
+  BGR stem reversed to RGB by the mapping), read and checked by the same module.
 - Frozen BatchNorm, as detectron2's FrozenBatchNorm2d: every BatchNormalization layer is
   `trainable=False` (gamma, beta not trained) and the network is always called with `training=False`
   (moving statistics are used and never updated), whatever `training` the caller passes. Detection batches
@@ -102,6 +104,8 @@ KERAS_BN_MOMENTUM = 0.9
 TORCH_3X3_PADDING = [[0, 0], [1, 1], [1, 1], [0, 0]]
 # torchvision ImageNet classification checkpoints (--pretrained=FILE.pth).
 TORCH_CHECKPOINT_SUFFIX = ".pth"
+# ImageNet backbone files weights/imagenet_backbones.py reads: torchvision .pth, MSRA/Caffe2 R-50.pkl.
+IMAGENET_BACKBONE_SUFFIXES = (TORCH_CHECKPOINT_SUFFIX, ".pkl")
 
 TINY_WIDTH_MULTIPLIERS = (1, 2, 4, 8)  # res2..res5 widths, in units of tiny_width
 TINY_BLOCKS_PER_STAGE = 2
@@ -336,9 +340,10 @@ class Backbone(keras.layers.Layer):
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.momentum = KERAS_BN_MOMENTUM
                     layer.synchronized = self.norm == SYNC_BATCH_NORM
-        if isinstance(self.weights_source, str) and self.weights_source.endswith(TORCH_CHECKPOINT_SUFFIX):
-            # torchvision ImageNet ResNet (RGB, 0..1 ImageNet-normalised inputs): no channel reversal. The name's
-            # hash suffix and the stride / epsilon conventions are checked (weights/imagenet_backbones.py).
+        if isinstance(self.weights_source, str) and self.weights_source.endswith(IMAGENET_BACKBONE_SUFFIXES):
+            # torchvision ImageNet ResNet (RGB, 0..1 ImageNet-normalised inputs): no channel reversal; MSRA/Caffe2
+            # R-50.pkl: BGR stem reversed by the mapping. The name's hash suffix and the stride / epsilon
+            # conventions are checked (weights/imagenet_backbones.py).
             from maskrcnn_tf.weights import imagenet_backbones
 
             imagenet_backbones.load_backbone(network, self.weights_source, self.stride_in_3x3, self.norm_epsilon)

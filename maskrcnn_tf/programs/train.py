@@ -54,7 +54,10 @@ flags.DEFINE_string("label_map", None, "Label map JSON (default: {output_prefix}
                     "the training records).")
 flags.DEFINE_enum("strategy", "one_device", list(distribute.STRATEGIES), "tf.distribute strategy.")
 flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu (empty = local TPU VM).")
-flags.DEFINE_string("pretrained", None, "Backbone weights: none | imagenet | PATH (default: the preset's).")
+flags.DEFINE_string("pretrained", None, "Backbone weights: none | imagenet | PATH (default: the preset's). PATH: "
+                    "a Keras .h5, torchvision's ImageNet resnet50-*.pth or detectron2's MSRA R-50.pkl / R-101.pkl "
+                    "(a preset stride or BN eps unlike the file's is named in one line; pixel mean/std must be the "
+                    "file's too: weights/imagenet_backbones.py).")
 flags.DEFINE_string("init_checkpoint", None, "Fine-tune from another run's checkpoint (ckpt prefix, "
                     "checkpoints dir or model dir): variables of equal shape are restored, the others "
                     "(class-specific layers) keep their fresh initialisation. The model settings come from "

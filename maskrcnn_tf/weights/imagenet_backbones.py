@@ -9,6 +9,19 @@ Formats, told apart by the file name's extension:
   classifier) and num_batches_tracked counters are dropped, any other unused key is an error naming it.
   Conventions: trainable nn.BatchNorm2d (eps 1e-5), the stride in the 3x3 conv (Bottleneck.conv2), RGB input
   in 0..1 normalised with the ImageNet mean / std, i.e. 255 x those in our 0..255 units.
+- ".pkl": the MSRA / Caffe2-named ImageNet ResNets detectron2's configs start from (`R-50.pkl`, `R-101.pkl`,
+  MODEL.WEIGHTS "detectron2://ImageNetPretrained/MSRA/R-50.pkl"): a pickle of {name: np.ndarray}, or of
+  {"blobs": {...}}, read with the allow-list unpickler (detectron2_pickle). Names as detectron2's
+  checkpoint/c2_model_loading.py convert_basic_c2_names reads them: conv1_w (stem, BGR input channels),
+  res_conv1_bn_{s,b}, res{2..5}_{b}_branch{1,2a,2b,2c}_w and _bn_{s,b} (branch1 = the projection shortcut,
+  2a/2b/2c = conv1/2/3 of the bottleneck), fc1000_{w,b} (dropped), *_momentum (dropped, as detectron2's
+  _load_file does). The _bn_s / _bn_b pairs are Caffe2 AffineChannel: y = x * s + b, no statistics.
+  detectron2 loads them into FrozenBatchNorm2d whose running_var stays at its initial 1 - eps and
+  running_mean at 0, so its scale is exactly s; here moving_mean 0, moving_variance 1 - eps (the model's
+  epsilon), which gives s for any epsilon. Conventions: the stride in the first 1x1 conv
+  (RESNETS.STRIDE_IN_1X1, stride_in_3x3=False), BGR input minus the BGR means 103.53, 116.28, 123.675 with
+  std 1 (0..255; our RGB order 123.675, 116.28, 103.53): the stem kernel's input channels are reversed on
+  loading so the backbone takes RGB, as the detectron2 importer does.
 
 The file name's hash suffix ("-<8+ hex digits>.pth", torch.hub's convention) is checked first with the
 importer's `check_integrity` (its SHA-256 must start with it): a mismatch is a one-line error. The preset's
@@ -19,12 +32,25 @@ checks them on loading; the pixel statistics live in the model config (`check_mo
 
 import math
 import os
-from typing import List, NamedTuple, Optional, Sequence
+import re
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
-from maskrcnn_tf.weights import importer, torch_pickle, torchvision_mapping
+import numpy as np
 
-TORCHVISION = "torchvision"
-EXTENSIONS = {".pth": TORCHVISION}
+from maskrcnn_tf.weights import detectron2_pickle, importer, layout, torch_pickle, torchvision_mapping
+
+TORCHVISION, CAFFE2 = "torchvision", "caffe2"
+EXTENSIONS = {".pth": TORCHVISION, ".pkl": CAFFE2}
+# Caffe2 names (convert_basic_c2_names): branch -> our block part (keras.applications' _0.._3).
+C2_BRANCHES = {"branch1": "0", "branch2a": "1", "branch2b": "2", "branch2c": "3"}
+_C2_BLOCK = re.compile(r"^res([2-5])_(\d+)_(branch1|branch2a|branch2b|branch2c)_(w|bn_s|bn_b)$")
+C2_STEM = {"conv1_w": ("conv1", "w"), "res_conv1_bn_s": ("conv1", "bn_s"), "res_conv1_bn_b": ("conv1", "bn_b")}
+C2_CLASSIFIER_PREFIX = "fc1000_"
+C2_DROPPED_SUFFIX = "_momentum"
+C2_BLOBS = "blobs."
+# detectron2's MSRA configs: PIXEL_MEAN [103.530, 116.280, 123.675] (BGR), PIXEL_STD [1, 1, 1].
+C2_PIXEL_MEAN = (123.675, 116.28, 103.53)
+C2_PIXEL_STD = (1.0, 1.0, 1.0)
 # keras.applications' BatchNormalization epsilon: what Backbone(norm_epsilon=None) runs with.
 KERAS_NORM_EPSILON = 1.001e-5
 TORCH_BATCH_NORM_EPSILON = 1e-5
@@ -37,7 +63,7 @@ HASH_HINT = "download it again"
 class Conventions(NamedTuple):
     description: str
     stride_in_3x3: bool
-    norm_epsilon: float
+    norm_epsilon: Optional[float]  # None: any (the mapping makes the file's scale exact for every epsilon)
     pixel_mean: Sequence[float]  # RGB, 0..255
     pixel_std: Sequence[float]
 
@@ -46,6 +72,8 @@ CONVENTIONS = {
     TORCHVISION: Conventions("a torchvision ImageNet ResNet (stride in the 3x3 conv, BatchNorm eps 1e-5, RGB "
                              "normalised by the ImageNet mean/std)", True, TORCH_BATCH_NORM_EPSILON,
                              IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD),
+    CAFFE2: Conventions("an MSRA/Caffe2 ImageNet ResNet (stride in the first 1x1 conv, BGR minus the BGR means "
+                        "103.53, 116.28, 123.675, std 1)", False, None, C2_PIXEL_MEAN, C2_PIXEL_STD),
 }
 
 
@@ -71,7 +99,8 @@ def mismatches(fmt: str, stride_in_3x3: bool, norm_epsilon: Optional[float], pix
     fields = []
     if bool(stride_in_3x3) != want.stride_in_3x3:
         fields.append(f"model.backbone.stride_in_3x3={want.stride_in_3x3}")
-    if not _close(KERAS_NORM_EPSILON if norm_epsilon is None else norm_epsilon, want.norm_epsilon):
+    if want.norm_epsilon is not None and not _close(KERAS_NORM_EPSILON if norm_epsilon is None else norm_epsilon,
+                                                    want.norm_epsilon):
         fields.append(f"model.backbone.norm_epsilon={want.norm_epsilon:g}")
     if pixel_mean is not None and not all(_close(a, b) for a, b in zip(pixel_mean, want.pixel_mean)):
         fields.append(f"model.pixel_mean={_values(want.pixel_mean)}")
@@ -109,6 +138,51 @@ def load_backbone(network, path, stride_in_3x3: bool, norm_epsilon: Optional[flo
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     importer.check_integrity(path, skip_hint=HASH_HINT)
-    state_dict = torch_pickle.load_state_dict(path)
-    torchvision_mapping.assign_torchvision_resnet(network, state_dict, source=path)
+    if fmt == TORCHVISION:
+        state_dict = torch_pickle.load_state_dict(path)
+        torchvision_mapping.assign_torchvision_resnet(network, state_dict, source=path)
+    else:
+        state_dict = detectron2_pickle.load_state_dict(path)
+        epsilon = KERAS_NORM_EPSILON if norm_epsilon is None else float(norm_epsilon)
+        try:
+            values, sources = caffe2_variables(state_dict, epsilon)
+            layout.assign(network, values, sources, torchvision_mapping.BACKBONE_REQUIRED_PREFIXES)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     check_conventions(path, fmt, stride_in_3x3, norm_epsilon)
+
+
+def caffe2_variables(state_dict: Dict[str, np.ndarray], norm_epsilon: float):
+    """({keras.applications ResNet variable path: array}, {path: Caffe2 name}) of an MSRA R-50 / R-101 blob
+    dict (module docstring). ValueError naming the first key that has no place (another architecture)."""
+    blobs = {}
+    for key, value in state_dict.items():
+        key = key[len(C2_BLOBS):] if key.startswith(C2_BLOBS) else key
+        if not key.endswith(C2_DROPPED_SUFFIX) and not key.startswith(C2_CLASSIFIER_PREFIX):
+            blobs[key] = np.asarray(value, np.float32)
+    values, sources = {}, {}
+    for key, value in sorted(blobs.items()):
+        if key in C2_STEM:
+            ours, kind = C2_STEM[key]
+        else:
+            match = _C2_BLOCK.match(key)
+            if match is None:
+                raise ValueError(f"key {key} (shape {tuple(value.shape)}) has no place in this backbone "
+                                 "(another architecture?)")
+            stage, block, branch, kind = match.groups()
+            ours = f"conv{stage}_block{int(block) + 1}_{C2_BRANCHES[branch]}"
+        if kind == "w":
+            kernel = layout.conv_kernel(value)  # OIHW -> HWIO
+            if ours == "conv1":
+                kernel = kernel[:, :, ::-1, :]  # BGR -> RGB input channels
+            values[f"{ours}_conv/kernel"], sources[f"{ours}_conv/kernel"] = kernel, key
+            values[f"{ours}_conv/bias"] = np.zeros(kernel.shape[-1], np.float32)
+            sources[f"{ours}_conv/bias"] = key
+        else:
+            variable = "gamma" if kind == "bn_s" else "beta"
+            values[f"{ours}_bn/{variable}"], sources[f"{ours}_bn/{variable}"] = value, key
+            if kind == "bn_s":  # AffineChannel: no statistics; scale s / sqrt(1 - eps + eps) = s
+                values[f"{ours}_bn/moving_mean"] = np.zeros_like(value)
+                values[f"{ours}_bn/moving_variance"] = np.full_like(value, 1.0 - norm_epsilon)
+                sources[f"{ours}_bn/moving_mean"] = sources[f"{ours}_bn/moving_variance"] = key
+    return values, sources

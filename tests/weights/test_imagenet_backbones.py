@@ -4,6 +4,9 @@ A torchvision `resnet50(weights=None)` with seeded random weights and random BN 
 torch.save under a torch.hub name carrying its SHA-256 prefix (the layout of resnet50-0676ba61.pth: conv1,
 bn1, layer*, fc, num_batches_tracked), loaded through the config's model.backbone.weights into the Backbone
 as model.py builds it, and our C2..C5 are compared with torchvision's eval-mode layer1..layer4 outputs.
+detectron2's MSRA R-50.pkl: the same network with each stage's stride moved to the first 1x1 conv, its BN
+folded into Caffe2 AffineChannel scale / bias blobs under the Caffe2 names, pickled as {"blobs": ...}; the
+oracle reads the BGR image, we the RGB one.
 """
 import hashlib
 import os
@@ -118,3 +121,73 @@ def test_torchvision_hash_suffix_is_checked(torchvision_file, tmp_path):
                                          r"says it starts with 0676ba61: a truncated or tampered download") as e:
         Backbone(name="resnet50", weights=renamed, stride_in_3x3=True, norm_epsilon=1e-5)
     assert "\n" not in str(e.value)
+
+
+# MSRA / Caffe2 R-50.pkl (detectron2's ImageNetPretrained/MSRA/R-50.pkl): stride in the 1x1, BGR, AffineChannel.
+D2_PRESET = "detectron2_r50_fpn_1x"  # stride in the 1x1 conv, eps 1e-5, BGR means (RGB order), std 1
+C2_PARTS = (("conv1", "branch2a"), ("conv2", "branch2b"), ("conv3", "branch2c"))
+
+
+def _torch_resnet50_stride_in_1x1():
+    """The same random resnet50 with each first block's stride moved from its 3x3 to its first 1x1 conv
+    (detectron2's RESNETS.STRIDE_IN_1X1=True, the MSRA weights' network)."""
+    resnet = _torch_resnet50()
+    for layer in (resnet.layer2, resnet.layer3, resnet.layer4):
+        layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+    return resnet
+
+
+def _caffe2_blobs(resnet):
+    """resnet's weights under the Caffe2 names convert_basic_c2_names reads, BN folded into AffineChannel
+    scale / bias (s = gamma / sqrt(var + eps), b = beta - mean * s), fc1000 and *_momentum blobs included."""
+    def affine(bn):
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return s.numpy().astype(np.float32), (bn.bias - bn.running_mean * s).numpy().astype(np.float32)
+
+    blobs = {}
+    with torch.no_grad():
+        blobs["conv1_w"] = resnet.conv1.weight.numpy().copy()
+        blobs["res_conv1_bn_s"], blobs["res_conv1_bn_b"] = affine(resnet.bn1)
+        for stage, layer in zip((2, 3, 4, 5), (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)):
+            for b, block in enumerate(layer):
+                parts = [(getattr(block, c), getattr(block, f"bn{c[-1]}"), branch) for c, branch in C2_PARTS]
+                if block.downsample is not None:
+                    parts.append((block.downsample[0], block.downsample[1], "branch1"))
+                for conv, bn, branch in parts:
+                    name = f"res{stage}_{b}_{branch}"
+                    blobs[f"{name}_w"] = conv.weight.numpy().copy()
+                    blobs[f"{name}_bn_s"], blobs[f"{name}_bn_b"] = affine(bn)
+                    blobs[f"{name}_w_momentum"] = np.zeros_like(blobs[f"{name}_w"])
+        blobs["fc1000_w"] = resnet.fc.weight.numpy().copy()
+        blobs["fc1000_b"] = resnet.fc.bias.numpy().copy()
+    return blobs
+
+
+@pytest.fixture(scope="module")
+def caffe2_file(tmp_path_factory):
+    import pickle
+
+    resnet = _torch_resnet50_stride_in_1x1()
+    path = str(tmp_path_factory.mktemp("c2") / "R-50.pkl")
+    with open(path, "wb") as f:
+        pickle.dump({"blobs": _caffe2_blobs(resnet)}, f, protocol=2)
+    return resnet, path
+
+
+def test_caffe2_r50_pkl_gives_the_msra_network_features(caffe2_file):
+    resnet, path = caffe2_file
+    backbone = _pretrained_backbone(D2_PRESET, path)
+    images = _images()  # RGB for us; the MSRA network reads BGR
+    expected = _torch_features(resnet, np.ascontiguousarray(images[..., ::-1]))
+    error = _max_relative_error(backbone(tf.constant(images)), expected)
+    assert error < RELATIVE, error
+
+
+def test_caffe2_conventions_mismatch_fails_in_one_line(caffe2_file):
+    _, path = caffe2_file
+    with pytest.raises(ValueError, match=r"R-50\.pkl is an MSRA/Caffe2 ImageNet ResNet .*; the model's conventions "
+                                         r"differ: set model\.pixel_mean=\(123\.675, 116\.28, 103\.53\) ") as e:
+        _pretrained_backbone("coco_r50_fpn_1x", path)  # keras' caffe means 123.68, 116.779, 103.939
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"set model\.backbone\.stride_in_3x3=False \(--params_override\)$"):
+        Backbone(name="resnet50", weights=path, stride_in_3x3=True, norm_epsilon=1e-5)
