@@ -262,6 +262,11 @@ def resolve_config(preset: str, train_file_pattern: str, label_map_path=None, ex
         cfg = config_lib.replace(cfg, **{"train.total_steps": max(1, round(FLAGS.num_epochs * steps_per_epoch))})
     elif FLAGS.train_steps is not None:
         cfg = config_lib.replace(cfg, **{"train.total_steps": FLAGS.train_steps})
+    weights = cfg.model.backbone.weights
+    if weights and weights != "imagenet":  # an ImageNet backbone file: its conventions, pixels included
+        from maskrcnn_tf.weights import imagenet_backbones
+
+        imagenet_backbones.check_model_config(weights, cfg.model)
     return config_lib.validate(cfg), label_map_path, steps_per_epoch
 
 

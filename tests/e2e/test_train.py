@@ -636,3 +636,14 @@ def test_fine_tuning_without_config_uses_the_init_run_and_downloads_nothing(shap
     written = run_dir.load_config(target)
     assert written.model.backbone.name == "tiny" and written.model.image_size == init_cfg.model.image_size
     assert written.model.backbone.weights is None
+
+
+def test_pretrained_backbone_file_of_other_conventions_is_a_one_line_error(shapes_records, tmp_path):
+    # torchvision's ImageNet ResNet wants the stride in the 3x3, eps 1e-5 and ImageNet pixel statistics;
+    # the default preset has none of them. Checked from the file's kind before anything is read or built.
+    proc = run_train([f"--train_file_pattern={shapes_records}", f"--model_dir={tmp_path / 'run'}",
+                      f"--pretrained={tmp_path / 'resnet50-0676ba61.pth'}"], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "is a torchvision ImageNet ResNet" in last and "model.pixel_mean" in last, last
+    assert not (tmp_path / "run").exists()
