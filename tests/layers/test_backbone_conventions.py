@@ -9,7 +9,7 @@ variance (1e-4, with gamma 1e-2 so they do not blow up) so that the epsilon matt
 import numpy as np
 import pytest
 
-from tests.torch_oracle import import_torchvision
+from tests.torch_oracle import import_torchvision, resnet_features
 
 torch, torchvision = import_torchvision()
 
@@ -38,17 +38,6 @@ def _torch_resnet50(eps):
     return resnet
 
 
-def _torch_features(resnet, images):
-    """C2..C5 NHWC of torchvision's resnet body for NHWC images."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    out = {}
-    with torch.no_grad():
-        x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))
-        for level, layer in zip((2, 3, 4, 5), (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)):
-            x = layer(x)
-            out[f"C{level}"] = x.permute(0, 2, 3, 1).numpy()
-    return out
-
 
 def _state_dict(resnet):
     return {k: v.numpy() for k, v in resnet.state_dict().items()}
@@ -71,7 +60,7 @@ def test_stride_in_3x3_and_epsilon_reproduce_torchvision_resnet50(eps):
     backbone = Backbone(name="resnet50", freeze_at=0, stride_in_3x3=True, norm_epsilon=eps)
     torchvision_mapping.assign_torchvision_backbone(backbone, _state_dict(resnet))
     images = _images()
-    expected = _torch_features(resnet, images)
+    expected = resnet_features(resnet, images)
     _assert_close(backbone(tf.constant(images)), expected)
 
 
@@ -79,7 +68,7 @@ def test_each_convention_is_needed():
     """The default placement (1x1) or the default epsilon alone give different features: both fields matter."""
     resnet = _torch_resnet50(0.0)
     images = _images()
-    expected = _torch_features(resnet, images)["C5"]
+    expected = resnet_features(resnet, images)["C5"]
     for kwargs in (dict(stride_in_3x3=False, norm_epsilon=0.0), dict(stride_in_3x3=True)):
         backbone = Backbone(name="resnet50", freeze_at=0, **kwargs)
         torchvision_mapping.assign_torchvision_backbone(backbone, _state_dict(resnet))
@@ -108,7 +97,7 @@ def test_pretrained_pth_file_loads_torchvision_imagenet_resnet(tmp_path):
     torch.save(resnet.state_dict(), path)  # a classification checkpoint: fc.* is ignored
     backbone = Backbone(name="resnet50", weights=str(path), freeze_at=0, stride_in_3x3=True, norm_epsilon=1e-5)
     images = _images()
-    _assert_close(backbone(tf.constant(images)), _torch_features(resnet, images))
+    _assert_close(backbone(tf.constant(images)), resnet_features(resnet, images))
 
 
 def test_pretrained_pth_needs_stride_in_3x3_and_the_right_depth(tmp_path):

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.torch_oracle import import_torchvision
+from tests.torch_oracle import import_torchvision, resnet_features
 
 torch, torchvision = import_torchvision()
 
@@ -45,16 +45,6 @@ def _torch_resnet50():
                 module.num_batches_tracked.fill_(1000)
     return resnet.eval()
 
-
-def _torch_features(resnet, images):
-    x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    out = {}
-    with torch.no_grad():
-        x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))
-        for level, layer in zip((2, 3, 4, 5), (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)):
-            x = layer(x)
-            out[f"C{level}"] = x.permute(0, 2, 3, 1).numpy()
-    return out
 
 
 def _images():
@@ -94,7 +84,7 @@ def test_torchvision_imagenet_pth_gives_torchvision_features(torchvision_file):
     resnet, path = torchvision_file
     backbone = _pretrained_backbone(TV_PRESET, path)
     images = _images()
-    expected = _torch_features(resnet, images)
+    expected = resnet_features(resnet, images)
     error = _max_relative_error(backbone(tf.constant(images)), expected)
     assert error < RELATIVE, error
 
@@ -178,7 +168,7 @@ def test_caffe2_r50_pkl_gives_the_msra_network_features(caffe2_file):
     resnet, path = caffe2_file
     backbone = _pretrained_backbone(D2_PRESET, path)
     images = _images()  # RGB for us; the MSRA network reads BGR
-    expected = _torch_features(resnet, np.ascontiguousarray(images[..., ::-1]))
+    expected = resnet_features(resnet, np.ascontiguousarray(images[..., ::-1]))
     error = _max_relative_error(backbone(tf.constant(images)), expected)
     assert error < RELATIVE, error
 
