@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 SCRIPT = textwrap.dedent("""
@@ -54,3 +56,28 @@ def test_first_signal_is_recorded_second_exits_at_once():
         "SIGTERM: stopping after the current step and saving a checkpoint there (SIGTERM again exits now)",
         "SIGTERM again: exiting now, without a checkpoint of the step in flight",
     ]
+
+
+def test_an_error_raised_after_ctrl_c_still_ends_as_interrupted(monkeypatch):
+    # A KeyboardInterrupt raised inside a C extension can surface as another exception (pycocotools'
+    # mask decode turned one into "TypeError: __array__() got an unexpected keyword argument 'copy'").
+    from maskrcnn_tf.programs import launch
+
+    exits = []
+
+    def fake_exit_now(message, status):
+        exits.append((message, status))
+        raise SystemExit(status)
+
+    monkeypatch.setattr(launch, "exit_now", fake_exit_now)
+    monkeypatch.setattr(launch, "_SIGINTS", [])
+    with pytest.raises(KeyboardInterrupt):
+        launch._on_sigint(signal.SIGINT, None)  # the handler run() installs: records, then interrupts
+    assert launch._SIGINTS == [signal.SIGINT]
+    with pytest.raises(SystemExit):
+        launch.exit_with_error(TypeError("__array__() got an unexpected keyword argument 'copy'"))
+    assert exits == [("interrupted", 130)]
+    monkeypatch.setattr(launch, "_SIGINTS", [])  # without a Ctrl-C an error stays an error
+    with pytest.raises(SystemExit) as exit_:
+        launch.exit_with_error(ValueError("bad input"))
+    assert exit_.value.code == 1 and exits == [("interrupted", 130)]

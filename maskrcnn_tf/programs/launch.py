@@ -5,6 +5,7 @@ flags defined by the module named sys.argv[0]. A program's code lives in maskrcn
 `__main__` is the shim or the console-script wrapper, so `run` hands both over explicitly.
 """
 import os
+import signal
 import sys
 from typing import Callable, List, NoReturn
 
@@ -14,9 +15,22 @@ from absl import app, flags
 MAX_ERROR_CHARS = 600
 
 
+# SIGINTs received by run()'s handler. A KeyboardInterrupt raised inside a C extension can surface as
+# another exception (pycocotools' decode under numpy 2 turned one into a TypeError), so an error after
+# Ctrl-C still ends as "interrupted", status 130.
+_SIGINTS = []
+
+
+def _on_sigint(signum, frame):
+    _SIGINTS.append(signum)
+    raise KeyboardInterrupt
+
+
 def exit_with_error(error: Exception) -> NoReturn:
     """Prints `error: <the message on one line>` to stderr and exits 1 (tf.errors.OpError: its message
-    only, without the op's traceback)."""
+    only, without the op's traceback); after a Ctrl-C, "interrupted" and 130 instead."""
+    if _SIGINTS:
+        exit_now("interrupted", 130)
     text = " ".join(str(getattr(error, "message", error)).split())
     if len(text) > MAX_ERROR_CHARS:
         text = text[:MAX_ERROR_CHARS] + " ..."
@@ -51,10 +65,16 @@ def run(app_main: Callable[[List[str]], None], program_module: str, configure_al
     sys.modules["__main__"].__doc__ = module.__doc__
     for flag in flags.FLAGS.get_key_flags_for_module(program_module):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         app.run(app_main, flags_parser=_parse_flags_with_usage)
     except KeyboardInterrupt:
         exit_now("interrupted", 130)
+    except Exception:
+        if _SIGINTS:
+            exit_now("interrupted", 130)
+        raise
 
 
 def _parse_flags_with_usage(argv: List[str]) -> List[str]:
