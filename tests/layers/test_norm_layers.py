@@ -20,7 +20,7 @@ import collections
 import numpy as np
 import pytest
 
-from tests.torch_oracle import import_torchvision
+from tests.torch_oracle import import_torchvision, resnet_features
 
 torch, torchvision = import_torchvision()
 
@@ -340,14 +340,7 @@ def test_trainable_batch_norm_backbone_equals_torchvision_resnet50():
     images = np.random.default_rng(12).normal(size=(2, 128, 128, 3)).astype(np.float32)
 
     def torch_features():
-        x = torch.from_numpy(images).permute(0, 3, 1, 2)
-        out = {}
-        with torch.no_grad():
-            x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))
-            for level, layer in zip((2, 3, 4, 5), (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)):
-                x = layer(x)
-                out[f"C{level}"] = _numpy(x.permute(0, 2, 3, 1))
-        return out
+        return resnet_features(resnet, images)
 
     resnet.eval()
     expected = torch_features()
