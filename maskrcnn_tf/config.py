@@ -209,6 +209,11 @@ class DataConfig:
     gt_mask_size: int = 112  # Mc: each gt mask cropped to its box and resized to Mc x Mc
     flip_probability: float = 0.5
     scale_jitter: Tuple[float, float] = (1.0, 1.0)  # random scale range; (1, 1) = off
+    # Simple Copy-Paste (Ghiasi et al. 2021; torchvision's --use-copypaste), training only: the
+    # probability that an example gets a random subset of its batch neighbour's objects pasted on top
+    # (pairs of decoded examples, each the other's source; data/transforms.py). Needs mask records.
+    # 0 = off (the pipeline is then exactly the per-example one).
+    copy_paste_probability: float = 0.0
     shuffle_buffer: int = 1000
     seed: Optional[int] = None
     # Label map: contiguous class i + 1 <-> dataset category id category_ids[i]. Empty = the dataset's
@@ -704,6 +709,7 @@ def validate(cfg: Config) -> Config:
     _check(0 < d.scale_jitter[0] <= d.scale_jitter[1], "data.scale_jitter", d.scale_jitter,
            "(min, max) with 0 < min <= max")
     _check(0 <= d.flip_probability <= 1, "data.flip_probability", d.flip_probability, "[0, 1]")
+    _check(0 <= d.copy_paste_probability <= 1, "data.copy_paste_probability", d.copy_paste_probability, "[0, 1]")
     _check(not d.category_ids or len(d.category_ids) == m.num_classes, "data.category_ids",
            d.category_ids, f"empty or exactly model.num_classes={m.num_classes} ids")
     _check(not d.class_names or len(d.class_names) == m.num_classes, "data.class_names",
