@@ -40,6 +40,36 @@ def test_v2_preset_differs_from_v1_exactly_by_v2s_architecture():
     assert "46.7 box" in config_lib.torchvision_maskrcnn_r50_fpn_v2.__doc__
 
 
+def test_v2_recipe_preset_differs_from_the_v2_model_exactly_by_pr_5773s_recipe():
+    v2 = config_lib.get_preset("torchvision_maskrcnn_r50_fpn_v2")
+    recipe = config_lib.validate(config_lib.get_preset("coco_r50_fpn_v2_lsj"))
+    # pytorch/vision PR #5773 (the v2 weights' "recipe"): 400 epochs of the 117266 annotated train2017
+    # images at batch 64 -> 732912.5 steps, rounded to whole thousands; lr 0.1, x0.1 at epochs 352 and
+    # 384; wd 4e-5; SyncBN everywhere; LSJ at 1024 (scale 0.1-2.0, flip); no pretrained backbone.
+    assert sorted(config_lib.differences(v2, recipe)) == sorted([
+        "model.image_size: (1344, 1344) -> (1024, 1024)",
+        "model.resize_mode: 'short_side' -> 'fit'",
+        "model.backbone.freeze_at: 2 -> 0",
+        "model.backbone.norm: 'frozen' -> 'sync_batch_norm'",
+        "model.fpn_norm: 'batch_norm' -> 'sync_batch_norm'",
+        "model.heads.box_norm: 'batch_norm' -> 'sync_batch_norm'",
+        "model.heads.mask_norm: 'batch_norm' -> 'sync_batch_norm'",
+        "data.train_batch_size: 16 -> 64",
+        "data.scale_jitter: (1.0, 1.0) -> (0.1, 2.0)",
+        "train.total_steps: 90000 -> 733000",
+        "train.base_learning_rate: 0.02 -> 0.1",
+        "train.reference_batch_size: 16 -> 64",
+        "train.weight_decay: 0.0001 -> 4e-05",
+        "train.decay_fractions: (0.6666666666666666, 0.8888888888888888) -> (0.88, 0.96)",
+        "train.precision: 'float32' -> 'mixed_float16'",
+    ])
+    assert recipe.model.backbone.weights is None and recipe.train.weight_decay_type == "coupled"
+    assert config_lib.learning_rate(recipe) == 0.1
+    assert config_lib.coco_r50_fpn_v2_lsj(epochs=100).train.total_steps == 183000  # 183228.1 -> 183000
+    with pytest.raises(ValueError, match="epochs=0"):
+        config_lib.coco_r50_fpn_v2_lsj(epochs=0)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "torchvision_maskrcnn_r50_fpn", "coco_r50_fpn_1x"])
 def test_config_json_written_before_the_architecture_fields_loads_as_today(preset):
     d = config_lib.to_dict(config_lib.get_preset(preset))
