@@ -572,9 +572,31 @@ def execution_summary(cfg, model) -> str:
     t, roi = cfg.train, cfg.model.roi
     gradient = f" (gradient {t.roi_align_gradient})" if roi.roi_align_backend == "crop_and_resize" else ""
     cpu = [name.replace("_", " ") for name in config_lib.DEVICE_SWITCHES if getattr(t, name) is True]
+    num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
     return (f"{t.precision}, {xla}, {'padding trimmed per batch' if model._trims_padding() else 'static shapes'}, "
             f"{t.steps_per_loop} step(s) per loop, RoIAlign {roi.roi_align_backend}{gradient}, "
-            f"CPU techniques: {', '.join(cpu) or 'none'}")
+            f"CPU techniques: {', '.join(cpu) or 'none'}{batch_norm_summary(cfg, num_replicas)}")
+
+
+def batch_norm_summary(cfg, num_replicas: int) -> str:
+    """'; BatchNorm ...': which parts normalise with batch statistics and over how many images (empty
+    when none does). Synchronized BN takes its statistics over the global batch, plain BN over each
+    replica's; one image is allowed (torchvision trains so with one image per GPU) and said here."""
+    m = cfg.model
+    parts = {"backbone": m.backbone.norm, "FPN": m.fpn_norm, "box head": m.heads.box_norm,
+             "mask head": m.heads.mask_norm}
+    batch_norms = {part: norm for part, norm in parts.items() if norm in ("batch_norm", "sync_batch_norm")}
+    if not batch_norms:
+        return ""
+    per_replica = cfg.data.train_batch_size // num_replicas
+    images = {norm: cfg.data.train_batch_size if norm == "sync_batch_norm" else per_replica
+              for norm in batch_norms.values()}
+    line = "; BatchNorm statistics: " + ", ".join(f"{part} {norm} over {images[norm]} image(s)"
+                                                   for part, norm in batch_norms.items())
+    if min(images.values()) == 1:
+        line += (" (one image per statistic, as torchvision with one image per GPU: the backbone and FPN "
+                 "statistics are noisy; the heads' run over that image's RoIs)")
+    return line
 
 
 def _fit(model, cfg, strategy, train_file_pattern, monitor, num_steps_per_epoch, model_dir, say):

@@ -160,3 +160,20 @@ def test_dataclass_defaults_are_todays_architecture():
     assert dataclasses.asdict(m.heads) == {"num_fcs": 2, "fc_dim": 1024, "box_num_convs": 0, "box_conv_dim": 256,
                                            "box_norm": "none", "mask_num_convs": 4, "mask_num_filters": 256,
                                            "mask_norm": "none"}
+
+
+def test_start_up_line_says_which_batch_norms_run_over_how_many_images():
+    from maskrcnn_tf.training import batch_norm_summary
+
+    recipe = config_lib.get_preset("coco_r50_fpn_v2_lsj")
+    line = batch_norm_summary(recipe, num_replicas=8)
+    # SyncBN: statistics over the global batch of 64, whatever the replica count.
+    assert line.count("sync_batch_norm over 64 image(s)") == 4 and "one image per statistic" not in line
+    plain = config_lib.replace(recipe, **{"model.backbone.norm": "batch_norm", "model.fpn_norm": "batch_norm"})
+    assert "backbone batch_norm over 8 image(s), FPN batch_norm over 8 image(s)" in batch_norm_summary(plain, 8)
+    # One image per statistic (one replica, batch 1): allowed, as torchvision with 1 image per GPU, and said.
+    single = config_lib.replace(recipe, **{"data.train_batch_size": 1})
+    assert "over 1 image(s)" in batch_norm_summary(single, 1)
+    assert "one image per statistic" in batch_norm_summary(single, 1)
+    # Frozen backbone, no norm in FPN and heads (v1, detectron2): nothing to say.
+    assert batch_norm_summary(config_lib.get_preset("torchvision_maskrcnn_r50_fpn"), 1) == ""
