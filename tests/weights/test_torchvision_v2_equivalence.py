@@ -12,7 +12,11 @@ The canvas, resize rule and comparison are test_torchvision_equivalence.py's (sa
 short side 384, long side <= 512), whose helpers this file reuses.
 """
 import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -24,6 +28,7 @@ torch, torchvision = import_torchvision()
 import tensorflow as tf  # noqa: E402
 
 from maskrcnn_tf import run_dir  # noqa: E402
+from maskrcnn_tf.export import export_saved_model  # noqa: E402
 from maskrcnn_tf.weights import importer, torchvision_mapping  # noqa: E402
 from tests.conftest import REPO_ROOT  # noqa: E402
 from tests.weights.test_import_weights import _run  # noqa: E402
@@ -133,6 +138,48 @@ def test_imported_torchvision_v2_gives_torchvision_detections(v2):
     expected = _torchvision_detections(reference, images)
     outputs = {k: v.numpy() for k, v in ours(_our_inputs(cfg, images), training=False).items()}
     _assert_same_detections(expected, outputs)
+
+
+# Runs with only TensorFlow and NumPy: the SavedModel's image_tensor_box_masks signature on each photo.
+FRESH_PROCESS_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tensorflow as tf
+
+    export_dir, inputs_path, out_path = sys.argv[1:4]
+    serve = tf.saved_model.load(export_dir).signatures["image_tensor_box_masks"]
+    photos = np.load(inputs_path)
+    outputs = [serve(images=tf.constant(photos[f"photo{i}"][None])) for i in range(len(photos.files))]
+    np.savez(out_path, **{key: np.concatenate([o[key].numpy() for o in outputs]) for key in outputs[0]})
+""")
+
+
+@pytest.mark.slow
+def test_exported_v2_savedmodel_gives_torchvision_detections_in_a_fresh_process(v2):
+    """The imported v2 model directory exported as a SavedModel and served by a process that imports only
+    TensorFlow: each photo's detections, in original-image pixels with COCO category ids, are
+    torchvision's final detections (its boxes mapped back to the photo, the 28 x 28 masks before pasting)."""
+    work, images, reference, _, model_dir, _ = v2
+    cfg, ours = run_dir.restore_model(str(model_dir))
+    export_dir = str(work / "saved_model")
+    export_saved_model(ours, cfg, export_dir, include_pasted_masks=False)
+    np.savez(work / "photos.npz", **{f"photo{i}": image for i, image in enumerate(images)})
+    script = work / "fresh.py"
+    script.write_text(FRESH_PROCESS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, str(script), export_dir, str(work / "photos.npz"), str(work / "served.npz")],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    served = dict(np.load(work / "served.npz"))
+
+    hooked = _torchvision_detections(reference, images)  # 28 x 28 masks, resized-image boxes
+    with torch.no_grad():
+        final = reference([torch.from_numpy(i).permute(2, 0, 1).float() / 255.0 for i in images])
+    expected = [dict(ref, boxes=out["boxes"].numpy()[:, [1, 0, 3, 2]]) for ref, out in zip(hooked, final)]
+    for ref, out in zip(hooked, final):  # postprocess keeps roi_heads' order: the masks belong to the boxes
+        np.testing.assert_array_equal(ref["scores"], out["scores"].numpy())
+    # torchvision's labels are COCO category ids, as the SavedModel's classes (the preset's label map).
+    _assert_same_detections(expected, served)
 
 
 def test_old_key_form_imports_the_same_variables(v2, tmp_path):
