@@ -43,6 +43,7 @@ NORMS = ("none", "batch_norm", "sync_batch_norm", "group_norm")
 # the convs: today's default), "batch_norm" / "sync_batch_norm" (ordinary BatchNorm: batch statistics in
 # training, moving statistics updated with torch's momentum 0.1, gamma and beta trained).
 BACKBONE_NORMS = ("frozen", "batch_norm", "sync_batch_norm")
+KERAS_NORM_EPSILON = 1.001e-5  # keras.applications' ResNet BatchNormalization epsilon
 # RoIAlign/anchor levels and the FPN output levels: P2..P6 (strides 4..64).
 MIN_LEVEL, MAX_LEVEL = 2, 6
 # Largest stride of the network is 2**MAX_LEVEL; the padded image must be divisible by it.
@@ -64,7 +65,7 @@ class BackboneConfig:
     # ResNets: BatchNorm epsilon. keras.applications 1.001e-5; detectron2's FrozenBatchNorm2d 1e-5;
     # torchvision's COCO_V1 Mask R-CNN weights run with 0.0 (torchvision calls overwrite_eps(model, 0.0));
     # its v2 model (maskrcnn_resnet50_fpn_v2) uses nn.BatchNorm2d's 1e-5.
-    norm_epsilon: float = 1.001e-5
+    norm_epsilon: float = KERAS_NORM_EPSILON
     # ResNets: "frozen" (default; detectron2's FrozenBatchNorm2d, folded into the convs) or "batch_norm" /
     # "sync_batch_norm": ordinary BatchNorm that trains (batch statistics in training, moving statistics
     # in inference and checkpointed; torchvision v2 from scratch). BACKBONE_NORMS above. Inference is the
@@ -290,7 +291,7 @@ def coco_r50_fpn_1x() -> Config:
 
     Command: `python train.py --config=coco_r50_fpn_1x --train_file_pattern=OUT/train-* ...`.
     Expected: about 37.7-38.6 box AP / 33.9-35.2 mask AP on COCO val2017 with ImageNet weights
-    (Detectron/detectron2 figures for this recipe); about 1 day on 8 V100-class GPUs.
+    (Detectron/detectron2 figures for this recipe).
     """
     return Config(model=ModelConfig(backbone=BackboneConfig(weights="imagenet")))
 

@@ -152,12 +152,6 @@ def apply_label_map(cfg: config_lib.Config, label_map_path: str) -> config_lib.C
                                       "data.class_names": class_names})
 
 
-def _field(d: dict, dotted: str):
-    for key in dotted.split("."):
-        d = d[key]
-    return d
-
-
 def check_resume_config(saved: config_lib.Config, new: config_lib.Config, model_dir: str) -> List[str]:
     """ValueError when `new` differs from the saved config in a field a resumed run cannot change;
     otherwise the list of the (allowed) differences, "field: old -> new"."""

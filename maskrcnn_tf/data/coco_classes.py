@@ -24,7 +24,3 @@ COCO_CATEGORIES = (
 )
 NUM_COCO_CLASSES = 80
 
-
-def coco_label_map():
-    """[{"id", "contiguous_id", "name"}] of the 80 categories: the label_map.json format."""
-    return [{"id": cid, "contiguous_id": i + 1, "name": name} for i, (cid, name) in enumerate(COCO_CATEGORIES)]

@@ -94,8 +94,6 @@ INPUT_CHANNEL_AXIS = 2
 # C2..C5: the backbone outputs, stage n at stride 2**n.
 LEVELS = (2, 3, 4, 5)
 NUM_STAGES = 5  # stem + res2..res5
-# keras.applications' BatchNormalization epsilon (the default norm_epsilon).
-KERAS_NORM_EPSILON = 1.001e-5
 # Backbone.norm values (config.BACKBONE_NORMS); trainable BN updates its moving statistics with torch's
 # momentum 0.1 (Keras' momentum is the old value's weight).
 FROZEN, SYNC_BATCH_NORM = "frozen", "sync_batch_norm"

@@ -56,7 +56,6 @@ PIXEL_ATOL = 1e-3  # 0..255 units
 REQUIRED_PREFIXES = ("conv", "mask_rcnn/fpn/", "mask_rcnn/rpn_head/", "mask_rcnn/box_head/",
                      "mask_rcnn/mask_head/")
 FPN_LEVELS = (2, 3, 4, 5)
-STEM_INPUT_CHANNEL_AXIS = 2  # of the Keras kernel [kh, kw, in, out]
 _BLOCK_KEY = re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.(conv[123]|shortcut)\.")
 
 

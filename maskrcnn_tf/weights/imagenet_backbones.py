@@ -37,6 +37,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.weights import detectron2_pickle, importer, layout, torch_pickle, torchvision_mapping
 
 TORCHVISION, CAFFE2 = "torchvision", "caffe2"
@@ -51,8 +52,6 @@ C2_BLOBS = "blobs."
 # detectron2's MSRA configs: PIXEL_MEAN [103.530, 116.280, 123.675] (BGR), PIXEL_STD [1, 1, 1].
 C2_PIXEL_MEAN = (123.675, 116.28, 103.53)
 C2_PIXEL_STD = (1.0, 1.0, 1.0)
-# keras.applications' BatchNormalization epsilon: what Backbone(norm_epsilon=None) runs with.
-KERAS_NORM_EPSILON = 1.001e-5
 TORCH_BATCH_NORM_EPSILON = 1e-5
 # ImageNet mean / std (torchvision's transforms, 0..1 scale) in 0..255 units, RGB: config.TORCHVISION_PIXEL_*.
 IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -99,8 +98,8 @@ def mismatches(fmt: str, stride_in_3x3: bool, norm_epsilon: Optional[float], pix
     fields = []
     if bool(stride_in_3x3) != want.stride_in_3x3:
         fields.append(f"model.backbone.stride_in_3x3={want.stride_in_3x3}")
-    if want.norm_epsilon is not None and not _close(KERAS_NORM_EPSILON if norm_epsilon is None else norm_epsilon,
-                                                    want.norm_epsilon):
+    running_epsilon = config_lib.KERAS_NORM_EPSILON if norm_epsilon is None else norm_epsilon
+    if want.norm_epsilon is not None and not _close(running_epsilon, want.norm_epsilon):
         fields.append(f"model.backbone.norm_epsilon={want.norm_epsilon:g}")
     if pixel_mean is not None and not all(_close(a, b) for a, b in zip(pixel_mean, want.pixel_mean)):
         fields.append(f"model.pixel_mean={_values(want.pixel_mean)}")
@@ -143,7 +142,7 @@ def load_backbone(network, path, stride_in_3x3: bool, norm_epsilon: Optional[flo
         torchvision_mapping.assign_torchvision_resnet(network, state_dict, source=path)
     else:
         state_dict = detectron2_pickle.load_state_dict(path)
-        epsilon = KERAS_NORM_EPSILON if norm_epsilon is None else float(norm_epsilon)
+        epsilon = config_lib.KERAS_NORM_EPSILON if norm_epsilon is None else float(norm_epsilon)
         try:
             values, sources = caffe2_variables(state_dict, epsilon)
             layout.assign(network, values, sources, torchvision_mapping.BACKBONE_REQUIRED_PREFIXES)
