@@ -15,6 +15,11 @@ Decisions (beyond docs/design.md):
   data.train_batch_size / data.eval_batch_size).
 - Order of work: file shuffle -> parallel interleave of TFRecord files -> example shuffle -> decode ->
   transforms -> batch(drop_remainder=True) -> prefetch; every parallel stage uses AUTOTUNE.
+- Copy-paste (training with data.copy_paste_probability > 0; transforms.py docstring): after decoding,
+  each example's true extents are recorded, consecutive examples are paired with padded_batch(2,
+  drop_remainder=True), transforms.transform_pair transforms each with the other as its paste source,
+  and unbatch splits the pairs again; every record is still decoded once. With the switch at 0 the
+  per-example path above runs unchanged.
 - Determinism: with data.seed set, file and example shuffles use it, augmentation is stateless with a
   per-example seed folded from (seed, input pipeline id, example index), and tf.data keeps element
   order; the same seed gives the same batches. Without a seed, the pipeline is free to reorder
@@ -29,11 +34,12 @@ Decisions (beyond docs/design.md):
   record when config.model.include_mask is False (masks are then not even decoded). gt_masks is zero
   whenever has_masks is False.
 - Instances left out of the targets are counted process-wide: `instance_stats()` returns
-  {"num_crowd", "num_unmapped", "num_vanished", "num_truncated", "images_truncated"} and
+  {"num_crowd", "num_unmapped", "num_vanished", "num_truncated", "num_occluded", "images_truncated"} and
   `reset_instance_stats()` zeroes them. Images with more than data.max_instances instances also log
   a warning naming the image (the first MAX_TRUNCATION_WARNINGS of them). The counts are updated by a
   small py callback that runs only for images where something was left out (crowd regions, unknown
-  classes, jitter-cropped instances, > N instances), never on the common path.
+  classes, jitter-cropped instances, > N instances (pasted ones included), instances hidden by pasted
+  objects), never on the common path.
 - Evaluation keeps every image: B - 1 dummy examples (is_valid False, source_id -1, zero image,
   image_info of an unscaled full-size image, gt padding) are appended before batch(drop_remainder=True),
   which pads the last batch and drops exactly the unused dummies. source_id is image/source_id parsed
@@ -110,7 +116,8 @@ _STATS = _InstanceStats()
 def instance_stats() -> Dict[str, int]:
     """Counts since the last reset, over every dataset of this process: num_crowd (crowd instances
     excluded), num_unmapped (category id not in data.category_ids), num_vanished (cropped away by scale
-    jitter), num_truncated (instances beyond data.max_instances), images_truncated."""
+    jitter), num_truncated (instances beyond data.max_instances), num_occluded (hidden by objects pasted
+    on top, data.copy_paste_probability), images_truncated."""
     return _STATS.result()
 
 
@@ -319,7 +326,12 @@ def build_dataset(file_pattern, config: config_lib.Config, training: bool,
             features["is_valid"] = tf.constant(1, tf.int32)
         return features
 
-    dataset = dataset.enumerate().map(transform, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    copy_paste = training and data_cfg.copy_paste_probability > 0
+    if not copy_paste:
+        dataset = dataset.enumerate().map(transform, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    else:
+        dataset = _paired_transforms(dataset, pipeline_seed, transform_kwargs, data_cfg.copy_paste_probability,
+                                     deterministic)
     if not training:
         dummy = _eval_dummy(dataset.element_spec, tuple(model_cfg.image_size))
         dataset = dataset.concatenate(tf.data.Dataset.from_tensors(dummy).repeat(batch_size - 1))
@@ -329,6 +341,54 @@ def build_dataset(file_pattern, config: config_lib.Config, training: bool,
     options = tf.data.Options()
     options.deterministic = deterministic
     return dataset.with_options(options)
+
+
+# Keys of a decoded example that transforms.py reads, and the ones padded_batch pads (with their true
+# extents recorded first, so each example can be cut back out of its pair).
+_PAIR_KEYS = ("image", "boxes", "classes", "is_crowd", "masks", "has_masks", "filename", "source_id", "decoded")
+
+
+def _paired_transforms(dataset: tf.data.Dataset, pipeline_seed: tf.Tensor, transform_kwargs, probability: float,
+                       deterministic: bool) -> tf.data.Dataset:
+    """Training with copy-paste: consecutive decoded examples are paired (each record decoded once), each
+    is transformed with the other as its paste source (transforms.transform_pair), and the pairs are
+    split again. Example seeds are the per-example path's (pipeline seed folded with the example index),
+    so an example that draws no paste is transformed exactly as without copy-paste."""
+
+    @_no_autograph
+    def with_extents(index, example):
+        example = {key: example[key] for key in _PAIR_KEYS}
+        example["index"] = index
+        example["image_hw"] = tf.shape(example["image"])[:2]
+        example["mask_shape"] = tf.shape(example["masks"])  # [3] (n, hm, wm)
+        return example
+
+    def member(pair, i):
+        h, w = tf.unstack(pair["image_hw"][i])
+        n, hm, wm = tf.unstack(pair["mask_shape"][i])
+        example = {key: pair[key][i] for key in ("has_masks", "filename", "source_id", "decoded")}
+        example.update(image=pair["image"][i, :h, :w], boxes=pair["boxes"][i, :n], classes=pair["classes"][i, :n],
+                       is_crowd=pair["is_crowd"][i, :n], masks=pair["masks"][i, :n, :hm, :wm])
+        return example
+
+    @_no_autograph
+    def transform_pair(pair):
+        examples = [member(pair, 0), member(pair, 1)]
+        with tf.control_dependencies([_assert_decoded(e) for e in examples]):
+            seeds = [tf.random.experimental.stateless_fold_in(pipeline_seed, pair["index"][i]) for i in range(2)]
+            outputs = transforms.transform_pair(*examples, seeds=seeds, copy_paste_probability=probability,
+                                                **transform_kwargs)
+        features = []
+        for example, (example_features, stats) in zip(examples, outputs):
+            with tf.control_dependencies([_record_stats(example["filename"], stats)]):
+                example_features["has_masks"] = tf.cast(example_features["has_masks"], tf.int32)
+            features.append(example_features)
+        return {key: tf.stack([f[key] for f in features]) for key in features[0]}  # each [2, ...]
+
+    dataset = dataset.enumerate().map(with_extents, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    dataset = dataset.padded_batch(2, drop_remainder=True)
+    dataset = dataset.map(transform_pair, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    return dataset.unbatch()
 
 
 def _parse_source_id(example: Dict[str, tf.Tensor]) -> tf.Tensor:

@@ -2,7 +2,8 @@
 
 `transform_example` turns a decoded record into the per-image part of the batch contract
 (docs/design.md section 5); `pipeline.build_dataset` maps it over the dataset and batches.
-The smaller functions are public so tests can check each geometric step on its own.
+The smaller functions are public so tests can check each geometric step on its own. `transform_pair`
+does the same for two examples at once, each the other's copy-paste source (data.copy_paste_probability).
 
 A decoded example (what `pipeline` hands over) is a dict:
   image      uint8 [h, w, 3] RGB, original size
@@ -55,7 +56,32 @@ Decisions (beyond docs/design.md):
 - Padding: gt rows beyond the kept count are boxes -1, classes -1, masks 0; the image is normalised
   ((rgb - pixel_mean) / pixel_std) first and then padded bottom/right with 0.
 - Randomness: stateless ops driven by a per-example seed int32/int64 [2], so a seeded pipeline is
-  deterministic whatever the parallelism.
+  deterministic whatever the parallelism. The seed splits into three streams: flip, geometry (scale, then
+  crop offset), copy-paste (whether to paste, which objects); the last is unused without copy-paste.
+- Large-scale jitter (LSJ) is configuration, not code: "fit" mode, output (1024, 1024), scale_range
+  (0.1, 2.0), flip 0.5 (docs/design.md section 5 lists where it differs from torchvision's and
+  detectron2's).
+- Copy-paste (Ghiasi et al. 2021, "Simple Copy-Paste"; torchvision's SimpleCopyPaste), `transform_pair`:
+  two decoded examples, each transformed with its own geometry as above, each the other's source. With
+  the given probability (and only when both have masks), a target gets a random subset of the source's
+  instances pasted on top: among the source's instances still kept after its geometry whose box, clipped
+  to the TARGET's valid window, keeps an area, m draws with replacement from the m of them, the distinct
+  ones pasted (torchvision's randint + unique, ~63%; `paste_selection`). One alpha map: the union of the
+  chosen full-size source masks (one reduce_max at the mask resolution, flipped like the source) resized
+  and cropped through the source's image_info like its image, >= 0.5, and limited to the target's valid
+  window (the padding stays 0: the model may crop it away). Output image = source pixels where alpha,
+  else target pixels (both normalised, same canvas). No Gaussian blending of the alpha edge (torchvision
+  blurs it, sigma 2): the image and the masks agree on one hard edge.
+  Target instances lose the pasted area: alpha is sampled at the cells of each gt crop (crop_and_resize
+  with the same cell-centre convention) and the crop multiplied by (1 - alpha); an instance with a cell
+  >= 0.5 before and none after is dropped ("num_occluded"). Target boxes are recomputed as torchvision
+  does (masks_to_boxes of what is left), at gt-crop resolution: each side moves inwards by the whole
+  cells the paste emptied on that side (a side it did not reach stays exactly the record's box), and
+  the crop and the alpha are sampled again in the moved box. Pasted instances keep their source boxes
+  (clipped to the target window, not recomputed, as after a jitter crop), classes and crops (from the
+  source's masks through the source's image_info). Target instances first, then pasted ones, and
+  select_largest(N) over all of them; num_truncated counts pasted instances left out too. An example
+  whose draw pastes nothing is exactly transform_example's output with the same seed.
 """
 
 from typing import Dict, Sequence, Tuple
@@ -65,11 +91,12 @@ import tensorflow as tf
 # Clipped boxes with a side at or below this many pixels are "vanished" and dropped (detectron2 uses a
 # similar 1e-5 threshold; 1e-3 stays well above float32 rounding at 1024 px, whose ulp is ~6e-5).
 MIN_BOX_SIDE = 1e-3
-# Number of independent random streams one example needs: flip, scale, crop offset.
+# Number of independent random streams one example needs: flip, geometry (scale and crop offset),
+# copy-paste (whether, and which objects).
 _NUM_RANDOM_STREAMS = 3
 # Edge-replicated border added around masks before cropping (see crop_masks).
 _BORDER = 1
-STAT_KEYS = ("num_crowd", "num_unmapped", "num_vanished", "num_truncated")
+STAT_KEYS = ("num_crowd", "num_unmapped", "num_vanished", "num_truncated", "num_occluded")
 
 
 def _count(mask: tf.Tensor) -> tf.Tensor:
@@ -257,24 +284,19 @@ def normalize_image(image: tf.Tensor, pixel_mean: Sequence[float], pixel_std: Se
     return (tf.cast(image, tf.float32) - mean) / std
 
 
-def transform_example(example: Dict[str, tf.Tensor], *, output_size: Tuple[int, int], mask_size: int,
-                      max_instances: int, category_ids: Sequence[int], pixel_mean: Sequence[float],
-                      pixel_std: Sequence[float], flip_probability: float = 0.0,
-                      scale_range: Tuple[float, float] = (1.0, 1.0), seed=None, resize_mode: str = "fit",
-                      resize_short_side: int = 800, resize_max_long_side: int = 1333):
-    """Decoded example (module docstring) -> (features, stats).
-
-    features: images float32 [H, W, 3] normalised and zero-padded; image_info float32 [4, 2];
-    gt_boxes float32 [N, 4] output pixels, -1 padded; gt_classes int32 [N] 1..K, -1 padded;
-    gt_masks float32 [N, Mc, Mc] in [0, 1], 0 padded; has_masks bool [].
-    stats: int32 [] counts of instances left out, keys STAT_KEYS.
-    Evaluation passes flip_probability=0 and scale_range=(1, 1) (no augmentation). seed int [2]
-    (stateless randomness); None = (0, 0), fine when there is no augmentation. resize_*: as
-    resize_geometry's mode / short_side / max_long_side.
-    """
+def _prepare(example: Dict[str, tf.Tensor], seed, *, output_size: Tuple[int, int], category_ids: Sequence[int],
+             pixel_mean: Sequence[float], pixel_std: Sequence[float], flip_probability: float,
+             scale_range: Tuple[float, float], resize_mode: str, resize_short_side: int,
+             resize_max_long_side: int) -> Dict[str, tf.Tensor]:
+    """The per-example geometry (flip, normalise, resize, crop, pad) and the instances still in the
+    running; no instance is gathered and no mask touched. Returns a dict: image [H, W, 3], image_info,
+    boxes [n, 4] output pixels, classes int32 [n], keep bool [n], flipped, masks (the record's),
+    has_masks, paste_seed int [2] (the third random stream) and the counts num_crowd, num_unmapped,
+    num_vanished."""
     height, width = output_size
     seed = tf.zeros([2], tf.int64) if seed is None else seed
-    flip_seed, geometry_seed, _ = tf.unstack(tf.random.experimental.stateless_split(seed, _NUM_RANDOM_STREAMS))
+    flip_seed, geometry_seed, paste_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, _NUM_RANDOM_STREAMS))
 
     image, boxes, masks = example["image"], example["boxes"], example["masks"]
     classes, keep, num_crowd, num_unmapped = map_classes(example["classes"], example["is_crowd"], category_ids)
@@ -291,20 +313,23 @@ def transform_example(example: Dict[str, tf.Tensor], *, output_size: Tuple[int, 
     visible = is_visible(boxes)
     num_vanished = _count(keep & ~visible)
     keep = keep & visible
-    indices, valid, num_truncated = select_largest(boxes, keep, max_instances)
+    return {"image": image, "image_info": image_info, "boxes": boxes, "classes": classes, "keep": keep,
+            "flipped": flipped, "masks": masks, "has_masks": tf.cast(example["has_masks"], tf.bool),
+            "paste_seed": paste_seed, "num_crowd": num_crowd, "num_unmapped": num_unmapped,
+            "num_vanished": num_vanished}
 
-    # Valid slots come first; gather only those (n may be 0) and pad the rest.
-    num_valid = _count(valid)
-    chosen = indices[:num_valid]  # [k]
+
+def _features(image, image_info, boxes, classes, crops, has_masks, num_valid, output_size, mask_size,
+              max_instances):
+    """Pads the k = num_valid chosen instances (boxes [k, 4], classes [k], crops [k, Mc, Mc]) to N and
+    fixes the static shapes."""
+    height, width = output_size
     num_padding = max_instances - num_valid
-    gt_boxes = tf.pad(tf.gather(boxes, chosen), [[0, num_padding], [0, 0]], constant_values=-1.0)  # [N, 4]
-    gt_classes = tf.pad(tf.gather(classes, chosen), [[0, num_padding]], constant_values=-1)  # [N]
-    crops = crop_masks(masks, gt_boxes[:num_valid], chosen, image_info, mask_size, flipped)  # [k, Mc, Mc]
+    gt_boxes = tf.pad(boxes, [[0, num_padding], [0, 0]], constant_values=-1.0)  # [N, 4]
+    gt_classes = tf.pad(classes, [[0, num_padding]], constant_values=-1)  # [N]
     gt_masks = tf.pad(crops, [[0, num_padding], [0, 0], [0, 0]])  # [N, Mc, Mc]
-    has_masks = tf.cast(example["has_masks"], tf.bool)
     gt_masks = gt_masks * tf.cast(has_masks, tf.float32)
-
-    features = {
+    return {
         "images": tf.ensure_shape(image, [height, width, 3]),
         "image_info": tf.ensure_shape(image_info, [4, 2]),
         "gt_boxes": tf.ensure_shape(gt_boxes, [max_instances, 4]),
@@ -312,6 +337,197 @@ def transform_example(example: Dict[str, tf.Tensor], *, output_size: Tuple[int, 
         "gt_masks": tf.ensure_shape(gt_masks, [max_instances, mask_size, mask_size]),
         "has_masks": tf.ensure_shape(has_masks, []),
     }
-    stats = {"num_crowd": num_crowd, "num_unmapped": num_unmapped, "num_vanished": num_vanished,
-             "num_truncated": num_truncated}
+
+
+def _finish(stage: Dict[str, tf.Tensor], output_size, mask_size: int, max_instances: int):
+    """A prepared example without pasting -> (features, stats) of transform_example."""
+    boxes, keep = stage["boxes"], stage["keep"]
+    indices, valid, num_truncated = select_largest(boxes, keep, max_instances)
+    # Valid slots come first; gather only those (n may be 0) and pad the rest.
+    num_valid = _count(valid)
+    chosen = indices[:num_valid]  # [k]
+    chosen_boxes = tf.gather(boxes, chosen)  # [k, 4]
+    crops = crop_masks(stage["masks"], chosen_boxes, chosen, stage["image_info"], mask_size,
+                       stage["flipped"])  # [k, Mc, Mc]
+    features = _features(stage["image"], stage["image_info"], chosen_boxes, tf.gather(stage["classes"], chosen),
+                         crops, stage["has_masks"], num_valid, output_size, mask_size, max_instances)
+    stats = {"num_crowd": stage["num_crowd"], "num_unmapped": stage["num_unmapped"],
+             "num_vanished": stage["num_vanished"], "num_truncated": num_truncated,
+             "num_occluded": tf.constant(0, tf.int32)}
     return features, stats
+
+
+def transform_example(example: Dict[str, tf.Tensor], *, output_size: Tuple[int, int], mask_size: int,
+                      max_instances: int, category_ids: Sequence[int], pixel_mean: Sequence[float],
+                      pixel_std: Sequence[float], flip_probability: float = 0.0,
+                      scale_range: Tuple[float, float] = (1.0, 1.0), seed=None, resize_mode: str = "fit",
+                      resize_short_side: int = 800, resize_max_long_side: int = 1333):
+    """Decoded example (module docstring) -> (features, stats).
+
+    features: images float32 [H, W, 3] normalised and zero-padded; image_info float32 [4, 2];
+    gt_boxes float32 [N, 4] output pixels, -1 padded; gt_classes int32 [N] 1..K, -1 padded;
+    gt_masks float32 [N, Mc, Mc] in [0, 1], 0 padded; has_masks bool [].
+    stats: int32 [] counts of instances left out, keys STAT_KEYS (num_occluded is 0 here).
+    Evaluation passes flip_probability=0 and scale_range=(1, 1) (no augmentation). seed int [2]
+    (stateless randomness); None = (0, 0), fine when there is no augmentation. resize_*: as
+    resize_geometry's mode / short_side / max_long_side.
+    """
+    stage = _prepare(example, seed, output_size=output_size, category_ids=category_ids, pixel_mean=pixel_mean,
+                     pixel_std=pixel_std, flip_probability=flip_probability, scale_range=scale_range,
+                     resize_mode=resize_mode, resize_short_side=resize_short_side,
+                     resize_max_long_side=resize_max_long_side)
+    return _finish(stage, output_size, mask_size, max_instances)
+
+
+# ------------------------------------------------------------------------------------------ copy-paste
+
+
+def paste_selection(candidates: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """torchvision's random subset of the m candidates: m draws with replacement from 0..m-1, the
+    distinct ones chosen (about 1 - 1/e = 63% of them for large m, always the one when m = 1).
+
+    candidates bool [n]; seed int [2]. Returns bool [n] (a subset of candidates)."""
+    num = _count(candidates)
+    ranks = tf.cumsum(tf.cast(candidates, tf.int32)) - 1  # [n] rank of each candidate among them
+    draws = tf.random.stateless_uniform([num], seed, minval=0, maxval=tf.maximum(num, 1), dtype=tf.int32)  # [m]
+    drawn = tf.reduce_any(tf.equal(ranks[:, None], draws[None, :]), axis=1)  # [n]
+    return candidates & drawn
+
+
+def _valid_window(image_info: tf.Tensor, output_size: Tuple[int, int]) -> tf.Tensor:
+    """bool [H, W, 1]: the output pixels that hold image pixels (not padding)."""
+    height, width = output_size
+    rows = tf.range(height, dtype=tf.float32) < image_info[1, 0]
+    cols = tf.range(width, dtype=tf.float32) < image_info[1, 1]
+    return (rows[:, None] & cols[None, :])[..., None]
+
+
+def render_paste_alpha(masks: tf.Tensor, selected: tf.Tensor, image_info: tf.Tensor, flipped,
+                       output_size: Tuple[int, int]) -> tf.Tensor:
+    """The union of the selected full-size masks seen through image_info (like the image), thresholded.
+
+    masks uint8 [n, hm, wm] (the UNFLIPPED record's); selected bool [n]; flipped bool [] or python bool.
+    Returns bool [H, W, 1]: one bilinear resize of the union (not one per instance), >= 0.5, False in
+    the padding."""
+    union = tf.reduce_max(masks * tf.cast(selected, masks.dtype)[:, None, None], axis=0)  # [hm, wm]
+    if flipped is not False:
+        union = tf.cond(tf.convert_to_tensor(flipped), lambda: tf.reverse(union, axis=[1]), lambda: union)
+    alpha = resize_and_crop_image(union[..., None], image_info) >= 0.5  # [vh, vw, 1]
+    alpha = tf.image.pad_to_bounding_box(tf.cast(alpha, tf.uint8), 0, 0, *output_size)  # [H, W, 1]
+    return tf.cast(alpha, tf.bool)
+
+
+def _cell_extent(crops: tf.Tensor):
+    """crops [k, Mc, Mc] -> (first row, last row, first column, last column) int32 [k] of the cells
+    >= 0.5 (what mask_targets counts as the object) and any bool [k]."""
+    size = tf.shape(crops)[1]
+    on = crops >= 0.5
+    rows, cols = tf.reduce_any(on, axis=2), tf.reduce_any(on, axis=1)  # [k, Mc]
+    index = tf.range(size)[None, :]
+    first_row = tf.reduce_min(tf.where(rows, index, size), axis=1)
+    last_row = tf.reduce_max(tf.where(rows, index, -1), axis=1)
+    first_col = tf.reduce_min(tf.where(cols, index, size), axis=1)
+    last_col = tf.reduce_max(tf.where(cols, index, -1), axis=1)
+    return first_row, last_row, first_col, last_col, tf.reduce_any(rows, axis=1)
+
+
+def _shrink_boxes(boxes: tf.Tensor, before: tf.Tensor, after: tf.Tensor, mask_size: int) -> tf.Tensor:
+    """Moves each side of boxes [k, 4] inwards by the whole cells that the paste emptied on that side
+    (cell extents of the crops before and after it); sides the paste did not reach stay exactly."""
+    b_y1, b_y2, b_x1, b_x2, b_any = _cell_extent(before)
+    a_y1, a_y2, a_x1, a_x2, a_any = _cell_extent(after)
+    moves = tf.cast(tf.stack([a_y1 - b_y1, a_x1 - b_x1, b_y2 - a_y2, b_x2 - a_x2], axis=-1), tf.float32)  # [k, 4]
+    moves = tf.where((b_any & a_any)[:, None], moves, 0.0)
+    cell = tf.tile(boxes[:, 2:] - boxes[:, :2], [1, 2]) / mask_size  # [k, 4] (h, w, h, w) per cell
+    return boxes + moves * cell * tf.constant([1.0, 1.0, -1.0, -1.0])
+
+
+def _occluded_crops(stage, boxes, alpha_u8, identity_info, mask_size):
+    """Gt crops of every record instance of `stage` in `boxes` [n, 4], times (1 - alpha) sampled at the
+    same cells. Returns (before, after) float32 [n, Mc, Mc]."""
+    n = tf.shape(boxes)[0]
+    rows = tf.range(n)
+    before = crop_masks(stage["masks"], boxes, rows, stage["image_info"], mask_size, stage["flipped"])
+    alpha = crop_masks(alpha_u8, boxes, tf.zeros([n], tf.int32), identity_info, mask_size)
+    return before, before * (1.0 - alpha)
+
+
+def _finish_with_paste(target, source, probability: float, output_size, mask_size: int, max_instances: int):
+    """A prepared target with a random subset of the prepared source's instances pasted on top (module
+    docstring) -> (features, stats)."""
+    height, width = output_size
+    decide_seed, select_seed = tf.unstack(tf.random.experimental.stateless_split(target["paste_seed"], 2))
+    paste = ((tf.random.stateless_uniform([], decide_seed) < probability) & target["has_masks"]
+             & source["has_masks"])
+    # The source's instances on the target's canvas: clipped to the target's valid window (its padding
+    # may be cropped away by the model); those left without area cannot be pasted.
+    upper = tf.tile(target["image_info"][1], [2])  # [4]
+    source_boxes = tf.clip_by_value(source["boxes"], 0.0, upper)  # [m, 4]
+    pasted = paste_selection(source["keep"] & is_visible(source_boxes), select_seed) & paste  # [m]
+
+    def without():
+        return _finish(target, output_size, mask_size, max_instances)
+
+    def with_paste():
+        window = _valid_window(target["image_info"], output_size)  # [H, W, 1]
+        alpha = render_paste_alpha(source["masks"], pasted, source["image_info"], source["flipped"],
+                                   output_size) & window  # [H, W, 1]
+        image = tf.where(alpha, source["image"], target["image"])  # [H, W, 3]
+        # Target instances lose the pasted area: their crops times (1 - alpha) at the same cells; boxes
+        # shrink by the cells emptied at a side, and the crops are taken again in the shrunk boxes.
+        alpha_u8 = tf.cast(alpha, tf.uint8)[None, :, :, 0]  # [1, H, W]
+        identity = tf.constant([[height, width], [height, width], [1, 1], [0, 0]], tf.float32)
+        before, after = _occluded_crops(target, target["boxes"], alpha_u8, identity, mask_size)
+        occluded = target["keep"] & tf.reduce_any(before >= 0.5, axis=[1, 2]) & ~tf.reduce_any(after >= 0.5,
+                                                                                                axis=[1, 2])
+        target_boxes = _shrink_boxes(target["boxes"], before, after, mask_size)  # [n, 4]
+        _, target_crops = _occluded_crops(target, target_boxes, alpha_u8, identity, mask_size)  # [n, Mc, Mc]
+
+        num_target = tf.shape(target_boxes)[0]
+        boxes = tf.concat([target_boxes, source_boxes], axis=0)  # [n + m, 4]
+        keep = tf.concat([target["keep"] & ~occluded, pasted], axis=0)
+        classes = tf.concat([target["classes"], source["classes"]], axis=0)
+        indices, valid, num_truncated = select_largest(boxes, keep, max_instances)
+        num_valid = _count(valid)
+        chosen = indices[:num_valid]  # [k] target rows first, then source rows (+ n)
+        from_target = chosen < num_target
+        chosen_target = tf.boolean_mask(chosen, from_target)
+        chosen_source = tf.boolean_mask(chosen, ~from_target) - num_target
+        chosen_boxes = tf.gather(boxes, chosen)  # [k, 4]
+        source_crops = crop_masks(source["masks"], tf.gather(source_boxes, chosen_source), chosen_source,
+                                  source["image_info"], mask_size, source["flipped"])
+        crops = tf.concat([tf.gather(target_crops, chosen_target), source_crops], axis=0)  # [k, Mc, Mc]
+        features = _features(image, target["image_info"], chosen_boxes, tf.gather(classes, chosen), crops,
+                             target["has_masks"], num_valid, output_size, mask_size, max_instances)
+        stats = {"num_crowd": target["num_crowd"], "num_unmapped": target["num_unmapped"],
+                 "num_vanished": target["num_vanished"], "num_truncated": num_truncated,
+                 "num_occluded": _count(occluded)}
+        return features, stats
+
+    return tf.cond(tf.reduce_any(pasted), with_paste, without)
+
+
+def transform_pair(first: Dict[str, tf.Tensor], second: Dict[str, tf.Tensor], *, output_size: Tuple[int, int],
+                   mask_size: int, max_instances: int, category_ids: Sequence[int], pixel_mean: Sequence[float],
+                   pixel_std: Sequence[float], flip_probability: float = 0.0,
+                   scale_range: Tuple[float, float] = (1.0, 1.0), seeds=(None, None),
+                   copy_paste_probability: float = 0.0, resize_mode: str = "fit", resize_short_side: int = 800,
+                   resize_max_long_side: int = 1333):
+    """Two decoded examples, each the other's copy-paste source -> [(features, stats), (features, stats)].
+
+    Each example gets its own geometry exactly as transform_example with its seed (seeds: two int [2],
+    or None); then, with copy_paste_probability (drawn from its seed's copy-paste stream), a random
+    subset of the OTHER example's transformed instances is pasted on top of it (module docstring).
+    Without a paste, an example's output equals transform_example's with the same seed.
+    """
+    geometry = dict(output_size=output_size, category_ids=category_ids, pixel_mean=pixel_mean,
+                    pixel_std=pixel_std, flip_probability=flip_probability, scale_range=scale_range,
+                    resize_mode=resize_mode, resize_short_side=resize_short_side,
+                    resize_max_long_side=resize_max_long_side)
+    stages = [_prepare(example, seed, **geometry) for example, seed in zip((first, second), seeds)]
+    if copy_paste_probability <= 0:
+        return [_finish(stage, output_size, mask_size, max_instances) for stage in stages]
+    return [_finish_with_paste(stages[0], stages[1], copy_paste_probability, output_size, mask_size,
+                               max_instances),
+            _finish_with_paste(stages[1], stages[0], copy_paste_probability, output_size, mask_size,
+                               max_instances)]

@@ -267,6 +267,14 @@ def resolve_config(preset: str, train_file_pattern: str, label_map_path=None, ex
         from maskrcnn_tf.weights import imagenet_backbones
 
         imagenet_backbones.check_model_config(weights, cfg.model)
+    if cfg.data.copy_paste_probability > 0:  # pastes objects by their masks: box-only data has none
+        if not cfg.model.include_mask:
+            raise ValueError(f"data.copy_paste_probability={cfg.data.copy_paste_probability} needs masks, but "
+                             "model.include_mask is False; set data.copy_paste_probability=0")
+        if not pipeline.records_have_masks(train_file_pattern):
+            raise ValueError(f"data.copy_paste_probability={cfg.data.copy_paste_probability} needs masks, but the "
+                             f"records {train_file_pattern!r} have none (boxes only, e.g. the TXT converter's); "
+                             "set data.copy_paste_probability=0")
     return config_lib.validate(cfg), label_map_path, steps_per_epoch
 
 

@@ -647,3 +647,26 @@ def test_pretrained_backbone_file_of_other_conventions_is_a_one_line_error(shape
     last = proc.stderr.strip().splitlines()[-1]
     assert "is a torchvision ImageNet ResNet" in last and "model.pixel_mean" in last, last
     assert not (tmp_path / "run").exists()
+
+
+def test_copy_paste_on_box_only_records_is_a_one_line_error(tmp_path):
+    # Copy-paste pastes objects by their masks; box-only records (the TXT converter's) have none. Refused
+    # in one line from the first record, before the strategy or the model exist.
+    import cv2
+
+    from maskrcnn_tf.data import schema
+
+    encoded = cv2.imencode(".png", np.full((32, 32, 3), 50, np.uint8))[1].tobytes()
+    record = schema.build_example(encoded=encoded, image_format="png", height=32, width=32, filename="a.png",
+                                  source_id="1", boxes_norm_xyxy=np.array([[0.1, 0.1, 0.5, 0.5]]), labels=[1],
+                                  texts=["a"], is_crowd=[0], areas=[1.0], png_masks=None)
+    records = str(tmp_path / "boxes-00000-of-00001.tfrecord")
+    with tf.io.TFRecordWriter(records) as writer:
+        writer.write(record.SerializeToString())
+    proc = run_train([f"--train_file_pattern={records}", f"--model_dir={tmp_path / 'run'}", "--num_classes=1",
+                      "--config=tiny", "--train_steps=1", "--params_override=data.copy_paste_probability=0.5"],
+                     check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "data.copy_paste_probability=0.5 needs masks" in last and "have none" in last, last
+    assert not (tmp_path / "run").exists()
