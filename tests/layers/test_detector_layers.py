@@ -11,18 +11,9 @@ from maskrcnn_tf.layers.proposal_generator import ProposalGenerator
 from maskrcnn_tf.layers.roi_align import MultilevelRoIAlign
 from maskrcnn_tf.layers.roi_sampler import RoISampler
 from maskrcnn_tf.ops import boxes as box_ops
+from tests.numpy_reference import box_iou
 
 IMAGE_INFO = np.array([[[64, 64], [64, 64], [1, 1], [0, 0]]], np.float32)  # one 64x64 image
-
-
-def _np_iou(a, b):
-    """IoU of [n, 4] and [m, 4] boxes in [y1, x1, y2, x2], float64."""
-    a, b = a[:, None].astype(np.float64), b[None].astype(np.float64)
-    inter = (np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-             * np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None))
-    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
-    union = area(a) + area(b) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 def _np_greedy_nms(boxes, scores, threshold):
@@ -30,7 +21,7 @@ def _np_greedy_nms(boxes, scores, threshold):
     while order:
         i = order.pop(0)
         keep.append(i)
-        order = [j for j in order if _np_iou(boxes[i:i + 1], boxes[j:j + 1])[0, 0] <= threshold]
+        order = [j for j in order if box_iou(boxes[i:i + 1], boxes[j:j + 1])[0, 0] <= threshold]
     return keep
 
 
@@ -84,7 +75,7 @@ def test_anchor_labeler_targets_follow_the_rpn_rules():
     classes = np.array([[1, 2, -1]], np.int32)
     out = AnchorLabeler(batch_size_per_image=64, positive_fraction=0.5)(
         tf.constant(anchors), tf.constant(gt), tf.constant(classes))
-    iou = _np_iou(anchors, gt[0, :2])  # [300, 2]
+    iou = box_iou(anchors, gt[0, :2])  # [300, 2]
     sampled, positive = out["sampled"].numpy()[0], out["positive"].numpy()[0]
     best_for_gt = iou.max(axis=0)
     allowed_positive = (iou.max(axis=1) >= 0.7) | np.any(iou == best_for_gt[None], axis=1)
@@ -113,7 +104,7 @@ def test_roi_sampler_counts_fractions_and_targets():
         tf.constant(proposals), tf.constant(valid), tf.constant(gt), tf.constant(classes))
     rois, fg, ok = out["rois"].numpy()[0], out["is_foreground"].numpy()[0], out["is_valid"].numpy()[0]
     assert ok.all() and fg.sum() == 8  # 25% of 32, enough foreground exists
-    iou = _np_iou(rois, gt[0, :2])
+    iou = box_iou(rois, gt[0, :2])
     assert np.all(iou.max(axis=1)[fg] >= 0.5) and np.all(iou.max(axis=1)[~fg] < 0.5)
     expected_class = classes[0, iou.argmax(axis=1)]
     np.testing.assert_array_equal(out["classes"].numpy()[0], np.where(fg, expected_class, 0))

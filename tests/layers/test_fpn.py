@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from maskrcnn_tf.layers.fpn import FPN
-from tests.layers.numpy_reference import conv2d_same
+from tests.numpy_reference import conv2d_same
 
 IMAGE_SIZE = 64
 BATCH = 2

@@ -8,7 +8,7 @@ import tensorflow as tf
 from maskrcnn_tf.layers.box_head import BoxHead
 from maskrcnn_tf.layers.mask_head import MaskHead
 from maskrcnn_tf.layers.rpn_head import RPNHead
-from tests.layers.numpy_reference import conv2d_same
+from tests.numpy_reference import conv2d_same
 
 BATCH = 2
 NUM_ROIS = 3  # S

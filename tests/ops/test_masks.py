@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from maskrcnn_tf.ops.masks import mask_targets, paste_masks
+from tests.numpy_reference import mask_iou
 
 SAMPLING_RATIO = 2  # masks.TARGET_SAMPLING_RATIO, restated so the oracle is independent
 
@@ -60,11 +61,6 @@ def ellipse_mask(height, width, box, rng):
     inside = np.zeros_like(mask)
     inside[y1:y2, x1:x2] = 1.0
     return mask * inside
-
-
-def iou(a, b):
-    a, b = a.astype(bool), b.astype(bool)
-    return (a & b).sum() / max((a | b).sum(), 1)
 
 
 IMAGE = 64
@@ -222,7 +218,7 @@ def test_paste_matches_cv2_oracle():
         oracle = np.zeros((height, width), np.float32)
         # cv2 INTER_LINEAR uses the same half-pixel centres; it replicates (not zero-pads) the edge.
         oracle[y1:y2, x1:x2] = cv2.resize(masks[d], (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
-        score = iou(pasted[d] >= 0.5, oracle >= 0.5)
+        score = mask_iou(pasted[d] >= 0.5, oracle >= 0.5)
         assert score >= 0.95, (d, score)
         # Zero padding reaches half a mask cell (< 1.5 px for boxes < 3 * 28 px) outside the box.
         outside = np.ones((height, width), bool)
@@ -243,7 +239,7 @@ def test_paste_then_crop_round_trip():
     back = mask_targets(pasted, whole, tf.constant(boxes[None]), tf.range(count)[None],
                         output_size=mask_size).numpy()[0]
     for d in range(count):
-        score = iou(back[d], masks[d] >= 0.5)
+        score = mask_iou(back[d], masks[d] >= 0.5)
         assert score >= 0.9, (d, score)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT, SHARED_DATA
+from tests.numpy_reference import box_iou
 from tests.torch_oracle import import_torch
 
 torch = import_torch()
@@ -104,15 +105,6 @@ def _torchvision_detections(model, image):
     return {k: v.numpy() for k, v in out.items()}
 
 
-def _iou(a, b):
-    """IoU of [x1, y1, x2, y2] boxes a [N, 4], b [M, 4] -> [N, M] (float64)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
-
-
 def test_faster_rcnn_checkpoint_gives_a_box_only_config():
     """torchvision's fasterrcnn_resnet50_fpn keys: no mask head -> include_mask False, and every key maps
     (no unused or missing key; shapes are checked when the model is built)."""
@@ -189,7 +181,7 @@ def test_predict_export_and_saved_model_equal_torchvision(imported):
         # at the cut, so detections within 0.01 of the last kept score are not required to match.
         compared &= reference["scores"] > reference["scores"][-1] + 0.01
     assert compared.sum() >= 5
-    ious = _iou(reference["boxes"][compared], boxes)
+    ious = box_iou(reference["boxes"][compared], boxes)
     worst_iou, worst_score = 1.0, 0.0
     for i, (label, score) in enumerate(zip(reference["labels"][compared], reference["scores"][compared])):
         match = (classes == label) & (ious[i] >= 0.99) & (np.abs(scores - score) <= 0.01)

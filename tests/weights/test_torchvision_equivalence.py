@@ -27,6 +27,7 @@ from maskrcnn_tf import model as model_lib  # noqa: E402
 from maskrcnn_tf.data import transforms  # noqa: E402
 from maskrcnn_tf.weights import torch_pickle, torchvision_mapping  # noqa: E402
 from tests.conftest import SHARED_DATA  # noqa: E402
+from tests.numpy_reference import box_iou  # noqa: E402
 
 CANVAS = 512
 SHORT_SIDE, LONG_SIDE = 384, 512
@@ -117,14 +118,8 @@ def _our_inputs(cfg, images):
 
 
 def _iou(box, boxes):
-    """box [4], boxes [N, 4] [y1, x1, y2, x2] -> [N] float64."""
-    y1 = np.maximum(box[0], boxes[:, 0])
-    x1 = np.maximum(box[1], boxes[:, 1])
-    y2 = np.minimum(box[2], boxes[:, 2])
-    x2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(y2 - y1, 0, None) * np.clip(x2 - x1, 0, None)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return inter / (area(box) + area(boxes) - inter)
+    """box [4], boxes [N, 4] -> [N] float64."""
+    return box_iou(box[None], boxes)[0]
 
 
 def _our_model(reference, tmp_path, orientation_canvases):
