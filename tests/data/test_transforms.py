@@ -239,3 +239,144 @@ def test_crop_masks_samples_cell_centres_and_clamps_at_the_border():
     mirrored = transforms.crop_masks(tf.constant(mask), tf.constant([[0, 0, 4, 4]], tf.float32), tf.constant([0]),
                                      image_info, 8, flipped=tf.constant(True)).numpy()
     np.testing.assert_allclose(mirrored[0], crops[0][:, ::-1], atol=1e-6)
+
+
+# ----------------------------------------------------------------------- large-scale jitter (LSJ)
+# LSJ = "fit" resize to a square canvas, scale_range (0.1, 2.0), flip 0.5 (torchvision's ScaleJitter +
+# FixedSizeCrop + RandomHorizontalFlip, detectron2's ResizeScale + FixedSizeCrop). A 64x64 canvas stands in
+# for 1024x1024; the image is 100x80, so the fit scale is 0.64 and the resized height runs from 6 to 128.
+LSJ = dict(output_size=(64, 64), mask_size=16, scale_range=(0.1, 2.0), flip_probability=0.5)
+LSJ_SEEDS = range(16)
+LSJ_FIT = 0.64
+
+
+def _rectangle_factor(t, lo, hi, size):
+    """1-D factor of a filled rectangle mask [lo, hi) sampled bilinearly at continuous coordinates t
+    (pixel i covers [i, i + 1)), clamped at the image border like crop_masks."""
+    rise = np.clip(t - lo + 0.5, 0, 1) if lo > 0 else np.ones_like(t)
+    fall = np.clip(hi - t + 0.5, 0, 1) if hi < size else np.ones_like(t)
+    return np.minimum(rise, fall)
+
+
+def _lsj_geometry(image_info, original_hw=(100, 80)):
+    """Checks image_info against LSJ's definition; returns (scale [2], offset [2], valid [2])."""
+    original, valid, scale, offset = np.asarray(image_info, np.float64)
+    np.testing.assert_array_equal(original, original_hw)
+    resized = np.round(original * scale)
+    np.testing.assert_allclose(original * scale, resized, atol=1e-3)  # whole pixels
+    fitted = np.asarray(original_hw) * LSJ_FIT
+    ratio = resized / fitted  # the drawn r, each axis up to its rounding (half a pixel of the fitted size)
+    rounding = 0.5 / fitted + 1e-6
+    assert np.all(ratio >= 0.1 - rounding) and np.all(ratio <= 2.0 + rounding), ratio
+    assert abs(ratio[0] - ratio[1]) <= rounding.sum()  # one r for both axes
+    assert np.all(offset == np.floor(offset)) and np.all(offset >= 0) and np.all(offset <= np.maximum(resized - 64, 0))
+    np.testing.assert_allclose(valid, np.minimum(resized - offset, 64))
+    return scale, offset, valid
+
+
+def test_lsj_moves_a_rectangle_box_mask_and_pixels_together():
+    height, width, rect = 100, 80, (30, 8, 70, 40)  # off-centre, so a mirrored image moves it
+    colour = (240, 120, 0)
+    image = np.full((height, width, 3), 10, np.uint8)
+    mask = np.zeros((1, height, width), np.uint8)
+    y1, x1, y2, x2 = rect
+    image[y1:y2, x1:x2] = colour
+    mask[0, y1:y2, x1:x2] = 1
+    seen = set()
+    for seed in LSJ_SEEDS:
+        features, stats = _transform(_example(image, [rect], [1], mask), seed=tf.constant([seed, 3], tf.int64), **LSJ)
+        scale, offset, valid = _lsj_geometry(features["image_info"])
+        kept = features["gt_classes"][0] == 1
+        candidates = {}
+        for flipped in (False, True):
+            cols = (width - x2, width - x1) if flipped else (x1, x2)
+            box = np.clip(np.array([y1, cols[0], y2, cols[1]]) * np.tile(scale, 2) - np.tile(offset, 2), 0,
+                          np.tile(valid, 2))
+            candidates[flipped] = (box, cols)
+        visible = {f: transforms.is_visible(box) for f, (box, _) in candidates.items()}
+        if not kept:  # cropped away (the box of the flip it drew has no area)
+            assert not all(visible.values()) and stats["num_vanished"] == 1
+            seen.add("vanished")
+            continue
+        out_box = features["gt_boxes"][0]
+        matches = [f for f, (box, _) in candidates.items() if np.allclose(out_box, box, atol=1e-4)]
+        assert matches, (seed, out_box, candidates)
+        flipped = matches[0]
+        cols = candidates[flipped][1]
+        # The crop: the rectangle sampled at each cell centre mapped back to the original, (p + offset) / scale.
+        ys = (out_box[0] + (np.arange(16) + 0.5) * (out_box[2] - out_box[0]) / 16 + offset[0]) / scale[0]
+        xs = (out_box[1] + (np.arange(16) + 0.5) * (out_box[3] - out_box[1]) / 16 + offset[1]) / scale[1]
+        expected = np.outer(_rectangle_factor(ys, y1, y2, height), _rectangle_factor(xs, cols[0], cols[1], width))
+        np.testing.assert_allclose(features["gt_masks"][0], expected, atol=1e-5)
+        assert features["gt_masks"][0].min() >= 0.5  # every cell centre lies on the rectangle
+        # The pixels: the colour fills the box's interior (a pixel in from each side).
+        by1, bx1, by2, bx2 = out_box
+        interior = features["images"][int(np.ceil(by1)) + 1:int(by2) - 1, int(np.ceil(bx1)) + 1:int(bx2) - 1]
+        np.testing.assert_allclose(interior, np.broadcast_to(colour, interior.shape), atol=1e-3)
+        seen.add("flipped" if flipped else "unflipped")
+        seen.add("zoomed in" if scale[0] > LSJ_FIT else "zoomed out")
+    assert seen >= {"flipped", "unflipped", "zoomed in", "zoomed out"}, seen
+
+
+def test_lsj_drops_instances_outside_the_crop_window_and_counts_them():
+    height, width = 100, 80
+    squares = np.array([[0, 0, 16, 16], [0, 64, 16, 80], [84, 0, 100, 16], [84, 64, 100, 80], [42, 32, 58, 48]],
+                       np.float64)  # four corners and the middle; classes mirror-symmetric too
+    masks = np.zeros((5, height, width), np.uint8)
+    for mask, (y1, x1, y2, x2) in zip(masks, squares.astype(int)):
+        mask[y1:y2, x1:x2] = 1
+    dropped_seen = 0
+    for seed in LSJ_SEEDS:
+        features, stats = _transform(_example(np.full((height, width, 3), 10, np.uint8), squares, [1, 1, 2, 2, 3],
+                                              masks), seed=tf.constant([seed, 4], tf.int64), **LSJ)
+        scale, offset, valid = _lsj_geometry(features["image_info"])
+        # The corners are symmetric under the flip, so the oracle needs no flip: scale, shift, clip, drop.
+        expected = np.clip(squares * np.tile(scale, 2) - np.tile(offset, 2), 0, np.tile(valid, 2))
+        visible = np.all(expected[:, 2:] - expected[:, :2] > transforms.MIN_BOX_SIDE, axis=1)
+        assert stats["num_vanished"] == 5 - visible.sum()
+        num = int(visible.sum())
+        assert np.all(features["gt_classes"][num:] == -1)
+        np.testing.assert_array_equal(np.sort(features["gt_classes"][:num]),
+                                      np.sort(np.array([1, 1, 2, 2, 3])[visible]))
+        np.testing.assert_allclose(np.sort(features["gt_boxes"][:num], axis=0), np.sort(expected[visible], axis=0),
+                                   atol=1e-4)
+        dropped_seen += stats["num_vanished"] > 0
+    assert dropped_seen >= 2
+
+
+def test_lsj_zoomed_out_images_are_zero_padded_bottom_right():
+    image = np.full((100, 80, 3), 10, np.uint8)
+    zoomed_out = 0
+    for seed in LSJ_SEEDS:
+        features, _ = _transform(_example(image, np.zeros((0, 4)), [], np.zeros((0, 100, 80))),
+                                 seed=tf.constant([seed, 5], tf.int64), **LSJ)
+        scale, offset, valid = _lsj_geometry(features["image_info"])
+        rows, cols = int(valid[0]), int(valid[1])
+        assert np.all(features["images"][:rows, :cols] == 10)  # image pixels (mean 0, std 1)
+        assert not features["images"][rows:].any() and not features["images"][:, cols:].any()
+        if scale[0] < LSJ_FIT:
+            zoomed_out += 1
+            assert np.all(offset == 0) and rows < 64 and cols < 64
+    assert zoomed_out >= 3
+
+
+def test_lsj_output_shapes_are_static():
+    n, mask_size = 8, 16
+    spec = {"image": tf.TensorSpec([None, None, 3], tf.uint8), "boxes": tf.TensorSpec([None, 4], tf.float32),
+            "classes": tf.TensorSpec([None], tf.int64), "is_crowd": tf.TensorSpec([None], tf.bool),
+            "masks": tf.TensorSpec([None, None, None], tf.uint8), "has_masks": tf.TensorSpec([], tf.bool)}
+
+    @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int64)])
+    def lsj(example, seed):
+        return transforms.transform_example(example, max_instances=n, category_ids=(1, 2, 3), pixel_mean=(0, 0, 0),
+                                            pixel_std=(1, 1, 1), seed=seed, **LSJ)
+
+    features, stats = lsj.get_concrete_function().structured_outputs
+    expected = {"images": [64, 64, 3], "image_info": [4, 2], "gt_boxes": [n, 4], "gt_classes": [n],
+                "gt_masks": [n, mask_size, mask_size], "has_masks": []}
+    assert {k: v.shape.as_list() for k, v in features.items()} == expected
+    assert all(v.shape.as_list() == [] for v in stats.values())
+    image, boxes, masks = _shapes_example()
+    for seed in range(3):
+        out, _ = lsj(_example(image, boxes, [1, 2, 3], masks), tf.constant([seed, 1], tf.int64))
+        assert {k: v.shape.as_list() for k, v in out.items()} == expected
