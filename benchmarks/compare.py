@@ -26,18 +26,30 @@ unlike wall time, barely move when the machine is shared.
 infer_800 (not in the defaults): the same seeded random torchvision weights on both sides, one 800 x 1333
 image, batch 1, each side's COCO inference settings (ours: the torchvision_maskrcnn_r50_fpn preset with
 the weights imported by maskrcnn_tf.weights, canvas --ours_canvas or the preset's 1344 x 1344,
---ours_orientation_canvases for model.orientation_canvases). compare.py
-first has the torchvision script write the shared .pth (--write_weights), then runs ours, then torchvision.
+--ours_orientation_canvases for model.orientation_canvases). infer_800_v2: the same with torchvision's
+maskrcnn_resnet50_fpn_v2 (BatchNorm FPN and heads, two RPN convs, 4-conv + 1-FC box head; its random
+weights have random BatchNorm statistics everywhere) and, on our side, the preset the file's keys call
+for, torchvision_maskrcnn_r50_fpn_v2 (named in ours' "config" field). For each of the two, compare.py
+first has the torchvision script write the case's shared .pth (--write_weights) into the log directory
+as <case>_torchvision_weights.pth, then runs ours, then torchvision.
 
-Cases and scripts: infer, train -> <side>_model.py; infer_800 -> <side>_infer_800.py;
+train_v2 (not in the defaults): `train`'s step (batch 2, --image_size, the same instances) on torchvision's
+v2 architecture trained from scratch: trainable BatchNorm everywhere (backbone nn.BatchNorm2d, FPN and
+heads in train mode, batch statistics), all five stages trainable; ours runs the
+torchvision_maskrcnn_r50_fpn_v2 preset with model.backbone.norm=batch_norm and freeze_at=0. Every model
+case's line names its "architecture" (v1 / v2), "norms" and "bn_mode".
+
+Cases and scripts: infer, train, train_v2 -> <side>_model.py; infer_800, infer_800_v2 -> <side>_infer_800.py;
 conv -> conv_peak.py --side=<side> (ours = TF, torchvision = torch; Model Garden has no conv case, it
 would measure the same TF); convert, pipeline ->
 <side>_convert.py / <side>_pipeline.py (Model Garden only). A script that does not exist yet or a peer
-python that is missing gives a JSON line saying so, never a crash. --image_size/--repeats go to the model
-and conv cases only; data cases get --data_flags verbatim.
+python that is missing gives a JSON line saying so, never a crash. --image_size goes to the model cases
+(infer, train, train_v2) and gpu_train, --repeats and --threads to every case but the data cases, which
+get --data_flags verbatim.
 
 Goals are issue 5's: infer ours/torchvision <= 0.75, train <= 0.8, convert images/s ours/modelgarden
->= 3, pipeline >= 1.5, peak RSS of ours <= the peer's, infer effective GFLOP/s >= 0.85 x conv GFLOP/s.
+>= 3, pipeline >= 1.5, peak RSS of ours <= the peer's, infer effective GFLOP/s >= 0.85 x conv GFLOP/s;
+and issue 25's: infer_800 and infer_800_v2 <= 0.75, train_v2 <= 0.8 (and peak RSS <= torchvision's).
 Only ratios taken in one run count: the machine is shared and noisy (each line has the load average).
 """
 
@@ -57,21 +69,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CASES_DIR = os.path.join(HERE, "cases")
 DEFAULT_CASES = ("infer", "train", "conv")
-ALL_CASES = DEFAULT_CASES + ("convert", "pipeline", "gpu_train", "infer_800")
+ALL_CASES = DEFAULT_CASES + ("convert", "pipeline", "gpu_train", "infer_800", "infer_800_v2", "train_v2")
 GPU_CASES = ("gpu_train",)  # NVIDIA GPUs only (ours_gpu_train.py): asked for by name, never part of 'all'
 
 PEERS = ("torchvision", "modelgarden")
-MODEL_CASES = ("infer", "train")
+MODEL_CASES = ("infer", "train", "train_v2")
 DATA_CASES = ("convert", "pipeline")
+# Same imported torchvision weights on both sides (<side>_infer_800.py): v1 and v2 architectures.
+INFER_800_CASES = ("infer_800", "infer_800_v2")
 # Which peers have each case (conv: Model Garden runs the same TF as ours; data: torchvision has none).
 CASE_PEERS = {"infer": PEERS, "train": PEERS, "conv": ("torchvision",), "convert": ("modelgarden",),
-              "pipeline": ("modelgarden",), "gpu_train": (), "infer_800": ("torchvision",)}
+              "pipeline": ("modelgarden",), "gpu_train": (), "infer_800": ("torchvision",),
+              "infer_800_v2": ("torchvision",), "train_v2": ("torchvision",)}
 # (peer, case) -> (comparison, bound) on ours/theirs.
 GOALS = {
     ("torchvision", "infer"): ("<=", 0.75),
     ("torchvision", "train"): ("<=", 0.8),
     ("modelgarden", "convert"): (">=", 3.0),
     ("modelgarden", "pipeline"): (">=", 1.5),
+    ("torchvision", "infer_800"): ("<=", 0.75),
+    ("torchvision", "infer_800_v2"): ("<=", 0.75),
+    ("torchvision", "train_v2"): ("<=", 0.8),
 }
 CONV_EFFICIENCY_GOAL = 0.85  # infer effective GFLOP/s >= this x the large conv's GFLOP/s
 ERROR_TAIL_LINES = 8
@@ -96,12 +114,15 @@ def parse_args(argv=None):
                         help="Model Garden box head (default 2fc, as ours and torchvision)")
     parser.add_argument("--tv_candidates", type=int, default=None,
                         help="torchvision infer: NMS candidates of its second series (default 1000; 0 = off)")
-    parser.add_argument("--ours_canvas", default=None, help="infer_800, ours: HxW canvas (default: the preset's)")
+    parser.add_argument("--ours_canvas", default=None,
+                        help="infer_800(_v2), ours: HxW canvas (default: the preset's)")
     parser.add_argument("--ours_orientation_canvases", action="store_true",
-                        help="infer_800, ours: model.orientation_canvases on")
+                        help="infer_800(_v2), ours: model.orientation_canvases on")
     parser.add_argument("--data_flags", default="", help="extra flags for the convert/pipeline scripts")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per case process")
-    parser.add_argument("--log_dir", default=None, help="where each process's stderr goes (default: a tmp dir)")
+    parser.add_argument("--log_dir", default=None,
+                        help="where each process's stderr and the infer_800 cases' shared weights go "
+                             "(default: a tmp dir)")
     args = parser.parse_args(argv)
     if args.cases == "all":
         cases = tuple(c for c in ALL_CASES if c not in GPU_CASES)
@@ -125,12 +146,18 @@ def python_of(side: str, args) -> str:
     return {"ours": args.ours_python, "torchvision": args.torch_python, "modelgarden": args.mg_python}[side]
 
 
+def shared_weights(case: str, args) -> str:
+    """The torchvision state dict an infer_800 case's sides share, in the log directory (one per case)."""
+    return os.path.join(args.log_dir, f"{case}_torchvision_weights.pth")
+
+
 def command(case: str, side: str, args):
     """(python, script path, flags) of one case on one side."""
     if case == "conv":
         script, flags = os.path.join(CASES_DIR, "conv_peak.py"), [f"--side={side}"]
-    elif case == "infer_800":
-        script, flags = os.path.join(CASES_DIR, f"{side}_infer_800.py"), [f"--weights={args.shared_weights}"]
+    elif case in INFER_800_CASES:
+        script = os.path.join(CASES_DIR, f"{side}_infer_800.py")
+        flags = [f"--weights={shared_weights(case, args)}"]
         if side == "ours" and args.ours_canvas:
             flags.append(f"--canvas={args.ours_canvas}")
         if side == "ours" and args.ours_orientation_canvases:
@@ -140,7 +167,7 @@ def command(case: str, side: str, args):
     else:
         script, flags = os.path.join(CASES_DIR, f"{side}_{case}.py"), shlex.split(args.data_flags)
     if case not in DATA_CASES:
-        if args.image_size and case not in ("conv", "infer_800"):
+        if args.image_size and case not in ("conv",) + INFER_800_CASES:
             flags.append(f"--image_size={args.image_size}")
         if args.repeats:
             flags.append(f"--repeats={args.repeats}")
@@ -200,20 +227,20 @@ def run_case(case: str, side: str, args, log_dir: str):
     return record
 
 
-def prepare_shared_weights(args, log_dir: str):
-    """infer_800: the torchvision script writes the checkpoint both sides load. None when done, else a
-    skipped / error record."""
-    python, script, flags = command("infer_800", "torchvision", args)
-    base = {"case": "infer_800"}
+def prepare_shared_weights(case: str, args, log_dir: str):
+    """infer_800 / infer_800_v2: the torchvision script writes the case's checkpoint both sides load. None
+    when done, else a skipped / error record."""
+    python, script, flags = command(case, "torchvision", args)
+    base = {"case": case}
     if "torchvision" not in args.peer_list:
-        return dict(base, skipped="infer_800 needs the torchvision peer (it writes the shared weights)")
+        return dict(base, skipped=f"{case} needs the torchvision peer (it writes the shared weights)")
     if not os.path.exists(python):
         return dict(base, skipped=f"python not found: {python}")
-    log_path = os.path.join(log_dir, "infer_800_write_weights.stderr")
+    log_path = os.path.join(log_dir, f"{case}_write_weights.stderr")
     with open(log_path, "w") as log:
         result = subprocess.run([python, script] + flags + ["--write_weights"], stdout=subprocess.PIPE, stderr=log,
                                 text=True, cwd=ROOT, timeout=args.timeout)
-    if result.returncode != 0 or not os.path.exists(args.shared_weights):
+    if result.returncode != 0 or not os.path.exists(shared_weights(case, args)):
         return dict(base, error=f"writing the shared weights failed (exit code {result.returncode})",
                     stderr_log=log_path)
     return None
@@ -296,16 +323,15 @@ def meta(args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    log_dir = args.log_dir or tempfile.mkdtemp(prefix="compare_")
+    log_dir = args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="compare_")
     os.makedirs(log_dir, exist_ok=True)
     print(f"[compare] stderr of each case process goes to {log_dir}", file=sys.stderr, flush=True)
     emit(meta(args))
     results = {}
-    args.shared_weights = os.path.join(log_dir, "infer_800_torchvision_weights.pth")
     for case in args.case_list:
         peers = [p for p in args.peer_list if p in CASE_PEERS[case]]
-        if case == "infer_800":
-            prepared = prepare_shared_weights(args, log_dir)
+        if case in INFER_800_CASES:
+            prepared = prepare_shared_weights(case, args, log_dir)
             if prepared is not None:  # no shared weights: neither side can run
                 for side in ["ours"] + peers:
                     emit(dict(prepared, side=side))

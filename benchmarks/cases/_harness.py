@@ -71,15 +71,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-# The model cases (ours/torchvision/modelgarden _model.py) and their default timed calls.
-MODEL_CASE_REPEATS = {"infer": 5, "train": 3}
+# The model cases (ours/torchvision/modelgarden _model.py) and their default timed calls. train_v2 (the
+# torchvision v2 architecture with trainable BatchNorm) only in ours_model.py and torchvision_model.py.
+MODEL_CASE_REPEATS = {"infer": 5, "train": 3, "train_v2": 3}
 
 
-def parse_model_case_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parses a model case's flags: --case must be infer or train; --repeats defaults per case."""
+def parse_model_case_args(parser: argparse.ArgumentParser,
+                          cases: Sequence[str] = ("infer", "train")) -> argparse.Namespace:
+    """Parses a model case's flags: --case must be one of `cases` (the script's); --repeats defaults per case."""
     args = parser.parse_args()
-    if args.case not in MODEL_CASE_REPEATS:
-        parser.error(f"--case must be one of {sorted(MODEL_CASE_REPEATS)}")
+    if args.case not in cases:
+        parser.error(f"--case must be one of {', '.join(cases)}")
     if args.repeats is None:
         args.repeats = MODEL_CASE_REPEATS[args.case]
     return args

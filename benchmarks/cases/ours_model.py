@@ -1,16 +1,24 @@
-"""maskrcnn_tf side of the model cases: `infer` (batch 1, end to end incl. mask pasting) and `train` (one
-SGD step, batch 2). One JSON line on stdout (benchmarks/cases/_harness.py), logs on stderr.
+"""maskrcnn_tf side of the model cases: `infer` (batch 1, end to end incl. mask pasting), `train` (one
+SGD step, batch 2) and `train_v2` (the same step, torchvision's v2 architecture with trainable BatchNorm).
+One JSON line on stdout (benchmarks/cases/_harness.py), logs on stderr.
 
   /work/venv/bin/python benchmarks/cases/ours_model.py --case=infer [--image_size=1024] [--repeats=5]
       [--roi_align_backend=gather] [--jit_compile] [--paste_masks=false] [--count_flops=false]
       [--profile_flops]
   /work/venv/bin/python benchmarks/cases/ours_model.py --case=train [--repeats=3] [--max_instances=100]
+  /work/venv/bin/python benchmarks/cases/ours_model.py --case=train_v2 [--repeats=3]
 
 Decisions:
 - Preset coco_r50_fpn_1x (--config), random weights (`model.backbone.weights=None`; speed does not depend on their
   values), num_classes 80, frozen BN, stem + res2 frozen (the preset). Counts: test proposals
   1000 pre-NMS per level / 1000 post-NMS, 100 detections; train 2000 / 1000, RPN 256 anchors/image,
   512 RoIs/image at 25% foreground (the preset; printed in the JSON so a changed preset shows).
+- `train_v2`: torchvision's maskrcnn_resnet50_fpn_v2 trained from scratch (torchvision_model.py): preset
+  torchvision_maskrcnn_r50_fpn_v2 (BatchNorm FPN and heads, two RPN convs, 4-conv + 1-FC box head,
+  torchvision's anchors, RoIAlign, box-loss beta and counts: 2000 / 2000 train proposals, 256 anchors,
+  512 RoIs at 25%) with model.backbone.norm=batch_norm and freeze_at=0: every BatchNorm layer (backbone,
+  FPN, box and mask heads) trains with batch statistics, all stages trainable, random weights, 90 classes
+  (91 logits, as torchvision's COCO head). Everything else as `train`.
 - `infer`: the detection score threshold is 0 so that every run returns exactly 100 detections and the
   mask head always sees 100 RoIs (asserted), as on the peer side. One `tf.function` (optionally XLA)
   holds model(inputs, training=False) and ops.masks.paste_masks, which turns the 28x28 probabilities
@@ -46,7 +54,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as harness  # noqa: E402
 
 SIDE = "ours"
-CONFIG = "coco_r50_fpn_1x"
+# case -> preset (--config overrides it); train_v2 also sets TRAIN_V2_OVERRIDES on it.
+CONFIGS = {"infer": "coco_r50_fpn_1x", "train": "coco_r50_fpn_1x", "train_v2": "torchvision_maskrcnn_r50_fpn_v2"}
+TRAIN_V2_OVERRIDES = {"model.backbone.norm": "batch_norm", "model.backbone.freeze_at": 0}
 
 
 def _bool(text: str) -> bool:
@@ -59,7 +69,8 @@ def _bool(text: str) -> bool:
 
 def parse_args():
     parser = harness.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--config", default=CONFIG, help="preset name (maskrcnn_tf.config.PRESETS)")
+    parser.add_argument("--config", default=None,
+                        help="preset name (maskrcnn_tf.config.PRESETS; default: the case's, CONFIGS)")
     parser.add_argument("--roi_align_backend", default=None, help="crop_and_resize | gather (default: preset's)")
     parser.add_argument("--jit_compile", type=_bool, nargs="?", const=True, default=False,
                         help="XLA-compile the inference function / train step")
@@ -70,7 +81,9 @@ def parse_args():
     parser.add_argument("--max_instances", type=int, default=None, help="gt padding N (default: preset's)")
     parser.add_argument("--inter_threads", type=int, default=None,
                         help="inter-op threads (0 = TF default; default: train.py's rule for train, 0 for infer)")
-    return harness.parse_model_case_args(parser)
+    args = harness.parse_model_case_args(parser, cases=tuple(CONFIGS))
+    args.config = args.config or CONFIGS[args.case]
+    return args
 
 
 def build_config(args, batch_size):
@@ -84,6 +97,8 @@ def build_config(args, batch_size):
     }
     if args.case == "infer":
         overrides["model.detection.score_threshold"] = 0.0
+    if args.case == "train_v2":
+        overrides.update(TRAIN_V2_OVERRIDES)
     if args.roi_align_backend:
         overrides["model.roi.roi_align_backend"] = args.roi_align_backend
     if args.max_instances:
@@ -106,6 +121,22 @@ def counts(cfg) -> dict:
         # The value build_model uses on this host ("auto" resolved for the device, device_defaults.py).
         "recompute_backbone": device_defaults.resolve(cfg).train.recompute_backbone,
     }
+
+
+def norms(cfg) -> dict:
+    m = cfg.model
+    return {"backbone": m.backbone.norm, "fpn": m.fpn_norm, "box_head": m.heads.box_norm,
+            "mask_head": m.heads.mask_norm}
+
+
+def bn_mode(cfg, training: bool) -> str:
+    """How the model's BatchNorm layers normalise in the timed calls (as torchvision_model.py says it)."""
+    if not any(norm in ("batch_norm", "sync_batch_norm") for norm in norms(cfg).values()):
+        return "frozen (backbone BN frozen, no other BN)"
+    if not training:
+        return "eval (moving statistics)"
+    frozen = ", backbone BN frozen" if cfg.model.backbone.norm == "frozen" else ""
+    return f"train (batch statistics{frozen})"
 
 
 # ------------------------------------------------------------------------------------ FLOP count
@@ -309,13 +340,17 @@ def main():
     from maskrcnn_tf.distribute import AUTO_INTER_OP_THREADS, configure_host_threads
 
     if args.inter_threads is None:
-        args.inter_threads = AUTO_INTER_OP_THREADS if args.case == "train" else 0
+        args.inter_threads = AUTO_INTER_OP_THREADS if args.case != "infer" else 0
     configure_host_threads(args.inter_threads)
     cfg, first, runs, fields = (run_infer if args.case == "infer" else run_train)(args)
+    from maskrcnn_tf.weights import torchvision_mapping
+
     harness.emit(harness.record(
         args.case, SIDE, "seconds", runs, first,
         versions={"tensorflow": tf.__version__, "keras": keras.__version__},
         image_size=args.image_size, batch_size=fields.pop("batch_size", 1), config=args.config,
+        architecture=torchvision_mapping.model_architecture(cfg.model) or "other", norms=norms(cfg),
+        bn_mode=bn_mode(cfg, training=args.case != "infer"),
         jit_compile=args.jit_compile, intra_threads=args.threads,
         inter_threads=tf.config.threading.get_inter_op_parallelism_threads(),
         counts=counts(cfg), host_allocator=allocator, **fields))

@@ -1,9 +1,11 @@
-"""torchvision side of the model cases: `infer` (batch 1, end to end incl. mask pasting) and `train` (one
-SGD step, batch 2), through torchvision's public API only. One JSON line on stdout, logs on stderr.
+"""torchvision side of the model cases: `infer` (batch 1, end to end incl. mask pasting), `train` (one
+SGD step, batch 2) and `train_v2` (the same step, v2 architecture, trainable BatchNorm), through
+torchvision's public API only. One JSON line on stdout, logs on stderr.
 
   /work/peer_torch/bin/python benchmarks/cases/torchvision_model.py --case=infer [--image_size=1024] [--repeats=5]
       [--candidates=1000]
   /work/peer_torch/bin/python benchmarks/cases/torchvision_model.py --case=train [--repeats=3]
+  /work/peer_torch/bin/python benchmarks/cases/torchvision_model.py --case=train_v2 [--repeats=3]
 
 Decisions (the counts match maskrcnn_tf's coco_r50_fpn_1x; they are printed in the JSON):
 - `infer`: `maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=S, max_size=S,
@@ -27,6 +29,14 @@ Decisions (the counts match maskrcnn_tf's coco_r50_fpn_1x; they are printed in t
   with 2000 pre-NMS per level / 1000 post-NMS proposals, 256 RPN anchors and 512 RoIs (25% foreground)
   per image. Step = zero_grad, sum of the loss dict, backward, SGD(momentum 0.9, weight decay 1e-4).
   Batch of 2 images with 3 instances each (boxes + full-image uint8 masks; harness.TRAIN_INSTANCES_1024).
+- `train_v2`: torchvision v2 from scratch, `maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None,
+  num_classes=91, ...)`: without weights its builder keeps every stage trainable (trainable_backbone_layers
+  falls back to 5; passing 5 only adds a warning, so it is left out and all backbone parameters are
+  asserted trainable) and the backbone's norm is resnet50's default nn.BatchNorm2d (v2 never uses
+  FrozenBatchNorm2d), as are the FPN's and the box and mask heads': all in train mode, batch statistics.
+  Counts: MaskRCNN's defaults, those of ours' torchvision_maskrcnn_r50_fpn_v2 preset (the `train` counts
+  with 2000 post-NMS training proposals per image instead of 1000). Same step, batch and instances as
+  `train`.
 - num_classes 91 (torchvision's COCO head, what its users run; ours has 80 + background): 0.5% of the
   FLOPs, printed in the JSON.
 - Threads: torch.set_num_threads(--threads) (2, same as TF's intra-op threads on our side).
@@ -50,6 +60,8 @@ COUNTS = dict(
     box_batch_size_per_image=512, box_positive_fraction=0.25,
     box_detections_per_img=100, box_nms_thresh=0.5,
 )
+# train_v2: MaskRCNN's defaults (also ours' torchvision_maskrcnn_r50_fpn_v2 preset's), set explicitly.
+TRAIN_V2_COUNTS = dict(COUNTS, rpn_post_nms_top_n_train=2000)
 NUM_CLASSES = 91
 BASE_LR, REFERENCE_BATCH = 0.02, 16  # the same linear scaling as ours (irrelevant for speed)
 
@@ -59,7 +71,26 @@ def parse_args():
     parser.add_argument("--candidates", type=int, default=1000,
                         help="infer: also time with the score threshold raised so that this many (RoI, class) "
                              "candidates enter NMS, as ours' detection pre_nms_top_k (0 = off)")
-    return harness.parse_model_case_args(parser)
+    return harness.parse_model_case_args(parser, cases=("infer", "train", "train_v2"))
+
+
+def norms(model) -> dict:
+    """The norm of each part, as ours names them: "frozen" (FrozenBatchNorm2d), "batch_norm" (nn.BatchNorm2d)
+    or "none"."""
+    def kind(module):
+        names = {type(m).__name__ for m in module.modules()}
+        return "batch_norm" if "BatchNorm2d" in names else "frozen" if "FrozenBatchNorm2d" in names else "none"
+
+    return {"backbone": kind(model.backbone.body), "fpn": kind(model.backbone.fpn),
+            "box_head": kind(model.roi_heads.box_head), "mask_head": kind(model.roi_heads.mask_head)}
+
+
+def bn_mode(torch, model) -> str:
+    """How the model's BatchNorm layers normalise in the timed calls (the model's mode at the end)."""
+    batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not batch_norms:
+        return "frozen (FrozenBatchNorm2d only)"
+    return "train (batch statistics)" if all(m.training for m in batch_norms) else "eval (running statistics)"
 
 
 def check_no_resize(model, images, size):
@@ -139,7 +170,8 @@ def run_infer(args, torch, torchvision):
     first, runs, detections = harness.time_calls(run, args.repeats)
     num_detections = int(detections["boxes"].shape[0])
     assert num_detections == COUNTS["box_detections_per_img"], f"{num_detections} detections"
-    fields = dict(num_detections=num_detections, num_proposals=seen["proposals"][-1],
+    fields = dict(num_detections=num_detections, norms=norms(model), bn_mode=bn_mode(torch, model),
+                  num_proposals=seen["proposals"][-1],
                   num_mask_rois=seen["mask_rois"][-1], mask_output_shape=list(detections["masks"].shape),
                   network_input_shape=network_input_shape, paste_masks=True, stage_s_last_run=dict(stages))
     if args.candidates:
@@ -168,11 +200,21 @@ def build_train_model(size, torchvision):
     return MaskRCNN(backbone, num_classes=NUM_CLASSES, min_size=size, max_size=size, **COUNTS)
 
 
+def build_train_v2_model(size, torchvision):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+
+    model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, min_size=size,
+                                     max_size=size, **TRAIN_V2_COUNTS)
+    frozen = [name for name, p in model.backbone.body.named_parameters() if not p.requires_grad]
+    assert not frozen, f"v2 from scratch: every backbone stage trains, frozen: {frozen[:3]}"
+    return model
+
+
 def run_train(args, torch, torchvision):
     import numpy as np
 
     size, batch_size = args.image_size, 2
-    model = build_train_model(size, torchvision)
+    model = (build_train_v2_model if args.case == "train_v2" else build_train_model)(size, torchvision)
     images, targets = [], []
     for b, instances in enumerate(harness.train_instances(size)):
         rgb = harness.smooth_noise_image(np, size, seed=b).astype(np.float32)
@@ -204,7 +246,8 @@ def run_train(args, torch, torchvision):
 
     first, runs, total_loss = harness.time_calls(run, args.repeats)
     assert np.isfinite(total_loss), total_loss
-    return first, runs, dict(batch_size=batch_size, total_loss=round(total_loss, 4),
+    return first, runs, dict(batch_size=batch_size, total_loss=round(total_loss, 4), norms=norms(model),
+                             bn_mode=bn_mode(torch, model),
                              num_proposals=seen["proposals"][-1], num_mask_rois=seen["mask_rois"][-1],
                              trainable_params=sum(p.numel() for p in params),
                              network_input_shape=network_input_shape,
@@ -220,12 +263,18 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     first, runs, fields = (run_infer if args.case == "infer" else run_train)(args, torch, torchvision)
+    v2 = args.case == "train_v2"
+    trainable_layers = {"train": 3, "train_v2": 5}.get(args.case)
     harness.emit(harness.record(
         args.case, SIDE, "seconds", runs, first,
         versions={"torch": torch.__version__, "torchvision": torchvision.__version__},
         image_size=args.image_size, batch_size=fields.pop("batch_size", 1), intra_threads=torch.get_num_threads(),
-        counts=dict(COUNTS, num_classes=NUM_CLASSES, box_score_thresh=0.0 if args.case == "infer" else 0.05,
-                    **({"trainable_layers": 3} if args.case == "train" else {})),
+        architecture="v2" if v2 else "v1",
+        builder="maskrcnn_resnet50_fpn_v2" if v2 else "maskrcnn_resnet50_fpn" if args.case == "infer" else
+        "MaskRCNN(resnet50(FrozenBatchNorm2d), trainable_layers=3)",
+        counts=dict(TRAIN_V2_COUNTS if v2 else COUNTS, num_classes=NUM_CLASSES,
+                    box_score_thresh=0.0 if args.case == "infer" else 0.05,
+                    **({"trainable_layers": trainable_layers} if trainable_layers else {})),
         **fields))
 
 
