@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
-from maskrcnn_tf import distribute, run_dir, training
+from maskrcnn_tf import distribute, loss_log, run_dir, training
 from maskrcnn_tf.data.coco_converter import convert_coco
 from maskrcnn_tf.data.shapes import make_shapes_dataset
 from maskrcnn_tf.evaluation.run import DETECTIONS_FILE, METRICS_FILE
@@ -60,7 +60,7 @@ def test_train_resume_eval_export_predict_in_ram_filesystem(shapes_records, tmp_
                             strategy, **kwargs)  # resume
     assert longer["restored_from"] == f"{model_dir}/checkpoints/ckpt-2" and longer["global_step"] == 3
 
-    assert [training.parse_loss_line(line)[1] for line in _lines(f"{model_dir}/{run_dir.LOSS_LOG}")] == [1, 2, 3]
+    assert [loss_log.parse_loss_line(line)[1] for line in _lines(f"{model_dir}/{run_dir.LOSS_LOG}")] == [1, 2, 3]
     assert run_dir.load_config(model_dir).train.total_steps == 3
     assert json.loads("\n".join(_lines(f"{model_dir}/{run_dir.LABEL_MAP_FILE}")))
     assert run_dir.latest_checkpoint(model_dir) == f"{model_dir}/checkpoints/ckpt-3"

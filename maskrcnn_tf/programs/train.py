@@ -165,9 +165,9 @@ def init_run_config(init_checkpoint: str):
     no config.json beside it (ckpt prefix RUN/checkpoints/ckpt-N, checkpoints dir or RUN itself)."""
     import tensorflow as tf
 
-    from maskrcnn_tf import run_dir, training
+    from maskrcnn_tf import checkpointing, run_dir
 
-    run = os.path.dirname(os.path.dirname(training.resolve_checkpoint(init_checkpoint)))
+    run = os.path.dirname(os.path.dirname(checkpointing.resolve_checkpoint(init_checkpoint)))
     if not tf.io.gfile.exists(os.path.join(run, run_dir.CONFIG_FILE)):
         return None
     return run, run_dir.load_config(run)

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
-from maskrcnn_tf import distribute, run_dir, training
+from maskrcnn_tf import checkpointing, distribute, loss_log, run_dir
 from tests.conftest import REPO_ROOT, shared_data
 
 TRAIN_PY = str(REPO_ROOT / "train.py")
@@ -54,7 +54,7 @@ def run_train(args, env=None, check=True):
 
 def loss_log_steps(model_dir):
     with open(os.path.join(model_dir, run_dir.LOSS_LOG), encoding="utf-8") as f:
-        parsed = [training.parse_loss_line(line) for line in f]
+        parsed = [loss_log.parse_loss_line(line) for line in f]
     assert all(p is not None for p in parsed), "a loss.log line does not match the original's format"
     return [step for _, step, _ in parsed]
 
@@ -101,14 +101,14 @@ def coco_run(coco_records, tmp_path_factory):
 
 
 def test_loss_line_has_the_originals_format_and_round_trips():
-    losses = {name: 0.1 * (i + 1) for i, name in enumerate(training.LOSS_LOG_NAMES)}
-    line = training.format_loss_line(1, 7393, losses)
+    losses = {name: 0.1 * (i + 1) for i, name in enumerate(loss_log.LOSS_LOG_NAMES)}
+    line = loss_log.format_loss_line(1, 7393, losses)
     # The MindSpore original's line, with its odd " ," after the step.
     assert line.startswith("epoch: 1 step: 7393 ,rpn_loss: 0.10000, rcnn_loss: 0.20000, rpn_cls_loss: 0.30000")
     assert line.endswith("rcnn_mask_loss: 0.70000, total_loss: 0.80000")
-    epoch, step, parsed = training.parse_loss_line(line)
+    epoch, step, parsed = loss_log.parse_loss_line(line)
     assert (epoch, step) == (1, 7393) and parsed == pytest.approx(losses)
-    assert training.parse_loss_line("epoch: 1 step: 3, total_loss: 1.0") is None
+    assert loss_log.parse_loss_line("epoch: 1 step: 3, total_loss: 1.0") is None
 
 
 def test_after_a_bad_step_the_latest_checkpoint_is_the_last_sane_one(tmp_path):
@@ -118,33 +118,33 @@ def test_after_a_bad_step_the_latest_checkpoint_is_the_last_sane_one(tmp_path):
     for step in (2, 4, 6, 8):
         manager.save(checkpoint_number=step)
     # A bad loss at step 7 was computed from ckpt-6's weights: ckpt-6 and later are dropped from the state.
-    advice = training._resume_advice(manager, str(tmp_path), 6, True, str(tmp_path))
+    advice = checkpointing.resume_advice(manager, str(tmp_path), 6, True, str(tmp_path))
     assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-4")
     assert checkpoint_steps_in(str(tmp_path)) == [2, 4]
     assert advice.startswith(f"The latest checkpoint is now {tmp_path / 'ckpt-4'}")
     reloaded = tf.train.CheckpointManager(tf.train.Checkpoint(v=variable), str(tmp_path), max_to_keep=10,
                                           checkpoint_name="ckpt")
-    assert "No checkpoint holds sane weights: use a new --model_dir" in training._resume_advice(
+    assert "No checkpoint holds sane weights: use a new --model_dir" in checkpointing.resume_advice(
         reloaded, str(tmp_path), 1, True, str(tmp_path))
     assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-4")  # nothing better to offer
 
 
 def test_weights_are_finite():
     model = keras.Sequential([keras.Input([3]), keras.layers.Dense(2)])
-    assert training.weights_are_finite(model)
+    assert checkpointing.weights_are_finite(model)
     model.layers[0].bias.assign([0.0, float("inf")])
-    assert not training.weights_are_finite(model)
+    assert not checkpointing.weights_are_finite(model)
 
 
 def test_resume_config_check_refuses_model_changes_and_allows_schedule_changes():
     saved = config_lib.tiny()
     longer = config_lib.replace(saved, **{"train.total_steps": 5000, "data.train_batch_size": 8})
-    assert sorted(training.check_resume_config(saved, longer, "DIR")) == [
+    assert sorted(checkpointing.check_resume_config(saved, longer, "DIR")) == [
         "data.train_batch_size: 4 -> 8", "train.total_steps: 1000 -> 5000"]
     with pytest.raises(ValueError, match="model.num_classes"):
-        training.check_resume_config(saved, config_lib.replace(saved, **{"model.num_classes": 5}), "DIR")
+        checkpointing.check_resume_config(saved, config_lib.replace(saved, **{"model.num_classes": 5}), "DIR")
     with pytest.raises(ValueError, match="data.category_ids"):
-        training.check_resume_config(saved, config_lib.replace(saved, **{"data.category_ids": (1, 2, 4)}), "DIR")
+        checkpointing.check_resume_config(saved, config_lib.replace(saved, **{"data.category_ids": (1, 2, 4)}), "DIR")
 
 
 def test_get_strategy_by_name_and_clear_errors(monkeypatch):
@@ -186,7 +186,7 @@ def test_train_on_coco_writes_run_dir_and_loss_log(coco_run, coco_records):
     assert loss_log_steps(model_dir) == list(range(1, COCO_STEPS + 1))
     # 8 records / batch 2 = 4 steps per epoch: step 5 is the first of epoch 2.
     with open(os.path.join(model_dir, run_dir.LOSS_LOG)) as f:
-        epochs = [training.parse_loss_line(line)[0] for line in f]
+        epochs = [loss_log.parse_loss_line(line)[0] for line in f]
     assert epochs == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
     cfg = run_dir.load_config(model_dir)
     with open(os.path.join(model_dir, run_dir.LABEL_MAP_FILE)) as f:
@@ -204,7 +204,7 @@ def test_train_on_coco_writes_run_dir_and_loss_log(coco_run, coco_records):
                 assert value.metadata.plugin_data.plugin_name == "scalars"
                 scalars.setdefault(value.tag, []).append(event.step)
     assert scalars["loss/total_loss"] == scalars["learning_rate"] == list(range(1, COCO_STEPS + 1))
-    assert {f"loss/{name}" for name in training.LOSS_LOG_NAMES} <= set(scalars)
+    assert {f"loss/{name}" for name in loss_log.LOSS_LOG_NAMES} <= set(scalars)
     assert re.search(r"steps/s [\d.]+ images/s", proc.stdout)
     assert f"done: global step {COCO_STEPS}" in proc.stdout
     # No Python INFO lines (absl's "I<mmdd> <time> <thread> <file>.py:<line>]", e.g. one "Sharding callback
@@ -237,7 +237,7 @@ def test_resume_after_kill_9_ends_at_the_same_step_and_never_goes_back(coco_run,
     steps = loss_log_steps(model_dir)
     # The resume line's epoch is loss.log's for the same step (1-based, 4 steps per epoch).
     with open(os.path.join(model_dir, run_dir.LOSS_LOG), encoding="utf-8") as f:
-        epochs = {step: epoch for epoch, step, _ in map(training.parse_loss_line, f)}
+        epochs = {step: epoch for epoch, step, _ in map(loss_log.parse_loss_line, f)}
     assert int(match.group(2)) == epochs[resumed_step] == (resumed_step - 1) // 4 + 1
     assert steps == loss_log_steps(reference_dir) == list(range(1, COCO_STEPS + 1))  # no step twice, none back
     assert max(checkpoint_steps(model_dir)) == max(checkpoint_steps(reference_dir)) == COCO_STEPS
@@ -311,7 +311,7 @@ def test_exploding_loss_stops_and_the_advice_resumes_from_a_sane_checkpoint(coco
 
     model = build_model(run_dir.load_config(model_dir))
     run_dir.restore_weights(model, latest)  # complete, loadable, and sane
-    assert training.weights_are_finite(model)
+    assert checkpointing.weights_are_finite(model)
     assert max(float(np.abs(v.numpy()).max()) for v in model.trainable_variables) < 1e6
 
     # A crash during a save leaves "<prefix>_temp/": the next start removes it.
@@ -424,7 +424,7 @@ def test_fine_tune_80_class_checkpoint_into_1_class_run(coco_run, pothole_record
 
     # In process: after loading (before any step), shared weights equal the source's.
     model = build_model(target_cfg)
-    restored, skipped = training.load_matching_weights(model, source_dir)
+    restored, skipped = checkpointing.load_matching_weights(model, source_dir)
     reader = tf.train.load_checkpoint(run_dir.latest_checkpoint(source_dir))
     by_path = run_dir.variables_by_path(model)
     for stage in ("backbone", "fpn", "rpn_head"):
@@ -562,7 +562,7 @@ def test_steps_per_loop_keeps_log_lines_and_checkpoints_on_their_steps(coco_reco
     assert "resuming from" in proc.stdout and "done: global step 9" in proc.stdout
     assert loss_log_steps(model_dir) == [3, 6, 9] and checkpoint_steps(model_dir) == [6, 9]
     with open(os.path.join(model_dir, run_dir.LOSS_LOG)) as f:
-        assert [training.parse_loss_line(line)[0] for line in f] == [1, 2, 3]  # 1-based epoch of each step
+        assert [loss_log.parse_loss_line(line)[0] for line in f] == [1, 2, 3]  # 1-based epoch of each step
     bad = run_train(args + ["--train_steps=8"], check=False)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert "train.total_steps=8" in bad.stderr and "multiple of train.steps_per_loop=3" in bad.stderr

@@ -313,8 +313,8 @@ def test_detectron2_model_zoo_pickle_imports_with_coco_label_map(tmp_path):
     np.testing.assert_array_equal(model.backbone.network.get_layer("conv1_conv").kernel.numpy(),
                                   stem.transpose(2, 3, 1, 0)[:, :, ::-1])
     # train.py --init_checkpoint=MODEL_DIR restores every variable of a model of the same config.
-    from maskrcnn_tf import training
+    from maskrcnn_tf import checkpointing
     from maskrcnn_tf.model import build_model
 
-    restored, skipped = training.load_matching_weights(build_model(cfg), str(model_dir))
+    restored, skipped = checkpointing.load_matching_weights(build_model(cfg), str(model_dir))
     assert not skipped and len(restored) == len(model.variables)
