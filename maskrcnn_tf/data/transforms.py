@@ -91,6 +91,8 @@ from typing import Dict, Sequence, Tuple
 
 import tensorflow as tf
 
+from maskrcnn_tf.config import RESIZE_MODES
+
 # Clipped boxes with a side at or below this many pixels are "vanished" and dropped (detectron2 uses a
 # similar 1e-5 threshold; 1e-3 stays well above float32 rounding at 1024 px, whose ulp is ~6e-5).
 MIN_BOX_SIDE = 1e-3
@@ -144,7 +146,6 @@ def random_horizontal_flip(image, boxes, probability: float, seed: tf.Tensor):
     return image, boxes, flipped
 
 
-RESIZE_MODES = ("fit", "short_side")
 
 
 def resize_geometry(image_hw: tf.Tensor, output_size: Tuple[int, int], scale_range: Tuple[float, float],

@@ -32,6 +32,7 @@ from absl import logging as absl_logging
 
 from maskrcnn_tf import config as config_lib
 from maskrcnn_tf import distribute, host_allocator, stop_signals
+from maskrcnn_tf.data.sharded_writer import LABEL_MAP_SUFFIX
 from maskrcnn_tf.programs import launch
 
 FLAGS = flags.FLAGS
@@ -90,7 +91,6 @@ DEMO_MODEL_DIR = "maskrcnn_demo"
 DEFAULT_PRESET = "coco_r50_fpn_1x"
 DEMO_PRESET = "tiny"
 _SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}\.tfrecord$")
-LABEL_MAP_SUFFIX = "_label_map.json"
 
 # Built-in demo: synthetic shapes, the tiny preset shortened to fit 10 minutes of a 2-core CPU.
 DEMO_NUM_TRAIN = 1200
