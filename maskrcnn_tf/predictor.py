@@ -8,7 +8,9 @@ returns the detections of each in ORIGINAL pixels; `maskrcnn_tf.load(path)` (loa
 constructor from what is on disk.
 
 `predict_files` writes per input image `<stem>.png` (masks, boxes, "name score" labels drawn with
-visualize.draw_detections) and `<stem>.json`:
+visualize.draw_detections) and `<stem>.json` (output_format "png_json"; "polygons" writes each
+"segmentation" as a MultiPolygon, polygons.py; "coco_json" writes one results.json of COCO results with
+image ids, and images.json):
 
     {"image": "<input path>", "height": h, "width": w,
      "detections": [{"bbox": [x, y, w, h],          COCO xywh, original pixels (continuous coordinates)
@@ -41,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from maskrcnn_tf import export as export_lib
-from maskrcnn_tf import visualize
+from maskrcnn_tf import polygons, visualize
 from maskrcnn_tf.data import image_decoding
 from maskrcnn_tf.evaluation.coco_results import encode_masks
 from maskrcnn_tf.ops.masks import paste_masks
@@ -95,7 +97,7 @@ class Predictor:
         predictor._loaded = loaded  # keep the restored variables alive as long as the predictor
         return predictor
 
-    def predict(self, images, score_threshold: float = 0.0, masks: str = "full"):
+    def predict(self, images, score_threshold: float = 0.0, masks: str = "full", polygon_tolerance: float = 0.0):
         """Detections of one image or of many.
 
         Args:
@@ -104,8 +106,10 @@ class Predictor:
             BMP, GIF) or a uint8 [h, w, 3] RGB array.
           score_threshold: only detections scoring >= this are returned (and pasted); 0 = all the model
             gives (its own model.detection.score_threshold applies first).
-          masks: "full" (uint8 masks at the image size), "rle" (COCO RLE dicts, pasted one at a time) or
-            "box" (only the box-local 28 x 28 probabilities: nothing pasted).
+          masks: "full" (uint8 masks at the image size), "rle" (COCO RLE dicts, pasted one at a time),
+            "polygons" (GeoJSON-style MultiPolygons along pixel edges, polygons.py, pasted one at a time)
+            or "box" (only the box-local 28 x 28 probabilities: nothing pasted).
+          polygon_tolerance: masks="polygons": simplification in pixels (0 = exact pixel edges).
         Returns:
           for one image a numpy dict over its n returned detections, best first; for many a list of such
           dicts in input order:
@@ -114,16 +118,17 @@ class Predictor:
           "classes" int32 [n] contiguous 1..K; "num_below_threshold" int, detections left out;
           "mask_probabilities" float32 [n, 28, 28] (box-local, in the box);
           masks="full": "masks" uint8 [n, h, w] 0/1; masks="rle": "masks_rle" list of n
-          {"size": [h, w], "counts": str} (no mask entries for box-only models).
+          {"size": [h, w], "counts": str}; masks="polygons": "polygons" list of n {"type": "MultiPolygon",
+          "coordinates": ...} in original pixels (no mask entries for box-only models).
         Raises ValueError naming the input (path, or position in the list) that is not a readable image,
         or a bad masks value.
         """
         if masks not in MASK_FORMATS:
             raise ValueError(f"predict: masks={masks!r}; expected one of {', '.join(MASK_FORMATS)}")
         if _is_many(images):
-            return [self._predict_image(to_rgb(image, f"predict: image {i}"), score_threshold, masks)
-                    for i, image in enumerate(images)]
-        return self._predict_image(to_rgb(images, "predict"), score_threshold, masks)
+            return [self._predict_image(to_rgb(image, f"predict: image {i}"), score_threshold, masks,
+                                        polygon_tolerance) for i, image in enumerate(images)]
+        return self._predict_image(to_rgb(images, "predict"), score_threshold, masks, polygon_tolerance)
 
     def draw(self, image, result, path: Optional[str] = None,
              score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> np.ndarray:
@@ -137,7 +142,8 @@ class Predictor:
             tf.io.write_file(path, tf.io.encode_png(drawn))
         return drawn
 
-    def _predict_image(self, image: np.ndarray, score_threshold: float, masks: str) -> Dict[str, np.ndarray]:
+    def _predict_image(self, image: np.ndarray, score_threshold: float, masks: str,
+                       polygon_tolerance: float = 0.0) -> Dict[str, np.ndarray]:
         """predict() of one uint8 [h, w, 3] RGB array."""
         outputs = {k: v.numpy() for k, v in self._detect(tf.constant(image[None])).items()}
         n = int(outputs["num_detections"][0])
@@ -165,10 +171,13 @@ class Predictor:
             elif masks == "rle":
                 result["masks_rle"] = [encode_window(window, rows, cols, image.shape[:2])
                                        for window, rows, cols in pasted]
+            elif masks == "polygons":
+                result["polygons"] = [window_polygons(window, rows, cols, polygon_tolerance)
+                                      for window, rows, cols in pasted]
         return result
 
 
-MASK_FORMATS = ("full", "rle", "box")
+MASK_FORMATS = ("full", "rle", "polygons", "box")
 
 
 def paste_mask(mask: np.ndarray, box: np.ndarray, image_hw):
@@ -195,6 +204,14 @@ def encode_window(window: np.ndarray, rows: slice, cols: slice, image_hw) -> dic
     full = np.zeros(image_hw, np.uint8)
     full[rows, cols] = window
     return encode_masks(full[None])[0]
+
+
+def window_polygons(window: np.ndarray, rows: slice, cols: slice, tolerance: float) -> dict:
+    """MultiPolygon (polygons.py) in image pixels of a mask that is `window` at (rows, cols), 0 elsewhere."""
+    geometry = polygons.mask_to_multipolygon(window, tolerance)
+    geometry["coordinates"] = [[[[x + cols.start, y + rows.start] for x, y in ring] for ring in polygon]
+                               for polygon in geometry["coordinates"]]
+    return geometry
 
 
 def _is_many(images) -> bool:
@@ -273,39 +290,79 @@ def _unique_stem(path: str, used: set) -> str:
     return candidate
 
 
+OUTPUT_FORMATS = ("png_json", "polygons", "coco_json")
+
+
 def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: str,
                   class_names: Optional[Sequence[str]] = None,
-                  score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> List[str]:
-    """Runs predictor on each image file and writes `<stem>.png` + `<stem>.json` into output_dir.
+                  score_threshold: float = DEFAULT_SCORE_THRESHOLD, output_format: str = "png_json",
+                  polygon_tolerance: float = 0.0, image_ids: Optional[Dict[str, int]] = None):
+    """Runs predictor on each image file and writes its detections into output_dir.
 
-    class_names: K names (contiguous class i + 1 -> class_names[i]); None = the predictor's own.
-    Returns the written paths (PNG, JSON per successful image, in input order). Unreadable images are
-    reported on stderr ("predict: skipped PATH: reason") and skipped.
+    output_format: "png_json" = `<stem>.png` + `<stem>.json` with RLE masks (module docstring);
+    "polygons" = the same with each "segmentation" a MultiPolygon (polygons.py; polygon_tolerance in
+    pixels); "coco_json" = `results.json` (COCO results: image_id, category_id, bbox xywh, score, RLE
+    segmentation; pycocotools' COCO.loadRes reads it) and `images.json` (the COCO "images" and
+    "categories" those ids refer to). image_ids: file basename -> COCO image id (e.g. from an annotation
+    file); None numbers the images 1..N in input order. class_names: K names (contiguous class i + 1 ->
+    class_names[i]); None = the predictor's own.
+    Returns (written paths, number of images done). Unreadable images are reported on stderr
+    ("predict: skipped PATH: reason") and skipped.
     """
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"predict: format {output_format!r}; expected one of {', '.join(OUTPUT_FORMATS)}")
+    if polygon_tolerance < 0:
+        raise ValueError(f"predict: polygon tolerance {polygon_tolerance}; expected pixels >= 0")
     class_names = list(predictor.class_names if class_names is None else class_names)
     tf.io.gfile.makedirs(output_dir)  # gfile: output_dir may be gs://...
-    written, used = [], set()
-    for path in image_paths:
+    written, used, done = [], set(), 0
+    results, images = [], []
+    for index, path in enumerate(image_paths):
         try:
             image = read_image(path)
         except ValueError as e:
             print(f"predict: skipped {path}: {e}", file=sys.stderr)
             continue
-        result = predictor.predict(image, score_threshold=score_threshold)
+        masks = "rle" if output_format == "coco_json" else "full"
+        result = predictor.predict(image, score_threshold=score_threshold, masks=masks)
         if result["num_below_threshold"]:
             print(f"predict: {path}: {len(result['scores'])} detection(s) >= score_threshold {score_threshold:g}, "
                   f"{result['num_below_threshold']} below it left out", flush=True)
-        masks = result.get("masks")
+        done += 1
+        if output_format == "coco_json":
+            image_id = index + 1 if image_ids is None else image_ids[os.path.basename(path)]
+            images.append({"id": image_id, "file_name": os.path.basename(path), "height": int(image.shape[0]),
+                           "width": int(image.shape[1])})
+            for detection, rle in zip(detections_to_json(result, class_names, score_threshold),
+                                      result.get("masks_rle", [None] * len(result["scores"]))):
+                detection.pop("category_name")
+                if rle is not None:
+                    detection["segmentation"] = rle
+                results.append({"image_id": image_id, **detection})
+            continue
         drawn = visualize.draw_detections(image, result["boxes"], result["classes"], result["scores"],
-                                          masks=masks, class_names=class_names,
+                                          masks=result.get("masks"), class_names=class_names,
                                           score_threshold=score_threshold)
         stem = _unique_stem(path, used)
         png_path = os.path.join(output_dir, stem + ".png")
         json_path = os.path.join(output_dir, stem + ".json")
         tf.io.write_file(png_path, tf.io.encode_png(drawn))
-        record = {"image": path, "height": int(image.shape[0]), "width": int(image.shape[1]),
-                  "detections": detections_to_json(result, class_names, score_threshold)}
-        with tf.io.gfile.GFile(json_path, "w") as f:
-            json.dump(record, f, indent=1)
+        detections = detections_to_json(result, class_names, score_threshold)
+        if output_format == "polygons" and "masks" in result:
+            for detection, mask in zip(detections, result["masks"]):
+                detection["segmentation"] = polygons.mask_to_multipolygon(mask, polygon_tolerance)
+        _write_json(json_path, {"image": path, "height": int(image.shape[0]), "width": int(image.shape[1]),
+                                "detections": detections})
         written += [png_path, json_path]
-    return written
+    if output_format == "coco_json" and done:
+        categories = [{"id": int(c), "name": n} for c, n in zip(predictor.category_ids, class_names)]
+        for name, content in (("results.json", results),
+                              ("images.json", {"images": images, "categories": categories, "annotations": []})):
+            _write_json(os.path.join(output_dir, name), content)
+            written.append(os.path.join(output_dir, name))
+    return written, done
+
+
+def _write_json(path: str, content) -> None:
+    with tf.io.gfile.GFile(path, "w") as f:
+        json.dump(content, f, indent=1)

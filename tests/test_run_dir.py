@@ -73,9 +73,9 @@ def test_train_resume_eval_export_predict_in_ram_filesystem(shapes_records, tmp_
     export_dir = export_saved_model(longer["model"], run_dir.load_config(model_dir), f"{model_dir}/export")
     assert tf.io.gfile.exists(f"{export_dir}/saved_model.pb")
     image = sorted(os.listdir(paths["val_images"]))[0]
-    written = predict_files(Predictor.from_saved_model(export_dir), [os.path.join(paths["val_images"], image)],
-                            f"{model_dir}/predictions")
-    assert len(written) == 2 and all(w.startswith("ram://") and tf.io.gfile.exists(w) for w in written)
+    written, done = predict_files(Predictor.from_saved_model(export_dir), [os.path.join(paths["val_images"], image)],
+                                  f"{model_dir}/predictions")
+    assert done == 1 and len(written) == 2 and all(w.startswith("ram://") and tf.io.gfile.exists(w) for w in written)
     assert not any(name.startswith("ram") for name in os.listdir(tmp_path))
 
 

@@ -28,6 +28,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from maskrcnn_tf.polygons import mask_to_polygons
+
 CATEGORIES = (
     {"id": 1, "name": "square", "supercategory": "shape"},
     {"id": 2, "name": "circle", "supercategory": "shape"},
@@ -40,57 +42,6 @@ MIN_COLOUR_DISTANCE = 120  # L1 distance (0..765) between a shape's colour and t
 COLOUR_TRIES = 20
 NOISE_STD = 6.0  # pixel noise, grey levels
 JPEG_QUALITY = 95
-# Directions as (dx, dy) in image coordinates (y down); index arithmetic below relies on this order.
-_RIGHT, _DOWN, _LEFT, _UP = (1, 0), (0, 1), (-1, 0), (0, -1)
-
-
-def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
-    """Binary mask [H, W] -> COCO polygons [[x0, y0, x1, y1, ...], ...] along pixel edges.
-
-    Each boundary edge of the pixel set is directed so the set lies on its right (y down); edges are
-    chained into closed loops, turning right where two components touch diagonally (4-connectivity).
-    Outer loops have positive shoelace area, holes negative. Only corner vertices are emitted.
-    """
-    mask = np.asarray(mask, bool)
-    rows, cols = np.any(mask, 1), np.any(mask, 0)
-    if not rows.any():
-        return []
-    y0, x0 = int(rows.argmax()), int(cols.argmax())  # work on the mask's bounding box only (speed)
-    y1, x1 = len(rows) - int(rows[::-1].argmax()), len(cols) - int(cols[::-1].argmax())
-    m = np.pad(mask[y0:y1, x0:x1], 1)
-    inner = m[1:-1, 1:-1]
-    edges = {}  # (x, y, direction) of the edge's start -> end vertex
-    sides = (  # (pixels with that side on the boundary, start corner offset (dx, dy), direction)
-        (inner & ~m[:-2, 1:-1], (0, 0), _RIGHT),  # top side, walked left to right
-        (inner & ~m[1:-1, 2:], (1, 0), _DOWN),  # right side
-        (inner & ~m[2:, 1:-1], (1, 1), _LEFT),  # bottom side
-        (inner & ~m[1:-1, :-2], (0, 1), _UP),  # left side
-    )
-    for on_boundary, (ox, oy), (dx, dy) in sides:
-        rows, cols = np.nonzero(on_boundary)
-        for r, c in zip(rows.tolist(), cols.tolist()):
-            edges[(c + x0 + ox, r + y0 + oy, (dx, dy))] = (c + x0 + ox + dx, r + y0 + oy + dy)
-    remaining = dict(edges)
-    polygons = []
-    while remaining:
-        first = key = next(iter(remaining))
-        vertices = []
-        while key in remaining:
-            end = remaining.pop(key)
-            dx, dy = key[2]
-            right_turn = (end[0], end[1], (-dy, dx))
-            # At a diagonal touch two edges leave `end`: the right turn stays with the same component,
-            # so components touching at a corner become separate polygons (4-connectivity).
-            if right_turn in edges:
-                nxt = right_turn
-            else:
-                nxt = next((end[0], end[1], d) for d in (_RIGHT, _DOWN, _LEFT, _UP) if (end[0], end[1], d) in edges)
-            if nxt[2] != key[2]:
-                vertices.append(end)  # a corner: the direction changes here
-            key = nxt
-        assert key == first, "boundary edges must form closed loops"
-        polygons.append([float(v) for xy in vertices for v in xy])
-    return polygons
 
 
 def _polygons_reproduce(polygons: List[List[float]], mask: np.ndarray) -> bool:

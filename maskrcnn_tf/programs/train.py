@@ -374,8 +374,8 @@ def run_demo():
     export_dir = export_saved_model(model, cfg, os.path.join(model_dir, "export"))
     print(f"demo: SavedModel in {export_dir}", flush=True)
     images = sorted(glob.glob(os.path.join(paths["val_images"], "*")))[:DEMO_PREDICTION_IMAGES]
-    written = predict_files(Predictor.from_saved_model(export_dir), images, os.path.join(model_dir, "predictions"),
-                            cfg.data.class_names)
+    written, _ = predict_files(Predictor.from_saved_model(export_dir), images, os.path.join(model_dir, "predictions"),
+                               cfg.data.class_names)
     print(f"demo: predictions drawn on {len(images)} val images: {', '.join(p for p in written if p.endswith('.png'))}",
           flush=True)
     print(f"demo: done in {time.monotonic() - start:.0f} s", flush=True)

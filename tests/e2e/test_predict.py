@@ -133,3 +133,63 @@ def test_read_image_says_empty_file(tmp_path):
     (tmp_path / "one.png").write_bytes(cv2.imencode(".png", np.zeros((3, 5, 3), np.uint8))[1].tobytes())
     assert read_image(str(tmp_path / "one.png")).shape == (3, 5, 3)  # the check does not refuse real files
 
+
+
+def test_coco_json_of_a_folder_loads_in_pycocotools_with_the_annotation_files_ids(model_dir, tmp_path):
+    from pycocotools.coco import COCO
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in SIZES:
+        (folder / name).write_bytes((model_dir / name).read_bytes())
+    (folder / "notes.txt").write_text("not an image: not listed")
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps({"images": [{"id": 42, "file_name": "sub/a.png", "height": 90, "width": 150},
+                                                  {"id": 7, "file_name": "b.jpg", "height": 120, "width": 70}]}))
+    out = tmp_path / "out"
+    run = _run([str(REPO_ROOT / "predict.py"), f"--model_dir={model_dir / 'run'}", f"--output_dir={out}",
+                f"--image={folder}", "--format=coco_json", f"--image_ids_from={annotations}",
+                "--score_threshold=0.0"], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 of 2 images done" in run.stdout and sorted(os.listdir(out)) == ["images.json", "results.json"]
+    coco = COCO(str(out / "images.json"))
+    results = coco.loadRes(str(out / "results.json"))  # pycocotools checks every image_id is known
+    predictor = Predictor.from_model_dir(str(model_dir / "run"))
+    for name, image_id in (("a.png", 42), ("b.jpg", 7)):
+        anns = results.loadAnns(results.getAnnIds(imgIds=[image_id]))
+        expected = predictor.predict(cv2.imread(str(model_dir / name))[..., ::-1])
+        assert len(anns) == len(expected["scores"]) > 0
+        for ann, box, mask, cid in zip(anns, expected["boxes"], expected["masks"], expected["category_ids"]):
+            y1, x1, y2, x2 = box
+            np.testing.assert_allclose(ann["bbox"], [x1, y1, x2 - x1, y2 - y1], atol=TOLERANCE)
+            assert ann["category_id"] == cid
+            np.testing.assert_array_equal(results.annToMask(ann), mask)
+
+    # An image the annotation file does not list: one line naming it, nothing written.
+    annotations.write_text(json.dumps({"images": [{"id": 7, "file_name": "b.jpg"}]}))
+    run = _run([str(REPO_ROOT / "predict.py"), f"--model_dir={model_dir / 'run'}", f"--output_dir={tmp_path / 'x'}",
+                f"--image={folder}", "--format=coco_json", f"--image_ids_from={annotations}"], cwd=tmp_path)
+    assert run.returncode == 1 and "a.png is not among its images (1 of 2 images missing)" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "x").exists()
+
+
+def test_polygons_format_gives_the_masks_back_and_the_api_returns_the_same(model_dir, tmp_path):
+    from maskrcnn_tf.polygons import multipolygon_to_mask
+
+    out = tmp_path / "out"
+    run = _run([str(REPO_ROOT / "predict.py"), f"--model_dir={model_dir / 'run'}", f"--output_dir={out}",
+                f"--image={model_dir / 'a.png'}", "--format=polygons", "--score_threshold=0.0"], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((out / "a.json").read_text())
+    predictor = Predictor.from_model_dir(str(model_dir / "run"))
+    image = cv2.imread(str(model_dir / "a.png"))[..., ::-1]
+    full = predictor.predict(image)
+    api = predictor.predict(image, masks="polygons")
+    assert len(record["detections"]) == len(full["masks"]) == len(api["polygons"]) > 0
+    for detection, mask, geometry in zip(record["detections"], full["masks"], api["polygons"]):
+        assert detection["segmentation"]["type"] == "MultiPolygon"
+        np.testing.assert_array_equal(multipolygon_to_mask(detection["segmentation"], 90, 150), mask)
+        np.testing.assert_array_equal(multipolygon_to_mask(geometry, 90, 150), mask)  # window-local, shifted
+    bad = _run([str(REPO_ROOT / "predict.py"), f"--model_dir={model_dir / 'run'}", f"--output_dir={out}",
+                f"--image={model_dir / 'a.png'}", "--format=svg"], cwd=tmp_path)
+    assert bad.returncode == 1 and "--format" in bad.stderr and "Traceback" not in bad.stderr
