@@ -150,9 +150,30 @@ def model_architecture(model_cfg) -> Optional[str]:
     return None
 
 
+# Key prefixes of torchvision models that are not Mask / Faster R-CNN -> what the file is.
+OTHER_MODELS = (
+    ("roi_heads.keypoint_", "torchvision's keypoint R-CNN (keypointrcnn_resnet50_fpn: person boxes and 17 "
+                            "keypoints, roi_heads.keypoint_head.*)"),
+    ("head.classification_head.", "a torchvision single-stage detector (RetinaNet or FCOS: "
+                                  "head.classification_head.*)"),
+    ("fc.weight", "an ImageNet classification network (fc.weight; as a backbone: train.py --pretrained=FILE)"),
+)
+
+
+def check_detector_kind(state_dict: Dict[str, np.ndarray]) -> None:
+    """ValueError in one line when the file is a torchvision model other than Mask / Faster R-CNN, naming it
+    (otherwise its keys would fail later as a class count or an unused key)."""
+    for prefix, what in OTHER_MODELS:
+        if any(key.startswith(prefix) for key in state_dict):
+            raise ValueError(f"the checkpoint is {what}; maskrcnn_tf imports torchvision's Mask R-CNN and Faster "
+                             "R-CNN (v1 and v2) only")
+
+
 def check_architecture(state_dict: Dict[str, np.ndarray], model_cfg, preset: str) -> None:
-    """ValueError in one line when the file's generation (architecture) is not the one `model_cfg`
-    (made from `preset` and any overrides) builds: what the file is and the --config to import it with."""
+    """ValueError in one line when the file is not a Mask / Faster R-CNN (check_detector_kind) or its
+    generation (architecture) is not the one `model_cfg` (made from `preset` and any overrides) builds:
+    what the file is and the --config to import it with."""
+    check_detector_kind(state_dict)
     found, built = architecture(state_dict), model_architecture(model_cfg)
     if found == built:
         return

@@ -231,8 +231,16 @@ def test_bad_inputs_exit_1_naming_the_file_and_leave_nothing(tmp_path, imported)
     keypoint_path = tmp_path / "keypointrcnn_resnet50_fpn_coco-fc266e95.pth"
     torch.save(keypoint, keypoint_path)
     cases["keypoint"] = (keypoint_path, "torchvision",
-                         r"key roi_heads\.keypoint_predictor\.kps_score_lowres\.weight \(shape \(512, 17, 4, 4\)\)",
+                         r"the checkpoint is torchvision's keypoint R-CNN \(keypointrcnn_resnet50_fpn: .*\); "
+                         r"maskrcnn_tf imports torchvision's Mask R-CNN and Faster R-CNN \(v1 and v2\) only",
                          "--no_verify_hash")
+    body = "backbone.body."
+    classifier = {key[len(body):]: value for key, value in state.items() if key.startswith(body)}
+    classifier["fc.weight"], classifier["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    torch.save(classifier, tmp_path / "resnet50_imagenet.pth")
+    cases["classifier"] = (tmp_path / "resnet50_imagenet.pth", "torchvision",
+                           r"an ImageNet classification network \(fc\.weight; as a backbone: "
+                           r"train\.py --pretrained=FILE\)")
 
     r101 = dict(state)
     for block in range(6, 23):  # ResNet-101's layer3 has 23 blocks, ResNet-50's 6
