@@ -5,8 +5,10 @@ flags defined by the module named sys.argv[0]. A program's code lives in maskrcn
 `__main__` is the shim or the console-script wrapper, so `run` hands both over explicitly.
 """
 import os
+import re
 import signal
 import sys
+import tempfile
 from typing import Callable, List, NoReturn
 
 from absl import app, flags
@@ -77,9 +79,44 @@ def run(app_main: Callable[[List[str]], None], program_module: str, configure_al
         raise
 
 
+# TensorFlow's start-up lines on a host without an NVIDIA driver: written by C++ before absl's logging is
+# initialised, so TF_CPP_MIN_LOG_LEVEL does not reach them, and the cuInit one reads like a failure.
+STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|cudart_stub\.cc|cuda_platform\.cc.*cuInit|cpu_feature_guard\.cc"
+    r"|^To enable the following instructions|port\.cc:\d+\] oneDNN custom operations are on|Unable to register "
+    r"cu(DNN|FFT|BLAS) factory|computation placer already registered|TF-TRT Warning")
+NVIDIA_DRIVER = "/proc/driver/nvidia"
+
+
+def start_tensorflow_quietly() -> None:
+    """Imports TensorFlow and lists its devices (which loads the CUDA stubs) with stderr captured, then
+    replays every captured line except STARTUP_NOISE. Only on hosts without an NVIDIA driver, where those
+    lines say nothing; with a GPU driver present TensorFlow's own messages stay as they are."""
+    if os.path.exists(NVIDIA_DRIVER) or "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").splitlines()
+            kept = [line for line in lines if line.strip() and not STARTUP_NOISE.search(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
+
+
 def _parse_flags_with_usage(argv: List[str]) -> List[str]:
     try:
-        return app.parse_flags_with_usage(argv)
+        argv = app.parse_flags_with_usage(argv)
+        start_tensorflow_quietly()
+        return argv
     except SystemExit as exit_:
         # absl exits from inside flag parsing in two cases: a bad flag (raised while handling the
         # flags.Error) and a help flag (after printing the help, with no error being handled).
