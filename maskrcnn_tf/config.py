@@ -588,9 +588,9 @@ def detectron2_r101_fpn_3x() -> Config:
     conventions, those of detectron2_r50_fpn_1x with ResNet-101.
 
     detectron2's mask_rcnn_R_101_FPN_3x.yaml is Base-RCNN-FPN.yaml (the file detectron2_r50_fpn_1x
-    follows) with three changes: MODEL.RESNETS.DEPTH 101, SOLVER.STEPS (210000, 250000) and
-    MAX_ITER 270000 (and MODEL.WEIGHTS R-101.pkl). Every other row of detectron2_r50_fpn_1x's table holds
-    here unchanged, deviations included. Sources: detectron2 configs/COCO-InstanceSegmentation/
+    follows) with MODEL.RESNETS.DEPTH 101, MODEL.WEIGHTS R-101.pkl (the ImageNet init), SOLVER.STEPS
+    (210000, 250000) and MAX_ITER 270000. Every other row of detectron2_r50_fpn_1x's table holds here
+    unchanged, deviations included. Sources: detectron2 configs/COCO-InstanceSegmentation/
     mask_rcnn_R_101_FPN_3x.yaml (3x), configs/Base-RCNN-FPN.yaml (Base), detectron2/config/defaults.py
     (Def), MODEL_ZOO.md (Zoo), detectron2/modeling/backbone/resnet.py (Code).
 
