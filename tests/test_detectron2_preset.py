@@ -1,5 +1,6 @@
 """The detectron2_r50_fpn_1x preset: detectron2's mask_rcnn_R_50_FPN_1x recipe (values copied from its
-configs/Base-RCNN-FPN.yaml and config/defaults.py), and config.differences, which train.py prints."""
+configs/Base-RCNN-FPN.yaml and config/defaults.py), detectron2_r101_fpn_3x's differences from it
+(mask_rcnn_R_101_FPN_3x.yaml), and config.differences, which train.py prints."""
 import pytest
 
 from maskrcnn_tf import config as config_lib
@@ -49,3 +50,17 @@ def test_differences_name_each_changed_field_with_both_values():
         "data.train_batch_size: 16 -> 8", "train.weight_decay_type: 'coupled' -> 'decoupled'"]
     assert "model.num_classes: 80 -> 3" in config_lib.differences(base, cfg)
     assert config_lib.differences(base, base) == []
+
+
+def test_r101_3x_differs_from_r50_1x_in_depth_and_schedule_only():
+    """detectron2's mask_rcnn_R_101_FPN_3x.yaml = Base-RCNN-FPN.yaml + RESNETS.DEPTH 101, SOLVER.STEPS
+    (210000, 250000), MAX_ITER 270000 (MODEL.WEIGHTS R-101.pkl is the ImageNet init: keras' ResNet101 here)."""
+    r50, r101 = config_lib.get_preset("detectron2_r50_fpn_1x"), config_lib.get_preset("detectron2_r101_fpn_3x")
+    assert config_lib.differences(r50, r101) == [
+        "model.backbone.name: 'resnet50' -> 'resnet101'", "train.total_steps: 90000 -> 270000",
+        f"train.decay_fractions: {(2 / 3, 8 / 9)!r} -> {(210000 / 270000, 250000 / 270000)!r}"]
+    config_lib.validate(r101)
+    schedule = build_schedule(r101)
+    for step, rate in [(0, 0.02 * 0.001), (1000, 0.02), (209999, 0.02), (210000, 0.002), (249999, 0.002),
+                       (250000, 0.0002), (269999, 0.0002)]:
+        assert float(schedule(step)) == pytest.approx(rate, rel=1e-6), step

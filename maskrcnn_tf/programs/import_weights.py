@@ -25,6 +25,13 @@ one, and a file of the other generation then ends with one line naming the file'
 
   python import_weights.py --source=torchvision --checkpoint=maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth \
       --model_dir=runs/torchvision_v2
+
+detectron2's R50-FPN and R101-FPN files (res4 with 6 or 23 blocks) are told apart the same way
+(detectron2_r50_fpn_1x or detectron2_r101_fpn_3x); a detectron2 model neither preset builds (ResNeXt, the
+LSJ new baselines, GroupNorm, Cascade or keypoint heads) ends with one line naming its stage depths, 3x3
+conv groups and head layout.
+
+  python import_weights.py --source=detectron2 --checkpoint=model_final_a3ec72.pkl --model_dir=runs/d2_r101
 """
 import os
 
@@ -43,7 +50,8 @@ flags.DEFINE_multi_string("params_override", [], "Config field of the imported m
                           "e.g. model.detection.score_threshold=0.3 (repeatable).")
 flags.DEFINE_string("config", None, "Preset of the imported model (default: recognised from the checkpoint; "
                     "torchvision: torchvision_maskrcnn_r50_fpn for v1 files, torchvision_maskrcnn_r50_fpn_v2 for "
-                    "v2 files; detectron2: detectron2_r50_fpn_1x).")
+                    "v2 files; detectron2: detectron2_r50_fpn_1x for R50-FPN files, detectron2_r101_fpn_3x for "
+                    "R101-FPN files).")
 flags.DEFINE_boolean("no_verify_hash", False, "Skip the check of the hash prefix in the checkpoint's file name "
                      "(torchvision: SHA-256, '-bf2d0c1e.pth'; detectron2 model zoo: MD5, "
                      "'model_final_f10217.pkl').")

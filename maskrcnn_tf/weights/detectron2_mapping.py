@@ -33,10 +33,18 @@ _{i}_conv / _{i}_bn, shortcut -> _0_conv / _0_bn; the stem is conv1_conv / conv1
     checkpoints of that time): cfg.MODEL.PIXEL_MEAN / PIXEL_STD in the input order, BGR 0..255 for the
     MSRA models; they must equal the config's model.pixel_mean / pixel_std (RGB) reversed.
   - *.num_batches_tracked (BatchNorm2d / SyncBatchNorm counters; FrozenBatchNorm2d saves none): dropped.
+The model is recognised from the keys and shapes (`architecture`, `preset_for`): the res2..res5 block
+counts (3, 4, 6, 3 = R50 -> detectron2_r50_fpn_1x; 3, 4, 23, 3 = R101 -> detectron2_r101_fpn_3x), the
+groups of the 3x3 convs (res2.0.conv2.weight [width, width / groups, 3, 3]: ResNeXt when groups > 1),
+the norms (FrozenBN / BN: running statistics; GN: weight and bias only) of the backbone, FPN and heads,
+the RPN convs (rpn_head.conv vs rpn_head.conv.conv{k}) and the box head (fc{i}, conv{i}; Cascade R-CNN:
+box_head.{stage}.*), and a keypoint head. `check_architecture` refuses, in one line naming what was
+found, a file that fits no preset (ResNeXt, the LSJ new baselines, GN, Cascade, keypoint) or another
+preset than the one the model is built from.
 """
 
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -61,6 +69,201 @@ _BLOCK_KEY = re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.(conv[123]|short
 
 def has_mask_head(state_dict: Dict[str, np.ndarray]) -> bool:
     return any(key.startswith(MASK_HEAD) for key in state_dict)
+
+
+# ------------------------------------------------------------------ recognising the model from its keys
+
+R50_BLOCKS, R101_BLOCKS = (3, 4, 6, 3), (3, 4, 23, 3)
+DEPTHS = {R50_BLOCKS: 50, R101_BLOCKS: 101, (3, 8, 36, 3): 152}  # res2..res5 blocks -> ResNet depth
+# The importable models: res2..res5 block counts of a plain ResNet (groups 1, width 64) with FrozenBN, an
+# FPN without norm, one RPN conv, the 2-fc box head and (if any) the 4-conv mask head without norm.
+PRESETS = {R50_BLOCKS: "detectron2_r50_fpn_1x", R101_BLOCKS: "detectron2_r101_fpn_3x"}
+BACKBONE_NAMES = {"resnet50": R50_BLOCKS, "resnet101": R101_BLOCKS}  # config.BackboneConfig.name
+SUPPORTED = ("maskrcnn_tf imports detectron2's R50-FPN and R101-FPN with the 2-fc box head "
+             f"({', '.join(PRESETS.values())})")
+PLAIN_WIDTH = 64  # res2's bottleneck width of a ResNet (groups 1)
+NORM_NAMES = {"BN": "BatchNorm", "GN": "GroupNorm", "": ""}
+_STAGE_BLOCK = re.compile(r"^backbone\.bottom_up\.res([2-5])\.(\d+)\.")
+_CASCADE_KEY = re.compile(r"^roi_heads\.(box_head|box_predictor)\.(\d+)\.")
+KEYPOINT_HEAD = "roi_heads.keypoint_head."
+RPN_HEAD = "proposal_generator.rpn_head."
+
+
+class Architecture(NamedTuple):
+    """What a detectron2 R-FPN state dict's keys and shapes say about its model (`architecture`)."""
+    blocks: Tuple[int, ...]  # res2..res5 block counts
+    groups: int  # of the 3x3 convs (1: ResNet; 32: ResNeXt 32x8d)
+    width_per_group: int  # res2's bottleneck width / groups (64 for a ResNet, 8 for 32x8d)
+    backbone_norm: str  # "BN" (FrozenBN, BN, SyncBN: running statistics), "GN" or "" (none)
+    deformable: bool  # deformable 3x3 convs (conv2_offset)
+    fpn_norm: str
+    rpn_convs: int
+    box_convs: int
+    box_fcs: int
+    box_norm: str
+    cascade_stages: int  # 0: a single box head
+    mask: bool
+    mask_norm: str
+    keypoint: bool
+
+    def preset(self) -> Optional[str]:
+        """The preset that builds this model, or None."""
+        plain = (self.groups == 1 and self.width_per_group == PLAIN_WIDTH and self.backbone_norm == "BN"
+                 and not self.deformable and self.fpn_norm == "" and self.rpn_convs == 1 and self.box_convs == 0
+                 and self.box_fcs == 2 and self.box_norm == "" and not self.cascade_stages
+                 and self.mask_norm == "" and not self.keypoint)
+        return PRESETS.get(self.blocks) if plain else None
+
+    def backbone(self) -> str:
+        """e.g. "ResNeXt-101 32x8d (res2..res5 blocks 3, 4, 23, 3; 3x3 convs in 32 groups of 8 channels)"."""
+        depth = DEPTHS.get(self.blocks)
+        if self.groups > 1:
+            name = f"ResNeXt-{depth or '?'} {self.groups}x{self.width_per_group}d"
+        else:
+            name = f"ResNet-{depth}" if depth else "ResNet"
+        groups = (f"3x3 convs in {self.groups} group{'s' if self.groups > 1 else ''} of {self.width_per_group} "
+                  "channels at res2")
+        extras = []
+        if self.backbone_norm != "BN":
+            extras.append(f"{NORM_NAMES[self.backbone_norm] or 'no norm'} in the backbone")
+        if self.deformable:
+            extras.append("deformable 3x3 convs")
+        return f"{name} (res2..res5 blocks {', '.join(map(str, self.blocks))}; {'; '.join([groups, *extras])})"
+
+    def heads(self) -> str:
+        """e.g. "a BatchNorm FPN, a 2-conv RPN head, a 4-conv + 1-fc box head with BatchNorm and a mask head
+        with BatchNorm"."""
+        parts = [f"a {NORM_NAMES[self.fpn_norm]} FPN" if self.fpn_norm else "an FPN"]
+        if self.rpn_convs != 1:
+            parts.append(f"a {self.rpn_convs}-conv RPN head")
+        if self.cascade_stages:
+            parts.append(f"a {self.cascade_stages}-stage Cascade R-CNN box head")
+        else:
+            convs_fcs = f"{self.box_convs}-conv + {self.box_fcs}-fc" if self.box_convs else f"{self.box_fcs}-fc"
+            norm = f" with {NORM_NAMES[self.box_norm]}" if self.box_norm else ""
+            parts.append(f"a {convs_fcs} box head{norm}")
+        if self.mask:
+            parts.append(f"a mask head{f' with {NORM_NAMES[self.mask_norm]}' if self.mask_norm else ''}")
+        if self.keypoint:
+            parts.append("a keypoint head")
+        return f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+    def zoo_name(self) -> Optional[str]:
+        """The detectron2 model-zoo config this layout looks like (a guess for the message), or None."""
+        depth = DEPTHS.get(self.blocks)
+        if depth not in (50, 101):  # the model zoo's R-FPN Mask / Faster R-CNN depths (R152: Cascade only)
+            return None
+        kind = "keypoint_rcnn" if self.keypoint else "mask_rcnn" if self.mask else "faster_rcnn"
+        net = f"R_{depth}" if self.groups == 1 else f"X_{depth}_{self.groups}x{self.width_per_group}d"
+        if self.cascade_stages:
+            return f"Misc/cascade_{kind}_{net}_FPN_*"
+        if "GN" in (self.backbone_norm, self.fpn_norm, self.box_norm):
+            return f"Misc/{kind}_{net}_FPN_3x_gn"
+        if self.fpn_norm == "BN" and self.rpn_convs == 2 and self.box_convs == 4 and self.box_fcs == 1:
+            return f"new_baselines/{kind}_{net}_FPN_*ep_LSJ"
+        if self.deformable:
+            return f"Misc/{kind}_{net}_FPN_3x_dconv_c3-c5"
+        return f"{kind}_{net}_FPN_{'1x or 3x' if depth == 50 else '3x'}"
+
+    def describe(self) -> str:
+        """What the file is, for one-line messages: "a ResNet-101 (...) with an FPN, a 2-fc box head and a
+        mask head (detectron2 mask_rcnn_R_101_FPN_3x?)"."""
+        zoo = self.zoo_name()
+        return f"a {self.backbone()} with {self.heads()}{f' (detectron2 {zoo}?)' if zoo else ''}"
+
+
+def _norm_kind(state_dict: Dict[str, np.ndarray], prefix: str) -> str:
+    """"BN" (running statistics: FrozenBatchNorm2d, BatchNorm2d, SyncBatchNorm), "GN" (an affine norm
+    without statistics: GroupNorm) or "" (no norm) of the detectron2 Conv2d at `prefix`."""
+    if f"{prefix}.norm.running_mean" in state_dict:
+        return "BN"
+    return "GN" if f"{prefix}.norm.weight" in state_dict else ""
+
+
+def _count(state_dict: Dict[str, np.ndarray], pattern: str) -> int:
+    """How many i = 1, 2, ... have `pattern.format(i)` in the state dict, counted from 1 without a gap."""
+    count = 0
+    while pattern.format(count + 1) in state_dict:
+        count += 1
+    return count
+
+
+def architecture(state_dict: Dict[str, np.ndarray]) -> Optional[Architecture]:
+    """The model a detectron2 state dict holds (module docstring), or None when it has no
+    backbone.bottom_up.res{2..5} ResNet (then the key mapping names the first key that does not fit)."""
+    blocks = {stage: 0 for stage in range(2, 6)}
+    for key in state_dict:
+        match = _STAGE_BLOCK.match(key)
+        if match:
+            stage, block = int(match.group(1)), int(match.group(2))
+            blocks[stage] = max(blocks[stage], block + 1)
+    if not all(blocks.values()):
+        return None
+    conv2 = state_dict.get(f"{BACKBONE}res2.0.conv2.weight")
+    if conv2 is not None and np.ndim(conv2) == 4 and np.shape(conv2)[1] > 0:
+        width, per_group = np.shape(conv2)[0], np.shape(conv2)[1]
+        groups = max(1, width // per_group)
+    else:
+        groups, per_group = 1, 0
+    if f"{RPN_HEAD}conv.weight" in state_dict:
+        rpn_convs = 1
+    else:
+        rpn_convs = sum(1 for key in state_dict if re.match(rf"^{re.escape(RPN_HEAD)}conv\.conv\d+\.weight$", key))
+    cascade = {int(m.group(2)) for m in map(_CASCADE_KEY.match, state_dict) if m}
+    return Architecture(
+        blocks=tuple(blocks[stage] for stage in range(2, 6)), groups=int(groups), width_per_group=int(per_group),
+        backbone_norm=_norm_kind(state_dict, f"{BACKBONE}stem.conv1"),
+        deformable=any(key.startswith(BACKBONE) and ".conv2_offset." in key for key in state_dict),
+        fpn_norm=_norm_kind(state_dict, "backbone.fpn_lateral2"), rpn_convs=rpn_convs,
+        box_convs=_count(state_dict, "roi_heads.box_head.conv{}.weight"),
+        box_fcs=_count(state_dict, "roi_heads.box_head.fc{}.weight"),
+        box_norm=_norm_kind(state_dict, "roi_heads.box_head.conv1"),
+        cascade_stages=len(cascade), mask=has_mask_head(state_dict),
+        mask_norm=_norm_kind(state_dict, f"{MASK_HEAD}mask_fcn1"),
+        keypoint=any(key.startswith(KEYPOINT_HEAD) for key in state_dict))
+
+
+def preset_for(state_dict: Dict[str, np.ndarray]) -> str:
+    """The preset (config.py) that builds the model of a detectron2 state dict: by its res2..res5 block
+    counts (PRESETS). A file that fits none gets the R50 preset here; `check_architecture` then refuses
+    it in one line naming what it is."""
+    found = architecture(state_dict)
+    return (found.preset() if found else None) or PRESETS[R50_BLOCKS]
+
+
+def model_preset(model_cfg) -> Optional[str]:
+    """The preset whose detectron2 model a config.ModelConfig builds (backbone and head layout), or None."""
+    m, h = model_cfg, model_cfg.heads
+    plain = (m.fpn_norm == "none" and m.rpn_num_convs == 1 and h.box_num_convs == 0 and h.num_fcs == 2
+             and (not m.include_mask or h.mask_norm == "none"))
+    blocks = BACKBONE_NAMES.get(m.backbone.name)
+    return PRESETS[blocks] if plain and blocks else None
+
+
+def check_architecture(state_dict: Dict[str, np.ndarray], model_cfg, preset: str) -> None:
+    """ValueError in one line when the file fits no preset (what it is: stage depths, groups, heads; and
+    what is importable) or is another model than the one `model_cfg` (from `preset` and any overrides)
+    builds (and the --config to import it with)."""
+    found = architecture(state_dict)
+    if found is None:
+        return  # not a detectron2 R-FPN: the key mapping names the first key that does not fit
+    wanted = found.preset()
+    if wanted is None:
+        raise ValueError(f"the checkpoint is {found.describe()}; {SUPPORTED}")
+    built = model_preset(model_cfg)
+    if built == wanted:
+        return
+    what = f"the checkpoint is {found.describe()}"
+    if built is None:
+        m, h = model_cfg, model_cfg.heads
+        raise ValueError(
+            f"{what} but the overridden model is not one of detectron2's (model.backbone.name={m.backbone.name}, "
+            f"model.fpn_norm={m.fpn_norm}, model.rpn_num_convs={m.rpn_num_convs}, model.heads.box_num_convs="
+            f"{h.box_num_convs}, model.heads.num_fcs={h.num_fcs}, model.heads.mask_norm={h.mask_norm}); import it "
+            f"with --config={wanted} and without --params_override of those fields")
+    raise ValueError(f"{what} but --config={preset} builds a {model_cfg.backbone.name} "
+                     f"(res2..res5 blocks {', '.join(map(str, BACKBONE_NAMES[model_cfg.backbone.name]))}); import "
+                     f"it with --config={wanted} (or without --config: it is recognised from its keys)")
 
 
 def is_buffer(key: str) -> bool:

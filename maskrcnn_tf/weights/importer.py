@@ -12,7 +12,10 @@ recognised from the keys (torchvision_mapping.preset_for) unless `preset` (--con
 file of the other generation is refused in one line naming it and the --config to use; K = 90: class i
 is COCO id i, and the ten ids COCO 2017 does not use are named "N/A" as torchvision's own category
 list does) and "detectron2" (model-zoo .pkl or .pth, read by
-detectron2_pickle, mapped by detectron2_mapping; K = 80 in COCO id order).
+detectron2_pickle, mapped by detectron2_mapping; K = 80 in COCO id order; the preset, detectron2_r50_fpn_1x
+or detectron2_r101_fpn_3x, is recognised from the res2..res5 block counts (detectron2_mapping.preset_for),
+and a file that fits neither (ResNeXt, the LSJ or GN heads, Cascade, keypoints) or is forced into the other
+preset is refused in one line naming its stage depths, groups and heads).
 
 The directory is built in a temporary sibling (".<name>.tmp-<pid>") and renamed at the end, so a failure
 leaves no half-written model directory; an existing MODEL_DIR is refused. Every failure is a ValueError
@@ -186,7 +189,11 @@ SOURCES = {
                          lambda sd, cfg: detectron2_mapping.detectron2_variables(
                              sd, cfg.model.num_classes, cfg.model.roi.box_output_size),
                          tuple(cid for cid, _ in coco_classes.COCO_CATEGORIES),
-                         lambda sd, cfg: detectron2_mapping.check_buffers(sd, cfg.model)),
+                         lambda sd, cfg: detectron2_mapping.check_buffers(sd, cfg.model),
+                         preset_for=detectron2_mapping.preset_for,
+                         presets=tuple(detectron2_mapping.PRESETS.values()),
+                         check_architecture=lambda sd, cfg, preset: detectron2_mapping.check_architecture(
+                             sd, cfg.model, preset)),
 }
 
 
@@ -273,7 +280,8 @@ def import_checkpoint(source: str, checkpoint: str, model_dir: str, overrides: D
     ValueError starting with the checkpoint path when its name's hash prefix does not match (unless
     verify_hash is False), it cannot be read, names a disallowed global, does not fit the source's
     architecture (unused or missing keys, shapes, class count; a torchvision v1 file in a v2 preset or
-    the reverse) or holds buffers that contradict the config; with "--model_dir" for an existing
+    the reverse; a detectron2 R101 file in the R50 preset or the reverse, or a detectron2 model no preset
+    builds) or holds buffers that contradict the config; with "--model_dir" for an existing
     directory. Nothing is left behind on failure.
     """
     if source not in SOURCES:

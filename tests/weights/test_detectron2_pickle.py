@@ -10,6 +10,7 @@ K * 4), roi_heads/mask_head.py (MaskRCNNConvUpsampleHead mask_fcn1..4, deconv, p
 The oracle is detectron2's forward written with torch.nn.functional on the same state dict (BGR input,
 NCHW); our model runs on RGB NHWC.
 """
+import dataclasses
 import os
 import pickle
 
@@ -45,19 +46,37 @@ def _conv(sd, rng, prefix, out_ch, in_ch, k, std=None):
     sd[f"{prefix}.bias"] = rng.normal(0, 0.05, out_ch)
 
 
-def r50_fpn_state_dict(rng, blocks=R50_BLOCKS, mask=True, num_classes=NUM_CLASSES):
-    """Random float32 arrays under every key of detectron2's mask_rcnn_R_50_FPN (module docstring)."""
+class Zeros:
+    """Stands in for the rng of the state-dict builders when only the shapes matter (recognising a model
+    from its keys): normal() gives its mean, uniform() its low end; np.zeros costs no time or memory
+    until written."""
+
+    @staticmethod
+    def normal(loc, scale, size):
+        return np.zeros(size, np.float32) if loc == 0 else np.full(size, loc, np.float32)
+
+    @staticmethod
+    def uniform(low, high, size):
+        return np.full(size, low, np.float32)
+
+
+def r50_fpn_state_dict(rng, blocks=R50_BLOCKS, mask=True, num_classes=NUM_CLASSES, groups=1, width_per_group=64):
+    """Random float32 arrays under every key of detectron2's mask_rcnn_R_50_FPN (module docstring); blocks
+    (3, 4, 23, 3) gives mask_rcnn_R_101_FPN's. groups / width_per_group > 1 / other than 64: the ResNeXt of
+    backbone/resnet.py (bottleneck width groups x width_per_group x 2**(stage - 2), 3x3 conv weight
+    [width, width / groups, 3, 3], outputs 256 x 2**(stage - 2) as for a ResNet)."""
     sd = {}
     _conv_norm(sd, rng, "backbone.bottom_up.stem.conv1", 64, 3, 7)
     in_ch = 64
-    for stage, (num_blocks, width) in enumerate(zip(blocks, STAGE_WIDTHS), start=2):
-        out_ch = width * 4
+    for stage, (num_blocks, base_width) in enumerate(zip(blocks, STAGE_WIDTHS), start=2):
+        out_ch = base_width * 4
+        width = groups * width_per_group * 2 ** (stage - 2)
         for b in range(num_blocks):
             p = f"backbone.bottom_up.res{stage}.{b}"
             if b == 0:
                 _conv_norm(sd, rng, f"{p}.shortcut", out_ch, in_ch, 1)
             _conv_norm(sd, rng, f"{p}.conv1", width, in_ch if b == 0 else out_ch, 1)
-            _conv_norm(sd, rng, f"{p}.conv2", width, width, 3)
+            _conv_norm(sd, rng, f"{p}.conv2", width, width // groups, 3)
             _conv_norm(sd, rng, f"{p}.conv3", out_ch, width, 1)
         in_ch = out_ch
     for level, ch in zip((2, 3, 4, 5), (256, 512, 1024, 2048)):
@@ -133,19 +152,27 @@ def _t(sd, key):
 
 
 def _d2_conv_norm(sd, prefix, x, stride=1, padding=0, relu=True):
-    y = F.conv2d(x, _t(sd, f"{prefix}.weight"), stride=stride, padding=padding)
+    weight = _t(sd, f"{prefix}.weight")
+    y = F.conv2d(x, weight, stride=stride, padding=padding, groups=x.shape[1] // weight.shape[1])
     scale = _t(sd, f"{prefix}.norm.weight") * torch.rsqrt(_t(sd, f"{prefix}.norm.running_var") + FROZEN_BN_EPS)
     shift = _t(sd, f"{prefix}.norm.bias") - _t(sd, f"{prefix}.norm.running_mean") * scale
     y = y * scale[None, :, None, None] + shift[None, :, None, None]
     return F.relu(y) if relu else y
 
 
+def stage_blocks(sd):
+    """res2..res5 block counts of a detectron2 state dict, read from its keys."""
+    return tuple(len({key.split(".")[3] for key in sd if key.startswith(f"backbone.bottom_up.res{stage}.")})
+                 for stage in range(2, 6))
+
+
 def d2_features(sd, bgr):
-    """detectron2 ResNet (stride in the 1x1 conv, STRIDE_IN_1X1=True) + FPN + LastLevelMaxPool."""
+    """detectron2 ResNet (stride in the 1x1 conv, STRIDE_IN_1X1=True; depth and 3x3 groups those of the
+    state dict) + FPN + LastLevelMaxPool."""
     x = _d2_conv_norm(sd, "backbone.bottom_up.stem.conv1", bgr, stride=2, padding=3)
     x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
     features = {}
-    for stage, num_blocks in enumerate(R50_BLOCKS, start=2):
+    for stage, num_blocks in enumerate(stage_blocks(sd), start=2):
         for b in range(num_blocks):
             p = f"backbone.bottom_up.res{stage}.{b}"
             stride = 2 if (b == 0 and stage > 2) else 1
@@ -345,3 +372,247 @@ def test_detectron2_training_checkpoint_pth_is_read_through_torch_pickle(tmp_pat
     assert sorted(loaded) == sorted(state_dict)
     for key, value in state_dict.items():
         np.testing.assert_array_equal(loaded[key], value)
+
+
+# ------------------------------------------- R101, and the models recognised from the keys (issue 26)
+
+R101_BLOCKS = (3, 4, 23, 3)  # detectron2 ResNet.make_default_stages(depth=101)
+R101_PRESET = "detectron2_r101_fpn_3x"
+SUPPORTED = ("maskrcnn_tf imports detectron2's R50-FPN and R101-FPN with the 2-fc box head "
+             "(detectron2_r50_fpn_1x, detectron2_r101_fpn_3x)")
+# A small canvas and few proposals: building the model runs it once, and RoIAlign of 1000 proposals
+# dominates that at this size.
+SMALL = {"model.image_size": [IMAGE_SIZE, IMAGE_SIZE], "model.resize_short_side": IMAGE_SIZE,
+         "model.resize_max_long_side": IMAGE_SIZE, "model.rpn.pre_nms_top_k_test": 50,
+         "model.rpn.post_nms_top_k_test": 20, "model.detection.max_detections": 10,
+         "model.detection.pre_nms_top_k": 50}
+
+
+def _bn(sd, rng, prefix, channels, counter):
+    sd[f"{prefix}.norm.weight"] = rng.uniform(0.3, 0.8, channels).astype(np.float32)
+    sd[f"{prefix}.norm.bias"] = rng.normal(0, 0.1, channels).astype(np.float32)
+    if counter is not None:  # BatchNorm: statistics (and a counter unless frozen); GroupNorm: none
+        sd[f"{prefix}.norm.running_mean"] = rng.normal(0, 0.1, channels).astype(np.float32)
+        sd[f"{prefix}.norm.running_var"] = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+        sd[f"{prefix}.norm.num_batches_tracked"] = np.array(counter, np.int64)
+
+
+def normed_heads_state_dict(sd, rng, norm="BN"):
+    """An R-FPN state dict turned into one with norms in the FPN and heads, as detectron2 builds them
+    (layers/wrappers.py Conv2d(norm=...) without bias; fpn.py use_bias = norm == ""):
+    norm "BN": new_baselines/mask_rcnn_R_{50,101}_FPN_*ep_LSJ (SyncBN backbone and FPN, saving
+    num_batches_tracked; NaiveSyncBatchNorm 4conv1fc box head and mask head; RPN conv_dims [-1, -1]:
+    rpn_head.conv.conv0 / conv1); norm "GN": Misc/mask_rcnn_R_50_FPN_3x_gn (GroupNorm in the backbone,
+    FPN, 4conv1fc box head and mask head; one RPN conv)."""
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("backbone.bottom_up.") and ".norm.running_" in key and norm == "GN":
+            continue
+        out[key] = value
+        if key.startswith("backbone.bottom_up.") and key.endswith(".norm.running_var"):
+            out[key.replace("running_var", "num_batches_tracked")] = np.array(1000, np.int64)
+    counter = 1000 if norm == "BN" else None
+    for level in (2, 3, 4, 5):
+        for name in (f"backbone.fpn_lateral{level}", f"backbone.fpn_output{level}"):
+            del out[f"{name}.bias"]
+            _bn(out, rng, name, 256, counter)
+    if norm == "BN":
+        rpn = "proposal_generator.rpn_head.conv"
+        for k in (0, 1):
+            out[f"{rpn}.conv{k}.weight"] = out[f"{rpn}.weight"] if k == 0 else out[f"{rpn}.weight"].copy()
+            out[f"{rpn}.conv{k}.bias"] = out[f"{rpn}.bias"]
+        del out[f"{rpn}.weight"], out[f"{rpn}.bias"]
+    for fc in ("fc1", "fc2"):
+        for part in ("weight", "bias"):
+            del out[f"roi_heads.box_head.{fc}.{part}"]
+    for i in range(1, 5):
+        out[f"roi_heads.box_head.conv{i}.weight"] = rng.normal(0, 0.02, (256, 256, 3, 3)).astype(np.float32)
+        _bn(out, rng, f"roi_heads.box_head.conv{i}", 256, counter)
+        del out[f"roi_heads.mask_head.mask_fcn{i}.bias"]
+        _bn(out, rng, f"roi_heads.mask_head.mask_fcn{i}", 256, counter)
+    out["roi_heads.box_head.fc1.weight"] = rng.normal(0, 0.01, (1024, 256 * 7 * 7)).astype(np.float32)
+    out["roi_heads.box_head.fc1.bias"] = rng.normal(0, 0.01, 1024).astype(np.float32)
+    return out
+
+
+def cascade_state_dict(sd):
+    """Misc/cascade_mask_rcnn_R_50_FPN_3x's box side (CascadeROIHeads: box_head.{0,1,2}, box_predictor.{0,1,2},
+    class-agnostic bbox_pred [4, 1024])."""
+    out = {k: v for k, v in sd.items() if not k.startswith(("roi_heads.box_head.", "roi_heads.box_predictor."))}
+    for stage in range(3):
+        for key, value in sd.items():
+            if key.startswith(("roi_heads.box_head.", "roi_heads.box_predictor.")):
+                head, rest = key[len("roi_heads."):].split(".", 1)
+                out[f"roi_heads.{head}.{stage}.{rest}"] = value[:4] if ".bbox_pred." in key else value
+    return out
+
+
+def keypoint_state_dict(sd):
+    """COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x's heads: the box head and a KRCNNConvDeconvUpsampleHead
+    (conv_fcn1..8, score_lowres), person only, no mask head."""
+    out = {k: v for k, v in sd.items() if not k.startswith("roi_heads.mask_head.")}
+    for i in range(1, 9):
+        out[f"roi_heads.keypoint_head.conv_fcn{i}.weight"] = np.zeros((512, 256 if i == 1 else 512, 3, 3), np.float32)
+        out[f"roi_heads.keypoint_head.conv_fcn{i}.bias"] = np.zeros(512, np.float32)
+    out["roi_heads.keypoint_head.score_lowres.weight"] = np.zeros((512, 17, 4, 4), np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def r101_checkpoint(tmp_path_factory):
+    """A mask_rcnn_R_101_FPN_3x model-zoo pickle (2019 layout: the weights and the five cell_anchors)."""
+    state_dict = r50_fpn_state_dict(np.random.default_rng(10), blocks=R101_BLOCKS)
+    path = tmp_path_factory.mktemp("d2_r101") / "model_final_r101.pkl"
+    return path, write_model_zoo_pickle(path, state_dict)
+
+
+def test_r101_model_zoo_pickle_imports_with_the_r101_preset_and_equals_detectron2(r101_checkpoint, tmp_path):
+    """No --config: the R101 preset is recognised from res4's 23 blocks; the written model directory restores
+    a ResNet-101 whose backbone + FPN equal detectron2's forward of the same state dict."""
+    from maskrcnn_tf import run_dir
+    from maskrcnn_tf.weights import importer
+
+    path, sd = r101_checkpoint
+    assert stage_blocks(sd) == R101_BLOCKS
+    result = importer.import_checkpoint("detectron2", str(path), str(tmp_path / "r101"), SMALL)
+    assert (result.preset, result.include_mask, result.num_classes) == (R101_PRESET, True, NUM_CLASSES)
+    assert result.checked == ["5 cell_anchors"] and result.norm_epsilon == FROZEN_BN_EPS
+    assert f"detectron2 Mask R-CNN ({R101_PRESET}), 80 classes" in result.summary(str(path))
+    cfg, model = run_dir.restore_model(str(tmp_path / "r101"))
+    assert cfg.model.backbone.name == "resnet101" and cfg.train.total_steps == 270000
+    names = {layer.name for layer in model.backbone.network.layers}
+    assert "conv4_block23_3_conv" in names and "conv4_block24_1_conv" not in names
+    rgb = np.random.default_rng(11).normal(0, 30, (1, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    ours = model.fpn(model.backbone(rgb))
+    with torch.no_grad():
+        reference = d2_features(sd, torch.from_numpy(np.ascontiguousarray(rgb[..., ::-1].transpose(0, 3, 1, 2))))
+    for level in (2, 3, 4, 5, 6):
+        _close(ours[f"P{level}"].numpy(), reference[level].numpy().transpose(0, 2, 3, 1))
+
+
+def test_a_file_of_the_other_depth_forced_into_a_preset_is_one_line(r101_checkpoint, tmp_path):
+    from maskrcnn_tf.weights import importer
+
+    path, _ = r101_checkpoint
+    with pytest.raises(ValueError) as error:
+        importer.import_checkpoint("detectron2", str(path), str(tmp_path / "r50"), SMALL,
+                                   preset="detectron2_r50_fpn_1x")
+    assert str(error.value) == (
+        f"{path}: the checkpoint is a ResNet-101 (res2..res5 blocks 3, 4, 23, 3; 3x3 convs in 1 group of 64 "
+        "channels at res2) with an FPN, a 2-fc box head and a mask head (detectron2 mask_rcnn_R_101_FPN_3x?) but "
+        "--config=detectron2_r50_fpn_1x builds a resnet50 (res2..res5 blocks 3, 4, 6, 3); import it with "
+        f"--config={R101_PRESET} (or without --config: it is recognised from its keys)")
+    assert not (tmp_path / "r50").exists()
+    r50 = r50_fpn_state_dict(Zeros, mask=False)
+    r101_model = config_lib.get_preset(R101_PRESET).model
+    with pytest.raises(ValueError, match=r"^the checkpoint is a ResNet-50 \(res2\.\.res5 blocks 3, 4, 6, 3; .*"
+                                         r"a 2-fc box head \(detectron2 faster_rcnn_R_50_FPN_1x or 3x\?\) but "
+                                         rf"--config={R101_PRESET} builds a resnet101 .*"
+                                         r"--config=detectron2_r50_fpn_1x "):
+        detectron2_mapping.check_architecture(r50, r101_model, R101_PRESET)
+    # An override that builds the file's model is accepted, one that builds neither is named.
+    detectron2_mapping.check_architecture(r50, dataclasses.replace(
+        r101_model, backbone=dataclasses.replace(r101_model.backbone, name="resnet50")), R101_PRESET)
+    with pytest.raises(ValueError, match=r"the overridden model is not one of detectron2's \(model\.backbone\.name="
+                                         r"resnet101, model\.fpn_norm=none, .*model\.heads\.num_fcs=1, .*"
+                                         rf"import it with --config={R101_PRESET} and without --params_override"):
+        detectron2_mapping.check_architecture(
+            r50_fpn_state_dict(Zeros, blocks=R101_BLOCKS), dataclasses.replace(
+                r101_model, heads=dataclasses.replace(r101_model.heads, num_fcs=1)), R101_PRESET)
+
+
+def test_the_preset_is_recognised_from_the_stage_depths():
+    from maskrcnn_tf.weights import importer
+
+    for blocks, mask, preset in ((R50_BLOCKS, True, "detectron2_r50_fpn_1x"), (R101_BLOCKS, False, R101_PRESET)):
+        sd = model_zoo_model(r50_fpn_state_dict(Zeros, blocks=blocks, mask=mask))
+        assert detectron2_mapping.preset_for(sd) == importer.preset_of("detectron2", sd) == preset
+        found = detectron2_mapping.architecture(sd)
+        assert (found.blocks, found.groups, found.width_per_group, found.box_fcs, found.mask) == (
+            blocks, 1, 64, 2, mask)
+        detectron2_mapping.check_architecture(sd, config_lib.get_preset(preset).model, preset)
+    assert importer.SOURCES["detectron2"].presets == ("detectron2_r50_fpn_1x", R101_PRESET)
+    with pytest.raises(ValueError, match=r"--config=torchvision_maskrcnn_r50_fpn: a detectron2 checkpoint imports "
+                                         rf"into detectron2_r50_fpn_1x or {R101_PRESET}"):
+        importer.import_config("detectron2", True, preset="torchvision_maskrcnn_r50_fpn")
+
+
+def _refusal(sd):
+    with pytest.raises(ValueError) as error:
+        detectron2_mapping.check_architecture(sd, config_lib.get_preset("detectron2_r50_fpn_1x").model,
+                                              "detectron2_r50_fpn_1x")
+    message = str(error.value)
+    assert "\n" not in message and message.endswith(f"; {SUPPORTED}"), message
+    return message[:-len(f"; {SUPPORTED}")]
+
+
+def test_models_no_preset_builds_are_named_in_one_line():
+    """Stage depths, 3x3 groups and width per group, norms and head layout, with the model-zoo name they
+    look like. Shapes only (zero weights): nothing is built."""
+    rng = np.random.default_rng(12)
+    r50 = r50_fpn_state_dict(Zeros)
+    r101 = r50_fpn_state_dict(Zeros, blocks=R101_BLOCKS)
+    lsj = " with a BatchNorm FPN, a 2-conv RPN head, a 4-conv + 1-fc box head with BatchNorm and a mask head " \
+          "with BatchNorm (detectron2 new_baselines/mask_rcnn_R_{}_FPN_*ep_LSJ?)"
+    cases = {
+        "x101": (r50_fpn_state_dict(Zeros, blocks=R101_BLOCKS, groups=32, width_per_group=8),
+                 "the checkpoint is a ResNeXt-101 32x8d (res2..res5 blocks 3, 4, 23, 3; 3x3 convs in 32 groups of 8 "
+                 "channels at res2) with an FPN, a 2-fc box head and a mask head (detectron2 "
+                 "mask_rcnn_X_101_32x8d_FPN_3x?)"),
+        "lsj r50": (normed_heads_state_dict(r50, rng), "the checkpoint is a ResNet-50 (res2..res5 blocks 3, 4, 6, 3; "
+                    "3x3 convs in 1 group of 64 channels at res2)" + lsj.format(50)),
+        "lsj r101": (normed_heads_state_dict(r101, rng), "the checkpoint is a ResNet-101 (res2..res5 blocks 3, 4, 23, "
+                     "3; 3x3 convs in 1 group of 64 channels at res2)" + lsj.format(101)),
+        "gn": (normed_heads_state_dict(r50, rng, norm="GN"),
+               "the checkpoint is a ResNet-50 (res2..res5 blocks 3, 4, 6, 3; 3x3 convs in 1 group of 64 channels at "
+               "res2; GroupNorm in the backbone) with a GroupNorm FPN, a 4-conv + 1-fc box head with GroupNorm and a "
+               "mask head with GroupNorm (detectron2 Misc/mask_rcnn_R_50_FPN_3x_gn?)"),
+        "cascade": (cascade_state_dict(r50), "the checkpoint is a ResNet-50 (res2..res5 blocks 3, 4, 6, 3; 3x3 convs "
+                    "in 1 group of 64 channels at res2) with an FPN, a 3-stage Cascade R-CNN box head and a mask head "
+                    "(detectron2 Misc/cascade_mask_rcnn_R_50_FPN_*?)"),
+        "keypoint": (keypoint_state_dict(r50), "the checkpoint is a ResNet-50 (res2..res5 blocks 3, 4, 6, 3; 3x3 "
+                     "convs in 1 group of 64 channels at res2) with an FPN, a 2-fc box head and a keypoint head "
+                     "(detectron2 keypoint_rcnn_R_50_FPN_1x or 3x?)"),
+        "r152": (r50_fpn_state_dict(Zeros, blocks=(3, 8, 36, 3), mask=False), "the checkpoint is a ResNet-152 "
+                 "(res2..res5 blocks 3, 8, 36, 3; 3x3 convs in 1 group of 64 channels at res2) with an FPN and a 2-fc "
+                 "box head"),
+    }
+    for name, (sd, expected) in cases.items():
+        assert _refusal(sd) == expected, name
+        assert detectron2_mapping.preset_for(sd) == "detectron2_r50_fpn_1x", name  # refused by check_architecture
+    # Not a detectron2 R-FPN at all (no backbone.bottom_up.res2..5): left to the key mapping's message.
+    detectron2_mapping.check_architecture({"backbone.res2.0.conv1.weight": np.zeros(1, np.float32)},
+                                          config_lib.get_preset("detectron2_r50_fpn_1x").model, "detectron2_r50_fpn_1x")
+
+
+def test_model_zoo_files_no_preset_builds_end_in_one_line(tmp_path):
+    """The pickles themselves: an LSJ-baseline file through import_checkpoint, a ResNeXt-101 32x8d file
+    through import_weights.py (exit status 1, one error line naming the file, no traceback, no model
+    directory). Zero weights: only the keys and shapes are read before the refusal."""
+    import subprocess
+    import sys
+
+    from maskrcnn_tf.weights import importer
+    from tests.conftest import REPO_ROOT
+
+    lsj = tmp_path / "model_final_lsj.pkl"
+    write_model_zoo_pickle(lsj, normed_heads_state_dict(r50_fpn_state_dict(Zeros), np.random.default_rng(13)))
+    with pytest.raises(ValueError, match=rf"^{lsj}: the checkpoint is a ResNet-50 \(res2\.\.res5 blocks 3, 4, 6, 3; "
+                                         r".*a 4-conv \+ 1-fc box head with BatchNorm .*_LSJ\?\); "
+                                         r"maskrcnn_tf imports "):
+        importer.import_checkpoint("detectron2", str(lsj), str(tmp_path / "lsj"))
+    x101 = tmp_path / "model_final_x101.pkl"
+    write_model_zoo_pickle(x101, r50_fpn_state_dict(Zeros, blocks=R101_BLOCKS, groups=32, width_per_group=8))
+    model_dir = tmp_path / "x101"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "import_weights.py"), "--source=detectron2", f"--checkpoint={x101}",
+         f"--model_dir={model_dir}"], capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == [
+        f"error: {x101}: the checkpoint is a ResNeXt-101 32x8d (res2..res5 blocks 3, 4, 23, 3; 3x3 convs in 32 groups "
+        "of 8 channels at res2) with an FPN, a 2-fc box head and a mask head (detectron2 mask_rcnn_X_101_32x8d_FPN_3x?)"
+        f"; {SUPPORTED}"], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not model_dir.exists() and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
