@@ -1,4 +1,7 @@
-"""COCO -> TFRecord converter: faithful records on real COCO data, determinism, bad input, atomicity."""
+"""COCO -> TFRecord converter: faithful records on real COCO data, determinism, bad input, atomicity.
+
+COCO data: ../shared/data's coco_val2017_10 in the development workspace, else its generated stand-in
+(tests/conftest.py coco_sample: shapes images, polygons and one crowd region as uncompressed RLE)."""
 import glob
 import json
 import os
@@ -17,7 +20,6 @@ from pycocotools.coco import COCO
 from maskrcnn_tf.data import coco_categories, coco_converter, schema, shapes, sharded_writer
 from tests.conftest import REPO_ROOT, shared_data
 
-COCO10_JSON = "annotations/instances_val2017_subset.json"
 
 
 def read_records(output_prefix):
@@ -35,27 +37,30 @@ def serialized_set(output_prefix):
 
 
 @pytest.fixture(scope="module")
-def coco10(tmp_path_factory):
-    root = shared_data("coco_val2017_10")
+def coco10(coco_sample, tmp_path_factory):
+    sample = coco_sample("coco_val2017_10")
     prefix = str(tmp_path_factory.mktemp("coco10") / "val")
-    summary = coco_converter.convert_coco(str(root / "images"), str(root / COCO10_JSON), prefix, num_shards=3,
+    summary = coco_converter.convert_coco(str(sample.image_dir), str(sample.annotation_file), prefix, num_shards=3,
                                           num_workers=1, progress=False)
-    return root, prefix, summary
+    return sample, prefix, summary
 
 
 def test_records_match_coco_json_and_pycocotools(coco10):
-    root, prefix, summary = coco10
-    coco = COCO(str(root / COCO10_JSON))
+    sample, prefix, summary = coco10
+    coco = COCO(str(sample.annotation_file))
     records = read_records(prefix)
-    # README of ../shared/data: 10 images, 77 instances of which 1 crowd, 80 categories listed.
-    assert sorted(records) == sorted(coco.getImgIds()) and len(records) == 10
-    assert (summary["images_written"], summary["instances_written"], summary["crowd_instances"]) == (10, 77, 1)
+    all_anns = coco.loadAnns(coco.getAnnIds(iscrowd=None))
+    counts = (len(coco.getImgIds()), len(all_anns), sum(a["iscrowd"] for a in all_anns))
+    if sample.real:  # README of ../shared/data: 10 images, 77 instances of which 1 crowd, 80 categories listed.
+        assert counts == (10, 77, 1) and len(coco.dataset["categories"]) == 80
+    assert sorted(records) == sorted(coco.getImgIds())
+    assert (summary["images_written"], summary["instances_written"], summary["crowd_instances"]) == counts
     assert summary["images_skipped"] == {} and summary["instances_dropped"] == {}
     assert all(os.path.exists(p) for p in sharded_writer.shard_paths(prefix, 3))
     num_crowd_checked = 0
     for image_id, rec in records.items():
         info = coco.loadImgs(image_id)[0]
-        with open(root / "images" / info["file_name"], "rb") as f:
+        with open(sample.image_dir / info["file_name"], "rb") as f:
             assert rec["encoded"] == f.read(), "image bytes must be copied unchanged"
         assert (rec["height"], rec["width"], rec["format"]) == (info["height"], info["width"], b"jpeg")
         anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
@@ -73,26 +78,26 @@ def test_records_match_coco_json_and_pycocotools(coco10):
     assert num_crowd_checked == 1, "the crowd instance (uncompressed RLE) is decoded too"
     label_map = json.load(open(prefix + "_label_map.json"))
     assert [c["id"] for c in label_map] == sorted(c["id"] for c in coco.dataset["categories"])
-    assert [c["contiguous_id"] for c in label_map] == list(range(1, 81))
+    assert [c["contiguous_id"] for c in label_map] == list(range(1, len(coco.dataset["categories"]) + 1))
 
 
 def test_one_and_two_workers_write_the_same_examples(coco10, tmp_path):
-    root, prefix, _ = coco10
+    sample, prefix, summary = coco10
     prefix2 = str(tmp_path / "val")
-    coco_converter.convert_coco(str(root / "images"), str(root / COCO10_JSON), prefix2, num_shards=3,
+    coco_converter.convert_coco(str(sample.image_dir), str(sample.annotation_file), prefix2, num_shards=3,
                                 num_workers=2, progress=False)
-    assert len(serialized_set(prefix2)) == 10
+    assert len(serialized_set(prefix2)) == summary["images_written"] >= 3
     assert serialized_set(prefix2) == serialized_set(prefix)
     # Deterministic assignment: shard i holds the same images whatever the worker count.
     for a, b in zip(sharded_writer.shard_paths(prefix, 3), sharded_writer.shard_paths(prefix2, 3)):
         assert open(a, "rb").read() == open(b, "rb").read()
 
 
-def test_planted_bad_input_is_counted_and_good_records_written(tmp_path):
-    root = shared_data("coco_val2017_10")
-    data = json.load(open(root / COCO10_JSON))
+def test_planted_bad_input_is_counted_and_good_records_written(coco_sample, tmp_path):
+    sample = coco_sample("coco_val2017_10")
+    data = json.load(open(sample.annotation_file))
     image_dir = tmp_path / "images"
-    shutil.copytree(root / "images", image_dir)
+    shutil.copytree(sample.image_dir, image_dir)
     images = data["images"]
     corrupt, missing = images[0], images[1]
     full = (image_dir / corrupt["file_name"]).read_bytes()
@@ -125,7 +130,7 @@ def test_planted_bad_input_is_counted_and_good_records_written(tmp_path):
     assert summary["boxes_clipped"] == 1
     records = read_records(prefix)
     assert sorted(records) == sorted(im["id"] for im in images if im["id"] not in bad_ids)
-    assert summary["images_written"] == 8
+    assert summary["images_written"] == len(images) - 2
     assert summary["instances_written"] == len(good_anns) + 1 == sum(len(r["labels"]) for r in records.values())
     clipped = records[good_image["id"]]["boxes_norm"][-1]
     np.testing.assert_allclose(clipped[3], 1.0)  # xmax clipped to the image width
@@ -153,7 +158,7 @@ def test_unreadable_annotation_file_stops_with_a_clear_message(tmp_path):
 
 
 def test_roboflow_unused_parent_category_is_left_out():
-    root = shared_data("potholes")
+    root = shared_data("potholes", "the Roboflow export's unused parent category")
     data = json.load(open(root / "valid" / "_annotations.coco.json"))
     # README: id 0 "pothole" is an unused parent (supercategory of id 1); id 1 is the real class.
     assert coco_categories.build_label_map(data["categories"], data["annotations"]) == [
@@ -209,15 +214,16 @@ def test_killed_conversion_leaves_no_final_names(tmp_path):
             pass
 
 
-def test_rle_segmentations_are_checked_and_annotation_order_does_not_matter(tmp_path):
+def test_rle_segmentations_are_checked_and_annotation_order_does_not_matter(coco_sample, tmp_path):
     # Annotations in reverse file order (no longer grouped by image), plus planted RLEs: a valid compressed
     # string and an uncompressed list (kept, masks equal pycocotools' decode), and three whose run lengths
     # do not cover the image or are not integers (dropped as malformed_rle; pycocotools would decode them
     # past its buffer).
     from pycocotools import mask as mask_utils
 
-    root = shared_data("coco_val2017_10")
-    data = json.load(open(root / COCO10_JSON))
+    sample = coco_sample("coco_val2017_10")
+    data = json.load(open(sample.annotation_file))
+    num_annotations = len(data["annotations"])
     image = data["images"][0]
     h, w = image["height"], image["width"]
     block = np.zeros((h, w), np.uint8)
@@ -238,10 +244,10 @@ def test_rle_segmentations_are_checked_and_annotation_order_does_not_matter(tmp_
     ann_file = tmp_path / "rle.json"
     ann_file.write_text(json.dumps(data))
     prefix = str(tmp_path / "out" / "rle")
-    summary = coco_converter.convert_coco(str(root / "images"), str(ann_file), prefix, num_shards=3,
+    summary = coco_converter.convert_coco(str(sample.image_dir), str(ann_file), prefix, num_shards=3,
                                           progress=False)
     assert summary["instances_dropped"] == {"malformed_rle": 3}
-    assert summary["instances_written"] == 77 + 2
+    assert summary["instances_written"] == num_annotations + 2
     records = read_records(prefix)
     for image_id, rec in records.items():
         anns = [a for a in data["annotations"] if a["image_id"] == image_id and a["id"] not in (-3, -4, -5)]
@@ -254,10 +260,10 @@ def test_rle_segmentations_are_checked_and_annotation_order_does_not_matter(tmp_
 
 
 def test_max_images_cut_is_not_an_unknown_image(coco10, tmp_path):
-    root, _, _ = coco10
+    sample, _, _ = coco10
     prefix = str(tmp_path / "cut")
-    summary = coco_converter.convert_coco(str(root / "images"), str(root / COCO10_JSON), prefix, num_shards=1,
+    summary = coco_converter.convert_coco(str(sample.image_dir), str(sample.annotation_file), prefix, num_shards=1,
                                           max_images=3, progress=False)
     assert summary["images_written"] == 3 and summary["instances_dropped"] == {}
-    first_three = [im["id"] for im in json.load(open(root / COCO10_JSON))["images"][:3]]
+    first_three = [im["id"] for im in json.load(open(sample.annotation_file))["images"][:3]]
     assert sorted(read_records(prefix)) == sorted(first_three)

@@ -34,7 +34,8 @@ def _check_against_json_load(path, chunk_bytes):
 
 @pytest.mark.parametrize("chunk_bytes", CHUNKS)
 def test_real_coco_file_indexes_like_json_load(chunk_bytes):
-    root = shared_data("coco_val2017_10")
+    # COCO's own file as written by its tools (the generated and awkward files are checked below).
+    root = shared_data("coco_val2017_10", "COCO's own annotation file indexes like json.load")
     index = _check_against_json_load(root / "annotations" / "instances_val2017_subset.json", chunk_bytes)
     assert len(index.images) == 10 and len(index.annotation_offsets) == 77  # shared data README
     assert index.num_malformed_annotations == 0 and index.annotations_is_list

@@ -93,7 +93,8 @@ def _fast_idct(data: bytes) -> np.ndarray:
 
 def _real_jpegs():
     if not SHARED_DATA.exists():
-        pytest.skip(f"{SHARED_DATA} not present (only in the development workspace): real JPEGs not checked")
+        pytest.skip(f"{SHARED_DATA} not present (only in the development workspace): its subject is the real "
+                    "sample (real camera JPEGs decode like PIL; generated JPEGs are checked above)")
     paths = sorted(SHARED_DATA.rglob("*.jpg"))
     assert paths, f"no JPEG under {SHARED_DATA}"
     return paths

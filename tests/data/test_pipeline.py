@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.data import pipeline, schema
-from tests.conftest import shared_data
+from tests.conftest import STANDIN_SHAPES
 
 IMAGE_SIZE = (64, 64)
 MAX_INSTANCES = 4
@@ -185,11 +185,11 @@ def test_count_records(tmp_path):
         pipeline.count_records(str(truncated))
 
 
-def test_coco_val2017_records_decode_with_boxes_matching_the_json(tmp_path):
+def test_coco_val2017_records_decode_with_boxes_matching_the_json(coco_sample, tmp_path):
     from pycocotools.coco import COCO
 
-    root = shared_data("coco_val2017_10")
-    coco = COCO(str(root / "annotations" / "instances_val2017_subset.json"))
+    sample = coco_sample("coco_val2017_10")  # real COCO images, or the generated stand-in (with a crowd too)
+    coco = COCO(str(sample.annotation_file))
     category_ids = tuple(sorted(coco.getCatIds()))
     records = []
     for image_id in sorted(coco.getImgIds()):
@@ -200,7 +200,7 @@ def test_coco_val2017_records_decode_with_boxes_matching_the_json(tmp_path):
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         # Inline writer (the converter is another engineer's module): original bytes, annToMask PNGs.
         records.append(schema.build_example(
-            encoded=(root / "images" / info["file_name"]).read_bytes(), image_format="jpeg", height=h, width=w,
+            encoded=(sample.image_dir / info["file_name"]).read_bytes(), image_format="jpeg", height=h, width=w,
             filename=info["file_name"], source_id=str(image_id), boxes_norm_xyxy=boxes / [w, h, w, h],
             labels=[a["category_id"] for a in anns], texts=["x"] * len(anns),
             is_crowd=[a["iscrowd"] for a in anns], areas=[a["area"] for a in anns],
@@ -232,7 +232,7 @@ def test_coco_val2017_records_decode_with_boxes_matching_the_json(tmp_path):
             areas = batch["gt_masks"][i, :num].mean(axis=(1, 2))
             assert np.all(areas > 0.05) and batch["gt_masks"][i].max() <= 1.0
             checked += 1
-    assert checked == 10
+    assert checked == len(coco.getImgIds()) == (10 if sample.real else STANDIN_SHAPES["num_val"])
 
 
 def test_records_have_masks_reads_the_first_record(tmp_path):

@@ -65,7 +65,7 @@ def test_counts_and_png_equal_pycocotools_decode_on_edge_and_random_masks():
 def test_real_coco_polygons_and_crowd_rle_round_trip_exactly():
     # coco_val2017_10: 77 instances, one crowd region (uncompressed RLE); every PNG must decode (OpenCV
     # and TensorFlow, as the pipeline and Model Garden's decoder do) to pycocotools' annToMask, 0/1.
-    root = shared_data("coco_val2017_10")
+    root = shared_data("coco_val2017_10", "real COCO polygons and crowd RLE decode like pycocotools")
     data = json.load(open(root / "annotations" / "instances_val2017_subset.json"))
     sizes = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
     for ann in data["annotations"]:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT, shared_data
+from tests.conftest import REPO_ROOT
 
 TRAIN_PY = str(REPO_ROOT / "train.py")
 
@@ -20,11 +20,10 @@ def _run(*args):
 
 
 @pytest.mark.slow
-def test_the_same_seed_repeats_a_run_exactly(tmp_path):
-    root = shared_data("coco_2img")
-    _run(str(REPO_ROOT / "data_prep" / "coco_to_tfrecord.py"), f"--image_dir={root / 'images' / 'train2017'}",
-         f"--annotation_file={root / 'annotations' / 'instances_train2017.json'}",
-         f"--output_prefix={tmp_path / 'train'}", "--num_shards=1")
+def test_the_same_seed_repeats_a_run_exactly(coco_sample, tmp_path):
+    sample = coco_sample("coco_2img/train")  # a real COCO image, or the generated stand-in (tests/conftest.py)
+    _run(str(REPO_ROOT / "data_prep" / "coco_to_tfrecord.py"), f"--image_dir={sample.image_dir}",
+         f"--annotation_file={sample.annotation_file}", f"--output_prefix={tmp_path / 'train'}", "--num_shards=1")
     logs = {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         stdout = _run(TRAIN_PY, "--config=tiny", f"--train_file_pattern={tmp_path / 'train'}-*",

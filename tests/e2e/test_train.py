@@ -1,6 +1,10 @@
 """train.py as people run it (subprocesses): loss.log format, resume after kill -9, NaN stop, mirrored and
 multi-worker strategies, fine-tuning from an 80-class run into a 1-class run; plus the in-process pieces
-(loss line format, resume config check, checkpoint keys, strategies by name)."""
+(loss line format, resume config check, checkpoint keys, strategies by name).
+
+Data: the real COCO and Roboflow samples of ../shared/data in the development workspace; without them (a
+user's clone) their generated stand-ins (tests/conftest.py coco_sample: shapes images, 3 classes instead of
+80, a 1-class set with the Roboflow export's unused parent category)."""
 import json
 import os
 import re
@@ -17,7 +21,7 @@ import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
 from maskrcnn_tf import checkpointing, distribute, loss_log, run_dir
-from tests.conftest import REPO_ROOT, shared_data
+from tests.conftest import REPO_ROOT, STANDIN_ONE_CLASS_NAME
 
 TRAIN_PY = str(REPO_ROOT / "train.py")
 # The tiny preset shrunk as tests/e2e/synthetic.tiny_test_config (a step takes ~1 s on 2 cores).
@@ -76,11 +80,11 @@ def _convert(image_dir, annotation_file, prefix, num_shards, max_images=None):
 
 
 @pytest.fixture(scope="module")
-def coco_records(tmp_path_factory):
-    root = shared_data("coco_tiny")
+def coco_records(coco_sample, tmp_path_factory):
+    sample = coco_sample("coco_tiny/train")
     prefix = str(tmp_path_factory.mktemp("coco_records") / "train")
     # 2 shards: the multi-worker test needs one per worker.
-    return _convert(root / "train2017", root / "annotations" / "instances_train2017.json", prefix, 2, COCO_IMAGES)
+    return _convert(sample.image_dir, sample.annotation_file, prefix, 2, COCO_IMAGES)
 
 
 def coco_args(records, model_dir, steps=COCO_STEPS, *extra):
@@ -91,7 +95,8 @@ def coco_args(records, model_dir, steps=COCO_STEPS, *extra):
 
 @pytest.fixture(scope="module")
 def coco_run(coco_records, tmp_path_factory):
-    """An uninterrupted 80-class run on COCO images: the reference for resume and the fine-tuning source."""
+    """An uninterrupted 80-class run on COCO images (3 classes on the stand-in): the reference for resume and
+    the fine-tuning source."""
     model_dir = str(tmp_path_factory.mktemp("coco_run"))
     proc = run_train(coco_args(coco_records, model_dir))
     return model_dir, proc
@@ -396,18 +401,21 @@ def test_multi_worker_mirrored_two_local_workers(coco_records, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pothole_records(tmp_path_factory):
-    root = shared_data("potholes")
+def pothole_records(coco_sample, tmp_path_factory):
+    sample = coco_sample("potholes")
     prefix = str(tmp_path_factory.mktemp("pothole_records") / "valid")
-    return _convert(root / "valid", root / "valid" / "_annotations.coco.json", prefix, 1, COCO_IMAGES)
+    return _convert(sample.image_dir, sample.annotation_file, prefix, 1, COCO_IMAGES)
 
 
-def test_fine_tune_80_class_checkpoint_into_1_class_run(coco_run, pothole_records, tmp_path):
+def test_fine_tune_80_class_checkpoint_into_1_class_run(coco_run, pothole_records, coco_sample, tmp_path):
+    from maskrcnn_tf.data.shapes import CATEGORIES
     from maskrcnn_tf.model import build_model
 
+    real = coco_sample("coco_tiny/train").real
+    assert coco_sample("potholes").real == real  # ../shared has both or neither
     source_dir, _ = coco_run
     source_cfg = run_dir.load_config(source_dir)
-    assert source_cfg.model.num_classes == 80
+    assert source_cfg.model.num_classes == (80 if real else len(CATEGORIES))  # the stand-in: 3 shapes classes
     target_dir = str(tmp_path / "potholes")
     args = [f"--train_file_pattern={pothole_records}", f"--model_dir={target_dir}", "--train_steps=2",
             *SMALL_MODEL, f"--init_checkpoint={source_dir}", "--params_override=train.log_every_steps=1"]
@@ -415,12 +423,14 @@ def test_fine_tune_80_class_checkpoint_into_1_class_run(coco_run, pothole_record
     assert re.search(r"\d+ variables restored, 6 kept at their fresh initialisation", proc.stdout)
     not_restored = sorted(re.findall(r"not restored: (\S+)", proc.stdout))
     # Exactly the class-specific layers (kernel and bias each; keys seen with tf.train.list_variables):
-    # box classifier [64, 81] -> [64, 2], box regressor [64, 324] -> [64, 8], mask predictor 80 -> 1.
+    # box classifier [64, 81] -> [64, 2], box regressor [64, 324] -> [64, 8], mask predictor 80 -> 1
+    # (from 3 classes on the stand-in: [64, 4], [64, 12], 3).
     assert not_restored == sorted(f"mask_rcnn/{layer}/{kind}" for kind in ("kernel", "bias") for layer in
                                   ("box_head/classifier", "box_head/box_regressor", "mask_head/predictor"))
     assert loss_log_steps(target_dir) == [1, 2]
     target_cfg = run_dir.load_config(target_dir)
-    assert target_cfg.model.num_classes == 1 and target_cfg.data.class_names == ("pothole",)
+    assert target_cfg.model.num_classes == 1
+    assert target_cfg.data.class_names == (("pothole",) if real else (STANDIN_ONE_CLASS_NAME,))
 
     # In process: after loading (before any step), shared weights equal the source's.
     model = build_model(target_cfg)
@@ -437,7 +447,7 @@ def test_fine_tune_80_class_checkpoint_into_1_class_run(coco_run, pothole_record
     assert len(class_specific) == 6
     for path in class_specific:
         source_shape = reader.get_variable_to_shape_map()[run_dir.checkpoint_key(path)]
-        assert tuple(by_path[path].shape) != tuple(source_shape)  # 1-class shape, not the 80-class one
+        assert tuple(by_path[path].shape) != tuple(source_shape)  # 1-class shape, not the source's
 
 
 def test_wrong_flags_give_one_line_errors(tmp_path):
@@ -476,7 +486,7 @@ def test_no_records_empty_pattern_and_a_file_as_model_dir_are_one_line_errors_no
     assert a_file.read_text() == "not a directory"
 
 
-# ------------------------------------------------------------------ the whole chain on real COCO images
+# ------------------------------------------ the whole chain on real COCO images (or their stand-in)
 
 
 def _run_program(script, *args):
@@ -487,13 +497,13 @@ def _run_program(script, *args):
 
 
 @pytest.mark.slow
-def test_coco_chain_train_eval_export_predict(coco_run, tmp_path):
-    """The programs people run, one after the other on real COCO images (coco_tiny): the run trained by
-    train.py (coco_run) is evaluated, exported and used to draw predictions."""
+def test_coco_chain_train_eval_export_predict(coco_run, coco_sample, tmp_path):
+    """The programs people run, one after the other on real COCO images (coco_tiny, or its stand-in): the
+    run trained by train.py (coco_run) is evaluated, exported and used to draw predictions."""
     model_dir, _ = coco_run
-    root = shared_data("coco_tiny")
-    val_json = root / "annotations" / "instances_val2017.json"
-    val_records = _convert(root / "val2017", val_json, str(tmp_path / "val"), 1, max_images=4)
+    val = coco_sample("coco_tiny/val")
+    val_json = val.annotation_file
+    val_records = _convert(val.image_dir, val_json, str(tmp_path / "val"), 1, max_images=4)
 
     proc = _run_program("eval.py", f"--model_dir={model_dir}", f"--eval_file_pattern={val_records}",
                         f"--val_json={val_json}")
@@ -508,7 +518,7 @@ def test_coco_chain_train_eval_export_predict(coco_run, tmp_path):
     _run_program("export.py", f"--model_dir={model_dir}", f"--export_dir={export_dir}")
     assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
 
-    image = sorted((root / "val2017").iterdir())[0]
+    image = sorted(val.image_dir.iterdir())[0]
     out_dir = tmp_path / "predictions"
     _run_program("predict.py", f"--saved_model={export_dir}", f"--image={image}", f"--output_dir={out_dir}")
     assert (out_dir / (image.stem + ".png")).exists() and (out_dir / (image.stem + ".json")).exists()
