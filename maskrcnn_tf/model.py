@@ -332,7 +332,10 @@ class MaskRCNN(keras.Model):
         if has_masks is not None:
             is_mask_roi &= tf.cast(has_masks, tf.bool)[:, None]
         mask_features = self.mask_roi_align(pyramid, rois)
-        mask_logits = self.mask_head(mask_features, classes, training=training)  # [B, Sm, M, M]
+        # The head's BatchNorm takes its statistics over the mask RoIs only, not over the padding rows of
+        # images with fewer foreground RoIs than Sm (torchvision's mask head sees only foreground RoIs).
+        mask_logits = self.mask_head(mask_features, classes, training=training,
+                                     roi_valid=is_mask_roi)  # [B, Sm, M, M]
         mask_size = int(mask_logits.shape[-1])
         targets = mask_ops.mask_targets(
             tf.cast(data["gt_masks"], tf.float32), data["gt_boxes"], rois, matched, output_size=mask_size)

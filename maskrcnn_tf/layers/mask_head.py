@@ -44,7 +44,8 @@ class MaskHead(keras.layers.Layer):
       norm: config.NORMS, after each of the num_convs convs ("none": convs with bias).
 
     Call: (features float [B, S, M, M, C] (M = 14 by default; M, C static, B and S may be dynamic),
-    classes int32 [B, S] in 1..K (0 or -1 allowed: channel of class 1, meaningless)) ->
+    classes int32 [B, S] in 1..K (0 or -1 allowed: channel of class 1, meaningless), optional roi_valid
+    bool [B, S]: the RoIs whose features enter BatchNorm's batch statistics in training (default all)) ->
     mask logits float32 [B, S, 2M, 2M] for each RoI's class.
     """
 
@@ -84,14 +85,20 @@ class MaskHead(keras.layers.Layer):
         self.predictor.build((None, None, None, self.num_filters))
         self.built = True
 
-    def call(self, features, classes, training=None):
+    def call(self, features, classes, training=None, roi_valid=None):
         _, _, height, width, channels = features.shape  # M, M, C static; B, S may be dynamic
         batch, num_rois = tf.shape(features)[0], tf.shape(features)[1]
         x = tf.reshape(features, [-1, height, width, channels])  # [B * S, M, M, C]
+        norm_kwargs = {}
+        if roi_valid is not None and self.norm in norm_lib.BATCH_NORMS:
+            # BatchNorm statistics over the RoIs that count only, not the padding rows of the [B, S] batch
+            # (torchvision's mask head sees the foreground RoIs of all images and nothing else).
+            rows = tf.reshape(tf.cast(roi_valid, tf.bool), [-1, 1, 1])  # [B * S, 1, 1]
+            norm_kwargs["mask"] = tf.broadcast_to(rows, [tf.shape(x)[0], height, width])  # [B * S, M, M]
         for i, conv in enumerate(self.convs):
             x = conv(x)  # [B * S, M, M, num_filters]
             if self.conv_norms:
-                x = keras.ops.relu(self.conv_norms[i](x, training=training))
+                x = keras.ops.relu(self.conv_norms[i](x, training=training, **norm_kwargs))
         x = self.deconv(x)  # [B * S, 2M, 2M, num_filters]
         x = self.predictor(x)  # [B * S, 2M, 2M, K]
         mask_size = UPSAMPLE_FACTOR * height
