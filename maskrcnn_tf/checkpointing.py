@@ -15,6 +15,9 @@
   escaped>), restored when the shape agrees, left at their fresh initialisation otherwise (the
   class-specific layers when num_classes differs); both lists are logged. It applies only to a fresh
   run, never on resume.
+- The backbone's initial weights (model.backbone.weights: ImageNet, a file) are loaded here, into the built
+  model of a fresh run only (weights/initial.py), before --init_checkpoint's variables: a resumed run
+  takes them from its checkpoint and never reads or downloads them again.
 """
 import os
 from typing import List, Tuple
@@ -27,6 +30,7 @@ from absl import logging
 from maskrcnn_tf import config as config_lib
 from maskrcnn_tf import distribute, run_dir
 from maskrcnn_tf.loss_log import truncate_loss_log
+from maskrcnn_tf.weights import initial
 
 # Fields a resumed run must share with the run that wrote the checkpoint (everything else may change).
 _RESUME_FIXED_FIELDS = ("model", "data.category_ids")
@@ -148,9 +152,11 @@ def checkpoint_manager(checkpoint, cfg, model_dir, strategy, chief, verbose):
     return manager, scratch
 
 
-def restore(model, optimizer, checkpoint, latest, init_checkpoint, model_dir, num_steps_per_epoch, chief, say):
-    """Resumes from the run's own latest checkpoint, or else initialises from init_checkpoint (shape-matched
-    variables only), or else keeps the fresh weights."""
+def restore(model, optimizer, checkpoint, latest, init_checkpoint, model_dir, num_steps_per_epoch, chief, say, *,
+            backbone_weights):
+    """Resumes from the run's own latest checkpoint, or else starts fresh: the backbone's initial weights
+    (backbone_weights = cfg.model.backbone.weights, weights/initial.py), then init_checkpoint's
+    shape-matched variables over them. A resumed run never reads (or downloads) backbone_weights."""
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
         step = int(optimizer.iterations.numpy())
@@ -161,7 +167,11 @@ def restore(model, optimizer, checkpoint, latest, init_checkpoint, model_dir, nu
             say("--init_checkpoint ignored: the run already has its own checkpoint")
         if chief:
             truncate_loss_log(os.path.join(model_dir, run_dir.LOSS_LOG), step)
-    elif init_checkpoint:
+        return
+    if backbone_weights is not None:
+        initial.load_initial_weights(model, backbone_weights)
+        say(f"backbone initialised from {backbone_weights}")
+    if init_checkpoint:
         restored, skipped = load_matching_weights(model, init_checkpoint)
         logging.info("init_checkpoint %s: restored %d variables: %s", init_checkpoint, len(restored), restored)
         logging.info("init_checkpoint %s: kept fresh %d variables: %s", init_checkpoint, len(skipped), skipped)

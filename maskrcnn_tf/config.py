@@ -53,7 +53,8 @@ SIZE_DIVISIBILITY = 2**MAX_LEVEL
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
     name: str = "resnet50"
-    # None (random init), "imagenet" (keras.applications download) or a path to a weights file.
+    # None (random init), "imagenet" (keras.applications download) or a path to a weights file; loaded
+    # into a fresh training run's built model (weights/initial.py), never by build_model.
     weights: Optional[str] = None
     # Stages frozen from the input on: 2 = stem + res2 (detectron2's FREEZE_AT=2).
     freeze_at: int = 2
@@ -171,8 +172,8 @@ class ModelConfig:
     heads: HeadConfig = HeadConfig()
     detection: DetectionConfig = DetectionConfig()
     # Input normalisation, RGB order: images = (rgb - pixel_mean) / pixel_std. The defaults are the
-    # "caffe" statistics keras.applications' ResNet weights were trained with (the backbone turns the
-    # BGR weights into RGB ones when it loads them, so no channel swap happens at run time).
+    # "caffe" statistics keras.applications' ResNet weights were trained with (weights/initial.py turns
+    # the BGR weights into RGB ones when it loads them, so no channel swap happens at run time).
     pixel_mean: Tuple[float, float, float] = (123.68, 116.779, 103.939)
     pixel_std: Tuple[float, float, float] = (1.0, 1.0, 1.0)
     # How an image of any size is put on the fixed image_size canvas (transforms.resize_geometry):

@@ -400,10 +400,8 @@ class MaskRCNN(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        cfg = config_lib.from_dict(config["config"])
-        # The saved file holds every weight: neither load nor download the backbone's initial weights.
-        model = build_model(config_lib.replace(cfg, **{"model.backbone.weights": None}))
-        model.config = cfg
+        # build_model reads no file: the saved file holds every weight (weights/initial.py is never called).
+        model = build_model(config_lib.from_dict(config["config"]))
         if not config.get("trainable", True):  # setting True would also unfreeze frozen stages
             model.trainable = False
         return model
@@ -433,7 +431,9 @@ def inference_canvases(model_cfg: config_lib.ModelConfig) -> tuple:
 def build_model(cfg: config_lib.Config) -> MaskRCNN:
     """Builds (and runs once, so every weight exists) the MaskRCNN of `cfg`. The one reader of config.
 
-    Sets the global Keras dtype policy from cfg.train.precision before creating layers.
+    Sets the global Keras dtype policy from cfg.train.precision before creating layers. Reads no file and
+    nothing from the network: every weight has its fresh initial value, cfg.model.backbone.weights included
+    (a fresh training run loads those afterwards, weights/initial.load_initial_weights).
     """
     config_lib.validate(cfg)
     keras.mixed_precision.set_global_policy(cfg.train.precision)
@@ -453,7 +453,7 @@ def build_model(cfg: config_lib.Config) -> MaskRCNN:
             mask_head=MaskHead(num_classes=m.num_classes, num_convs=m.heads.mask_num_convs,
                                num_filters=m.heads.mask_num_filters, norm=m.heads.mask_norm, name="mask_head"))
     model = MaskRCNN(
-        backbone=Backbone(name=m.backbone.name, weights=m.backbone.weights, freeze_at=m.backbone.freeze_at,
+        backbone=Backbone(name=m.backbone.name, freeze_at=m.backbone.freeze_at,
                           tiny_width=m.backbone.tiny_width, recompute=switches.recompute_backbone,
                           **_backbone_conventions(m.backbone)),
         fpn=FPN(num_filters=m.fpn_num_filters, norm=m.fpn_norm, name="fpn"),

@@ -110,7 +110,6 @@ def restore_model(model_dir: str, checkpoint_path: str = None):
     checkpoint_path = checkpoint_path or latest_checkpoint(model_dir)
     if checkpoint_path is None:
         raise ValueError(f"{os.path.join(model_dir, CHECKPOINT_DIR)}: no checkpoint yet")
-    # The checkpoint overwrites every weight: do not load (or download) the backbone's initial weights.
-    model = build_model(config_lib.replace(cfg, **{"model.backbone.weights": None}))
+    model = build_model(cfg)  # reads no file: the checkpoint gives every weight
     restore_weights(model, checkpoint_path)
     return cfg, model

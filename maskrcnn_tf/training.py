@@ -302,7 +302,7 @@ def train(cfg: config_lib.Config, model_dir: str, train_file_pattern, strategy: 
     checkpoint = run_dir.make_checkpoint(model, optimizer, epoch=epoch_variable)
     manager, scratch = checkpointing.checkpoint_manager(checkpoint, cfg, model_dir, strategy, chief, verbose)
     checkpointing.restore(model, optimizer, checkpoint, latest, init_checkpoint, model_dir, num_steps_per_epoch,
-                          chief, say)
+                          chief, say, backbone_weights=cfg.model.backbone.weights)
     evaluate = _evaluation(model, cfg, model_dir, eval_file_pattern, val_json, eval_every_epochs)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         # A save is collective: a worker saving alone on its own signal would wait for the others forever.

@@ -11,11 +11,10 @@ Decisions (beyond docs/design.md):
   on every side as torch does (TF's "SAME" pads (0, 1) at stride 2 on even sizes, a shifted grid). The
   unfolded Keras network cannot move its strides, so fold_batchnorm=False refuses that combination.
   `norm_epsilon` overrides every BatchNormalization's epsilon (torchvision's COCO_V1 Mask R-CNN: 0).
-  A `weights` path ending in .pth is a torchvision ImageNet classification checkpoint: read without
-  torch (weights/torch_pickle.py) and mapped by weights/torchvision_mapping.py; RGB, no reversal; its name's
-  hash suffix and its conventions (stride_in_3x3, norm_epsilon 1e-5) are checked (weights/imagenet_backbones.py).
-  A path ending in .pkl is an MSRA/Caffe2-named ImageNet ResNet (detectron2's R-50.pkl; stride_in_3x3=False,
-  BGR stem reversed to RGB by the mapping), read and checked by the same module.
+  Which initial weights fill the network (ImageNet, a file) is not this layer's business: the layer is
+  built with fresh initial values and weights/initial.py loads a file into it afterwards (module
+  docstring there), as keras-hub's `from_preset(load_weights=...)` and torchvision's builders separate
+  building from loading. So this module imports nothing from maskrcnn_tf.weights.
 - Frozen BatchNorm, as detectron2's FrozenBatchNorm2d: every BatchNormalization layer is
   `trainable=False` (gamma, beta not trained) and the network is always called with `training=False`
   (moving statistics are used and never updated), whatever `training` the caller passes. Detection batches
@@ -32,20 +31,19 @@ Decisions (beyond docs/design.md):
 - `freeze_at` follows detectron2's FREEZE_AT: stage 1 = stem (`conv1_*`, `pool1_*`), stage n = res_n
   (`conv{n}_*`); stages 1..freeze_at get `trainable=False`, 0 freezes nothing. Keras propagates
   `layer.trainable = True` to every sublayer, so the `trainable` setter re-applies the freezing afterwards.
-- `weights`: None (random init), "imagenet" (keras.applications downloads the notop file; needs internet)
-  or a local file loaded with `Model.load_weights`: a Keras 3 `.weights.h5` saved from the same
-  keras.applications network, or the legacy Keras-applications `*_notop.h5` file. Both hold the caffe
-  weights, trained on BGR images minus the BGR mean: on loading, the input-channel axis of the stem conv
-  kernel is reversed so the backbone takes RGB (normalised by config pixel_mean/std, whose defaults are
-  the caffe means in RGB order). conv(rgb, reversed kernel) == conv(bgr, kernel) exactly. Do not pass a
-  file saved from this layer's own (already reversed) network: restore trained models from checkpoints.
+- Initial weights (weights/initial.py, after construction): keras.applications' ImageNet files and Keras
+  `.weights.h5` files of the same network hold the caffe weights, trained on BGR images minus the BGR
+  mean; the loader reverses the input-channel axis of the stem conv kernel (`conv1_conv`) so
+  the backbone takes RGB. torchvision `.pth` and MSRA/Caffe2 `.pkl` ImageNet ResNets go through
+  weights/imagenet_backbones.py, which checks their conventions against this layer's stride_in_3x3 and
+  norm_epsilon.
 - "tiny": stem (3x3 conv stride 2 + 3x3 max-pool stride 2) and 4 stages of TINY_BLOCKS_PER_STAGE basic
   residual blocks, widths tiny_width * (1, 2, 4, 8). It trains from scratch, where frozen BN is
   impossible and BN batch statistics of 2-4 images are noise, so it uses GroupNormalization (batch
   independent, identical in training and inference, like frozen BN) with gcd(channels, 8) groups, and
   zero-initialised last norm gamma per block so every block starts as the identity (Goyal et al. 2017).
   Its layer names mirror keras.applications (`conv{n}_block{k}_...`) so freezing and C-level selection
-  are shared. Not for pretrained weights: "imagenet" raises; a path loads a file saved with
+  are shared. It has no ImageNet weights; weights/initial.py loads a file saved with
   `Backbone(name="tiny", ...).network.save_weights(path)`, without any channel reversal.
 - Folded frozen BN (ResNets, `fold_batchnorm=True`, the default): the call does not run the Keras
   network layer by layer. Each conv + frozen BN pair is one convolution with kernel W * s and bias
@@ -87,10 +85,6 @@ RESNETS = {
 }
 TINY = "tiny"
 BACKBONE_NAMES = tuple(RESNETS) + (TINY,)
-IMAGENET = "imagenet"
-# The stem conv of keras.applications ResNets; its kernel is [7, 7, 3 (BGR), 64].
-STEM_CONV = "conv1_conv"
-INPUT_CHANNEL_AXIS = 2
 # C2..C5: the backbone outputs, stage n at stride 2**n.
 LEVELS = (2, 3, 4, 5)
 NUM_STAGES = 5  # stem + res2..res5
@@ -100,10 +94,6 @@ FROZEN, SYNC_BATCH_NORM = "frozen", "sync_batch_norm"
 KERAS_BN_MOMENTUM = 0.9
 # torch's padding=1 for a 3x3 conv, in tf.nn.conv2d's explicit NHWC form.
 TORCH_3X3_PADDING = [[0, 0], [1, 1], [1, 1], [0, 0]]
-# torchvision ImageNet classification checkpoints (--pretrained=FILE.pth).
-TORCH_CHECKPOINT_SUFFIX = ".pth"
-# ImageNet backbone files weights/imagenet_backbones.py reads: torchvision .pth, MSRA/Caffe2 R-50.pkl.
-IMAGENET_BACKBONE_SUFFIXES = (TORCH_CHECKPOINT_SUFFIX, ".pkl")
 
 TINY_WIDTH_MULTIPLIERS = (1, 2, 4, 8)  # res2..res5 widths, in units of tiny_width
 TINY_BLOCKS_PER_STAGE = 2
@@ -248,7 +238,6 @@ class Backbone(keras.layers.Layer):
 
     Args (keyword-only):
       name: "resnet50" | "resnet101" | "tiny"; also the Keras layer name.
-      weights: None | "imagenet" | path of a weights file (see the module docstring).
       freeze_at: 0 = nothing frozen, 1 = stem, 2 = stem + res2, ... 5 = everything.
       tiny_width: channels of the tiny backbone's res2 (res3..res5: x2, x4, x8); ignored for ResNets.
       fold_batchnorm: ResNets only: run conv + frozen BN as one convolution (module docstring).
@@ -268,17 +257,14 @@ class Backbone(keras.layers.Layer):
     `training` only decides whether `recompute` applies; with trainable BN `training` is BN's.
     """
 
-    def __init__(self, *, name: str = _BACKBONE.name, weights: Optional[str] = _BACKBONE.weights,
-                 freeze_at: int = _BACKBONE.freeze_at, tiny_width: int = _BACKBONE.tiny_width,
-                 fold_batchnorm: bool = True, recompute: bool = True,
+    def __init__(self, *, name: str = _BACKBONE.name, freeze_at: int = _BACKBONE.freeze_at,
+                 tiny_width: int = _BACKBONE.tiny_width, fold_batchnorm: bool = True, recompute: bool = True,
                  stride_in_3x3: bool = _BACKBONE.stride_in_3x3, norm_epsilon: Optional[float] = None,
                  norm: str = _BACKBONE.norm, **kwargs):
         if name not in BACKBONE_NAMES:
             raise ValueError(f"Backbone: name={name!r}; expected one of {', '.join(BACKBONE_NAMES)}")
         if not 0 <= freeze_at <= NUM_STAGES:
             raise ValueError(f"Backbone: freeze_at={freeze_at}; expected 0..{NUM_STAGES}")
-        if name == TINY and weights == IMAGENET:
-            raise ValueError("Backbone: the tiny backbone has no ImageNet weights; use weights=None or a path")
         if name == TINY and (stride_in_3x3 or norm_epsilon is not None):
             raise ValueError("Backbone: stride_in_3x3 and norm_epsilon apply to ResNets, not to the tiny backbone")
         if norm not in config_lib.BACKBONE_NORMS:
@@ -287,14 +273,8 @@ class Backbone(keras.layers.Layer):
             raise ValueError("Backbone: norm applies to ResNets; the tiny backbone's GroupNorm always trains")
         if norm_epsilon is not None and norm_epsilon < 0:
             raise ValueError(f"Backbone: norm_epsilon={norm_epsilon}; expected a number >= 0")
-        if (name != TINY and isinstance(weights, str) and weights.endswith(TORCH_CHECKPOINT_SUFFIX)
-                and not stride_in_3x3):
-            raise ValueError(f"Backbone: {weights} is a torchvision checkpoint, whose ResNets have the stride "
-                             "in the 3x3 convs; set stride_in_3x3=True (model.backbone.stride_in_3x3)")
         super().__init__(name=name, **kwargs)
         self.backbone_name = name
-        # Not `self.weights`: that is Keras' list of variables.
-        self.weights_source = weights
         self.freeze_at = freeze_at
         self.tiny_width = tiny_width
         self.fold_batchnorm = fold_batchnorm
@@ -315,19 +295,13 @@ class Backbone(keras.layers.Layer):
         self.network = keras.Model(network.input, outputs, name=f"{name}_features")
         self._freeze()
         # All variables exist now (the functional network is built for any input size), so weights can be
-        # counted, copied or restored before the first call.
+        # counted, copied, loaded (weights/initial.py) or restored before the first call.
         self.built = True
 
     def _build_network(self) -> keras.Model:
         if self.backbone_name == TINY:
-            network = _tiny_network(self.tiny_width)
-            if self.weights_source is not None:
-                network.load_weights(self.weights_source)
-            return network
-        application = RESNETS[self.backbone_name]
-        # "imagenet": keras.applications downloads the notop file (checking its hash) and loads it.
-        network = application(include_top=False, input_shape=(None, None, 3),
-                              weights=IMAGENET if self.weights_source == IMAGENET else None)
+            return _tiny_network(self.tiny_width)
+        network = RESNETS[self.backbone_name](include_top=False, input_shape=(None, None, 3), weights=None)
         if self.norm_epsilon is not None:
             # Keras' BatchNormalization reads `epsilon` at call time; the folded path reads it too.
             for layer in network.layers:
@@ -338,20 +312,6 @@ class Backbone(keras.layers.Layer):
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.momentum = KERAS_BN_MOMENTUM
                     layer.synchronized = self.norm == SYNC_BATCH_NORM
-        if isinstance(self.weights_source, str) and self.weights_source.endswith(IMAGENET_BACKBONE_SUFFIXES):
-            # torchvision ImageNet ResNet (RGB, 0..1 ImageNet-normalised inputs): no channel reversal; MSRA/Caffe2
-            # R-50.pkl: BGR stem reversed by the mapping. The name's hash suffix and the stride / epsilon
-            # conventions are checked (weights/imagenet_backbones.py).
-            from maskrcnn_tf.weights import imagenet_backbones
-
-            imagenet_backbones.load_backbone(network, self.weights_source, self.stride_in_3x3, self.norm_epsilon)
-            return network
-        if self.weights_source not in (None, IMAGENET):
-            network.load_weights(self.weights_source)
-        if self.weights_source is not None:
-            # caffe BGR -> RGB: conv(rgb, kernel[:, :, ::-1]) == conv(bgr, kernel).
-            kernel = network.get_layer(STEM_CONV).kernel
-            kernel.assign(tf.reverse(kernel, axis=[INPUT_CHANNEL_AXIS]))
         return network
 
     def _freeze(self) -> None:
@@ -394,7 +354,15 @@ class Backbone(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(name=self.backbone_name, weights=self.weights_source, freeze_at=self.freeze_at,
+        config.update(name=self.backbone_name, freeze_at=self.freeze_at,
                       tiny_width=self.tiny_width, fold_batchnorm=self.fold_batchnorm, recompute=self.recompute,
                       stride_in_3x3=self.stride_in_3x3, norm_epsilon=self.norm_epsilon, norm=self.norm)
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Configs written before the initial weights moved to weights/initial.py hold `weights`: the file
+        # (or download) it named was an initial value, and a saved layer's variables replace it anyway.
+        config = dict(config)
+        config.pop("weights", None)
+        return cls(**config)

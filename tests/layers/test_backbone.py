@@ -11,7 +11,9 @@ import pytest
 import tensorflow as tf
 from keras.src.legacy.saving import legacy_h5_format
 
+from maskrcnn_tf.layers import backbone as backbone_lib
 from maskrcnn_tf.layers.backbone import Backbone
+from maskrcnn_tf.weights.initial import load_backbone_weights
 
 # The caffe means of keras.applications' ResNet weights in RGB order (= config.ModelConfig.pixel_mean).
 CAFFE_MEAN_RGB = np.array([123.68, 116.779, 103.939], np.float32)
@@ -49,10 +51,17 @@ def resnet50_reference(tmp_path_factory):
     return reference, path, legacy_path
 
 
+def _loaded(source, **kwargs):
+    """A Backbone built, then filled from `source` (weights/initial.py), as a fresh training run does."""
+    backbone = Backbone(**kwargs)
+    load_backbone_weights(backbone, source)
+    return backbone
+
+
 @pytest.fixture(scope="module")
 def resnet50(resnet50_reference):
     _, path, _ = resnet50_reference
-    return Backbone(name="resnet50", weights=path)
+    return _loaded(path, name="resnet50")
 
 
 def test_weights_file_gives_rgb_backbone(resnet50_reference, resnet50):
@@ -66,6 +75,26 @@ def test_weights_file_gives_rgb_backbone(resnet50_reference, resnet50):
     # Without the stem-kernel reversal the RGB input would be read as BGR: the test above could fail.
     not_swapped = reference(rgb - CAFFE_MEAN_RGB).numpy()
     assert np.abs(not_swapped - expected).max() > 1e-2 * scale
+
+
+def test_imagenet_copies_keras_applications_weights_by_layer_and_reverses_the_stem(resnet50_reference, resnet50,
+                                                                                 monkeypatch):
+    # "imagenet" builds keras.applications' ResNet50 with weights="imagenet" (a download, not in tests: the
+    # reference stands in for it) and copies it layer by layer: the same backbone as its weights file gives.
+    reference, _, _ = resnet50_reference
+    asked = []
+
+    def application(**kwargs):
+        asked.append(kwargs)
+        return reference
+
+    monkeypatch.setitem(backbone_lib.RESNETS, "resnet50", application)
+    backbone = _loaded("imagenet", name="resnet50")
+    assert asked == [{"include_top": False, "input_shape": (None, None, 3), "weights": None},
+                     {"include_top": False, "input_shape": (None, None, 3), "weights": "imagenet"}]
+    for a, b in zip(resnet50.weights, backbone.weights):
+        assert a.path == b.path
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_resnet50_shapes_128_and_dynamic_batch(resnet50):
@@ -188,10 +217,12 @@ def test_resnet50_recomputed_stages_give_the_same_gradients(resnet50):
 def test_resnet50_layer_contract_and_legacy_h5_file(resnet50_reference, resnet50):
     _, path, legacy_path = resnet50_reference
     config = resnet50.get_config()
-    assert {k: config[k] for k in ("name", "weights")} == {"name": "resnet50", "weights": path}
-    # Rebuild from the config, loading the same weights from the Keras-applications legacy .h5 file
+    assert config["name"] == "resnet50" and "weights" not in config  # the layer never reads a file
+    # Rebuild from the config, then load the same weights from the Keras-applications legacy .h5 file
     # instead of copying them (a copy is tested on the tiny backbone): every weight and output must match.
-    clone = Backbone.from_config(dict(config, weights=legacy_path))
+    # A config written before the loading moved out of the layer names a file: accepted and not read.
+    clone = Backbone.from_config(dict(config, weights=path + ".gone"))
+    load_backbone_weights(clone, legacy_path)
     for a, b in zip(resnet50.weights, clone.weights):
         assert a.path == b.path
         np.testing.assert_array_equal(a.numpy(), b.numpy())
@@ -279,7 +310,7 @@ def test_tiny_contract_weights_file_and_mixed_dtype(tmp_path):
     # A weights file of a tiny network loads as is (no BGR reversal: tiny has no caffe weights).
     path = str(tmp_path / "tiny.weights.h5")
     backbone.network.save_weights(path)
-    loaded = Backbone(name="tiny", tiny_width=TINY_WIDTH, weights=path)
+    loaded = _loaded(path, name="tiny", tiny_width=TINY_WIDTH)
     np.testing.assert_array_equal(loaded(images)["C5"].numpy(), out["C5"].numpy())
     # A dtype argument (not only the global policy) reaches the inner network.
     half = Backbone(name="tiny", tiny_width=TINY_WIDTH, dtype="mixed_float16")
@@ -292,5 +323,5 @@ def test_invalid_arguments():
         Backbone(name="vgg16")
     with pytest.raises(ValueError, match="freeze_at"):
         Backbone(name="tiny", freeze_at=6)
-    with pytest.raises(ValueError, match="ImageNet"):
-        Backbone(name="tiny", weights="imagenet")
+    with pytest.raises(ValueError, match="the tiny backbone has no ImageNet weights"):
+        _loaded("imagenet", name="tiny")

@@ -17,6 +17,7 @@ import tensorflow as tf  # noqa: E402
 
 from maskrcnn_tf.layers.backbone import Backbone  # noqa: E402
 from maskrcnn_tf.weights import torchvision_mapping  # noqa: E402
+from maskrcnn_tf.weights.initial import load_backbone_weights  # noqa: E402
 
 SIZE = 64  # C5 is 2 x 2: every stride-2 conv sees an even input, where TF's "SAME" would pad (0, 1)
 TINY_VARIANCE = 1e-4
@@ -95,16 +96,17 @@ def test_pretrained_pth_file_loads_torchvision_imagenet_resnet(tmp_path):
     resnet = _torch_resnet50(1e-5)
     path = tmp_path / "resnet50-imagenet.pth"
     torch.save(resnet.state_dict(), path)  # a classification checkpoint: fc.* is ignored
-    backbone = Backbone(name="resnet50", weights=str(path), freeze_at=0, stride_in_3x3=True, norm_epsilon=1e-5)
+    backbone = Backbone(name="resnet50", freeze_at=0, stride_in_3x3=True, norm_epsilon=1e-5)
+    load_backbone_weights(backbone, str(path))
     images = _images()
     _assert_close(backbone(tf.constant(images)), resnet_features(resnet, images))
 
 
 def test_pretrained_pth_needs_stride_in_3x3_and_the_right_depth(tmp_path):
     path = tmp_path / "r.pth"
-    with pytest.raises(ValueError, match="set stride_in_3x3=True"):
-        Backbone(name="resnet50", weights=str(path))
+    with pytest.raises(ValueError, match="set stride_in_3x3=True"):  # from the name: the file does not exist yet
+        load_backbone_weights(Backbone(name="resnet50"), str(path))
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet101(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match=r"r\.pth: layer3\.\d+\.\S+: the model has no variable conv4_block"):
-        Backbone(name="resnet50", weights=str(path), stride_in_3x3=True)
+        load_backbone_weights(Backbone(name="resnet50", stride_in_3x3=True), str(path))

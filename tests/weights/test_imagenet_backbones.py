@@ -3,7 +3,8 @@
 A torchvision `resnet50(weights=None)` with seeded random weights and random BN statistics is saved with
 torch.save under a torch.hub name carrying its SHA-256 prefix (the layout of resnet50-0676ba61.pth: conv1,
 bn1, layer*, fc, num_batches_tracked), loaded through the config's model.backbone.weights into the Backbone
-as model.py builds it, and our C2..C5 are compared with torchvision's eval-mode layer1..layer4 outputs.
+as model.py builds it (weights/initial.py's step after building), and our C2..C5 are compared with
+torchvision's eval-mode layer1..layer4 outputs.
 detectron2's MSRA R-50.pkl: the same network with each stage's stride moved to the first 1x1 conv, its BN
 folded into Caffe2 AffineChannel scale / bias blobs under the Caffe2 names, pickled as {"blobs": ...}; the
 oracle reads the BGR image, we the RGB one.
@@ -24,6 +25,7 @@ from maskrcnn_tf import config as config_lib  # noqa: E402
 from maskrcnn_tf import model as model_lib  # noqa: E402
 from maskrcnn_tf.layers.backbone import Backbone  # noqa: E402
 from maskrcnn_tf.weights import imagenet_backbones  # noqa: E402
+from maskrcnn_tf.weights.initial import load_backbone_weights  # noqa: E402
 
 SIZE = 64
 RELATIVE = 1e-4
@@ -61,11 +63,14 @@ def _hub_named(path, stem):
 
 
 def _pretrained_backbone(preset, path, **overrides):
-    """The backbone as train.py --pretrained=PATH builds it: model.backbone.weights, then model.py's Backbone."""
+    """The backbone as train.py --pretrained=PATH makes it: model.backbone.weights, model.py's Backbone, then
+    the fresh run's load_initial_weights step (weights/initial.py)."""
     cfg = config_lib.replace(config_lib.get_preset(preset), **{"model.backbone.weights": path, **overrides})
     b = cfg.model.backbone
     imagenet_backbones.check_model_config(path, cfg.model)
-    return Backbone(name=b.name, weights=b.weights, freeze_at=b.freeze_at, **model_lib._backbone_conventions(b))
+    backbone = Backbone(name=b.name, freeze_at=b.freeze_at, **model_lib._backbone_conventions(b))
+    load_backbone_weights(backbone, b.weights)
+    return backbone
 
 
 def _max_relative_error(ours, expected):
@@ -109,7 +114,7 @@ def test_torchvision_hash_suffix_is_checked(torchvision_file, tmp_path):
         dst.write(src.read())
     with pytest.raises(ValueError, match=r"resnet50-0676ba61\.pth: its SHA-256 is [0-9a-f]{64}, but the file name "
                                          r"says it starts with 0676ba61: a truncated or tampered download") as e:
-        Backbone(name="resnet50", weights=renamed, stride_in_3x3=True, norm_epsilon=1e-5)
+        load_backbone_weights(Backbone(name="resnet50", stride_in_3x3=True, norm_epsilon=1e-5), renamed)
     assert "\n" not in str(e.value)
 
 
@@ -180,4 +185,4 @@ def test_caffe2_conventions_mismatch_fails_in_one_line(caffe2_file):
         _pretrained_backbone("coco_r50_fpn_1x", path)  # keras' caffe means 123.68, 116.779, 103.939
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"set model\.backbone\.stride_in_3x3=False \(--params_override\)$"):
-        Backbone(name="resnet50", weights=path, stride_in_3x3=True, norm_epsilon=1e-5)
+        load_backbone_weights(Backbone(name="resnet50", stride_in_3x3=True, norm_epsilon=1e-5), path)
