@@ -6,8 +6,8 @@
     detector.draw("image.jpg", result, "image_detections.png")
 
 Public names: `load` (loading.py), `Predictor` (predictor.py), `MaskRCNN` and `build_model` (model.py),
-`Config`, `get_preset` and the presets `tiny` / `coco_r50_fpn_1x` (config.py), `draw_detections`
-(visualize.py). They are imported on first use, so `import maskrcnn_tf` stays light (no TensorFlow).
+`Config` and `get_preset` (config.py), `PRESETS` and the presets `tiny` / `coco_r50_fpn_1x` (presets.py),
+`draw_detections` (visualize.py). They are imported on first use, so `import maskrcnn_tf` stays light (no TensorFlow).
 
 Conventions (boxes are [y1, x1, y2, x2] absolute pixels of the padded model input, class 0 is background,
 static shapes in the graph, ...) are written down in docs/design.md.
@@ -25,9 +25,9 @@ _EXPORTS = {
     "build_model": "maskrcnn_tf.model",
     "Config": "maskrcnn_tf.config",
     "get_preset": "maskrcnn_tf.config",
-    "PRESETS": "maskrcnn_tf.config",
-    "tiny": "maskrcnn_tf.config",
-    "coco_r50_fpn_1x": "maskrcnn_tf.config",
+    "PRESETS": "maskrcnn_tf.presets",
+    "tiny": "maskrcnn_tf.presets",
+    "coco_r50_fpn_1x": "maskrcnn_tf.presets",
     "draw_detections": "maskrcnn_tf.visualize",
 }
 

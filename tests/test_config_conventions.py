@@ -3,6 +3,7 @@ values name the field, and the two reference presets carry their sources' settin
 import pytest
 
 from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import presets
 
 # (dotted field, today's default) of every convention field added for the reference presets.
 CONVENTION_DEFAULTS = {
@@ -21,7 +22,7 @@ def _get(cfg, dotted):
 
 
 def test_config_json_without_the_convention_fields_loads_with_todays_defaults():
-    d = config_lib.to_dict(config_lib.coco_r50_fpn_1x())
+    d = config_lib.to_dict(presets.coco_r50_fpn_1x())
     for dotted in CONVENTION_DEFAULTS:
         *parents, leaf = dotted.split(".")
         node = d
@@ -29,7 +30,7 @@ def test_config_json_without_the_convention_fields_loads_with_todays_defaults():
             node = node[name]
         del node[leaf]
     cfg = config_lib.from_dict(d)
-    assert cfg == config_lib.coco_r50_fpn_1x()
+    assert cfg == presets.coco_r50_fpn_1x()
     for dotted, default in CONVENTION_DEFAULTS.items():
         assert _get(cfg, dotted) == default, dotted
 

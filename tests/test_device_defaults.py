@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import presets
 from maskrcnn_tf import device_defaults
 from maskrcnn_tf.layers.banded_conv import BandedConv2D
 from maskrcnn_tf.model import LOSS_NAMES, build_model
@@ -43,7 +44,7 @@ def _switches(cfg):
     ("tpu", False, False, {**ACCELERATOR_PATH, "train.roi_align_gradient": "native"}),
 ])
 def test_auto_resolves_per_device(kind, deterministic, jit, expected):
-    cfg = config_lib.replace(config_lib.tiny(), **{"train.jit_compile": jit, "model.roi.roi_align_backend": "gather"})
+    cfg = config_lib.replace(presets.tiny(), **{"train.jit_compile": jit, "model.roi.roi_align_backend": "gather"})
     assert _switches(cfg) == {key: "auto" for key in CPU_PATH}
     assert _switches(device_defaults.resolve(cfg, kind, deterministic)) == expected
 
@@ -58,7 +59,7 @@ def test_auto_resolves_per_device(kind, deterministic, jit, expected):
 ])
 def test_steps_per_loop_auto_keeps_log_checkpoint_and_last_steps(kind, steps, expected):
     log, checkpoint, total = steps
-    cfg = config_lib.replace(config_lib.tiny(), **{"train.log_every_steps": log, "train.checkpoint_every_steps":
+    cfg = config_lib.replace(presets.tiny(), **{"train.log_every_steps": log, "train.checkpoint_every_steps":
                                                    checkpoint, "train.total_steps": total})
     assert cfg.train.steps_per_loop == "auto"
     resolved = device_defaults.resolve(cfg, kind, False)
@@ -76,14 +77,14 @@ def test_trim_padding_switch_reaches_the_model():
 
 
 def test_explicit_switches_are_kept_and_refused_combinations_fail():
-    forced = config_lib.replace(config_lib.tiny(), **CPU_PATH)
+    forced = config_lib.replace(presets.tiny(), **CPU_PATH)
     assert _switches(device_defaults.resolve(forced, "gpu", False)) == CPU_PATH
     with pytest.raises(ValueError, match="roi_align_gradient='sparse_matmul' is not deterministic on a GPU"):
         device_defaults.resolve(forced, "gpu", True)
     with pytest.raises(ValueError, match="train.heap_trim"):
-        config_lib.validate(config_lib.replace(config_lib.tiny(), **{"train.heap_trim": "yes"}))
+        config_lib.validate(config_lib.replace(presets.tiny(), **{"train.heap_trim": "yes"}))
     with pytest.raises(ValueError, match="train.roi_align_gradient"):
-        config_lib.validate(config_lib.replace(config_lib.tiny(), **{"train.roi_align_gradient": "atomic"}))
+        config_lib.validate(config_lib.replace(presets.tiny(), **{"train.roi_align_gradient": "atomic"}))
     assert device_defaults.device_kind() == ("gpu" if tf.config.list_logical_devices("GPU") else "cpu")
 
 

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import presets
 from maskrcnn_tf.optimizer import SGDCoupledDecay, WarmupSchedule, build_optimizer, normalization_variables
 from tests.torch_oracle import import_torch
 
@@ -23,7 +24,7 @@ def _small_model():
 
 
 def _config(**train):
-    cfg = config_lib.replace(config_lib.tiny(), **{f"train.{k}": v for k, v in train.items()})
+    cfg = config_lib.replace(presets.tiny(), **{f"train.{k}": v for k, v in train.items()})
     return config_lib.replace(cfg, **{"data.train_batch_size": 16, "train.reference_batch_size": 16})
 
 
@@ -115,7 +116,7 @@ def test_schedule_is_detectron2_warmup_multistep():
 
 def test_a_run_written_before_weight_decay_type_resumes_with_the_decoupled_optimizer():
     # Its checkpoints hold Keras SGD's momentum (sgd/...); the coupled optimizer would not match them.
-    saved = config_lib.to_dict(config_lib.tiny())
+    saved = config_lib.to_dict(presets.tiny())
     del saved["train"]["weight_decay_type"]
     assert config_lib.from_dict(saved).train.weight_decay_type == "decoupled"
-    assert config_lib.from_dict(config_lib.to_dict(config_lib.tiny())).train.weight_decay_type == "coupled"
+    assert config_lib.from_dict(config_lib.to_dict(presets.tiny())).train.weight_decay_type == "coupled"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import presets
 from maskrcnn_tf.model import build_model, dummy_inputs
 from maskrcnn_tf.optimizer import build_optimizer
 from tests.e2e.synthetic import TWO_IMAGES, make_batch, tiny_test_config
@@ -36,8 +37,8 @@ def test_v2_preset_differs_from_v1_exactly_by_v2s_architecture():
     h = v2.model.heads
     assert (h.box_conv_dim, h.fc_dim, h.mask_num_convs, h.mask_num_filters) == (256, 1024, 4, 256)
     assert v2.model.backbone.norm == "frozen" and v2.model.backbone.stride_in_3x3
-    assert "47.4 box" in config_lib.torchvision_maskrcnn_r50_fpn_v2.__doc__
-    assert "46.7 box" in config_lib.torchvision_maskrcnn_r50_fpn_v2.__doc__
+    assert "47.4 box" in presets.torchvision_maskrcnn_r50_fpn_v2.__doc__
+    assert "46.7 box" in presets.torchvision_maskrcnn_r50_fpn_v2.__doc__
 
 
 def test_v2_recipe_preset_differs_from_the_v2_model_exactly_by_pr_5773s_recipe():
@@ -65,9 +66,9 @@ def test_v2_recipe_preset_differs_from_the_v2_model_exactly_by_pr_5773s_recipe()
     ])
     assert recipe.model.backbone.weights is None and recipe.train.weight_decay_type == "coupled"
     assert config_lib.learning_rate(recipe) == 0.1
-    assert config_lib.coco_r50_fpn_v2_lsj(epochs=100).train.total_steps == 183000  # 183228.1 -> 183000
+    assert presets.coco_r50_fpn_v2_lsj(epochs=100).train.total_steps == 183000  # 183228.1 -> 183000
     with pytest.raises(ValueError, match="epochs=0"):
-        config_lib.coco_r50_fpn_v2_lsj(epochs=0)
+        presets.coco_r50_fpn_v2_lsj(epochs=0)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "torchvision_maskrcnn_r50_fpn", "coco_r50_fpn_1x"])
@@ -98,7 +99,7 @@ def test_config_json_written_before_the_architecture_fields_loads_as_today(prese
 ])
 def test_validate_names_bad_architecture_fields(field, value, message):
     with pytest.raises(ValueError, match=message):
-        config_lib.validate(config_lib.replace(config_lib.tiny(), **{field: value}))
+        config_lib.validate(config_lib.replace(presets.tiny(), **{field: value}))
 
 
 def _v2_tiny_config():

@@ -70,7 +70,7 @@ def _bool(text: str) -> bool:
 def parse_args():
     parser = harness.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--config", default=None,
-                        help="preset name (maskrcnn_tf.config.PRESETS; default: the case's, CONFIGS)")
+                        help="preset name (maskrcnn_tf.presets.PRESETS; default: the case's, CONFIGS)")
     parser.add_argument("--roi_align_backend", default=None, help="crop_and_resize | gather (default: preset's)")
     parser.add_argument("--jit_compile", type=_bool, nargs="?", const=True, default=False,
                         help="XLA-compile the inference function / train step")

@@ -71,10 +71,11 @@ def main():
     import tensorflow as tf
 
     from maskrcnn_tf import config as config_lib
+    from maskrcnn_tf import presets
     from maskrcnn_tf.data import label_map as label_map_lib, pipeline
 
     category_ids, class_names = label_map_lib.load_label_map(label_map)
-    cfg = config_lib.replace(config_lib.coco_r50_fpn_1x(), **{
+    cfg = config_lib.replace(presets.coco_r50_fpn_1x(), **{
         "model.image_size": (args.image_size, args.image_size), "model.num_classes": len(category_ids),
         "data.category_ids": category_ids, "data.class_names": class_names,
         "data.train_batch_size": args.batch_size})

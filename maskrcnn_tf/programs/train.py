@@ -31,6 +31,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import presets
 from maskrcnn_tf import distribute, host_allocator, stop_signals
 from maskrcnn_tf.data.sharded_writer import LABEL_MAP_SUFFIX
 from maskrcnn_tf.programs import launch
@@ -42,7 +43,7 @@ flags.DEFINE_boolean("demo", False, "Run the built-in shapes demo (also what a c
                      "flag does); --model_dir and --config may be given, no dataset flag.")
 flags.DEFINE_string("model_dir", None, "Run directory: config, checkpoints, loss.log, TensorBoard logs. "
                     "Required for training; the demo defaults to ./maskrcnn_demo.")
-flags.DEFINE_string("config", None, f"Preset: {' | '.join(config_lib.PRESETS)} (default coco_r50_fpn_1x; "
+flags.DEFINE_string("config", None, f"Preset: {' | '.join(presets.PRESETS)} (default coco_r50_fpn_1x; "
                     "the demo uses tiny).")
 flags.DEFINE_integer("batch_size", None, "Global batch size (all replicas).", lower_bound=1)
 flags.DEFINE_float("num_epochs", None, "Training length in passes over the training records.", lower_bound=0)

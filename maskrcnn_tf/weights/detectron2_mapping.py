@@ -224,7 +224,7 @@ def architecture(state_dict: Dict[str, np.ndarray]) -> Optional[Architecture]:
 
 
 def preset_for(state_dict: Dict[str, np.ndarray]) -> str:
-    """The preset (config.py) that builds the model of a detectron2 state dict: by its res2..res5 block
+    """The preset (presets.py) that builds the model of a detectron2 state dict: by its res2..res5 block
     counts (PRESETS). A file that fits none gets the R50 preset here; `check_architecture` then refuses
     it in one line naming what it is."""
     found = architecture(state_dict)

@@ -1,7 +1,7 @@
 """A torchvision or detectron2 COCO checkpoint -> a model directory eval.py, export.py, predict.py and
 `train.py --init_checkpoint` accept unchanged (import_weights.py is the command line).
 
-    MODEL_DIR/config.json       the source's preset (config.py), include_mask False for a Faster R-CNN
+    MODEL_DIR/config.json       the source's preset (presets.py), include_mask False for a Faster R-CNN
                                 checkpoint, data.category_ids / class_names = the COCO categories
     MODEL_DIR/label_map.json    the same categories in data/label_map.py's format
     MODEL_DIR/checkpoints/ckpt-0  run_dir.make_checkpoint(model) (variables keyed by path, no optimizer)
@@ -49,6 +49,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import numpy as np
 
 from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import presets
 from maskrcnn_tf import run_dir
 from maskrcnn_tf.data import coco_classes
 from maskrcnn_tf.weights import detectron2_mapping, detectron2_pickle, layout, torch_pickle, torchvision_mapping
@@ -179,7 +180,7 @@ SOURCES = {
                           torchvision_mapping.has_mask_head,
                           lambda sd, cfg: torchvision_mapping.torchvision_variables(
                               sd, cfg.model.num_classes, cfg.model.roi.box_output_size, cfg.model.include_mask),
-                          tuple(range(1, config_lib.TORCHVISION_COCO_NUM_CLASSES + 1)),
+                          tuple(range(1, presets.TORCHVISION_COCO_NUM_CLASSES + 1)),
                           preset_for=torchvision_mapping.preset_for,
                           presets=tuple(torchvision_mapping.PRESETS.values()),
                           check_architecture=lambda sd, cfg, preset: torchvision_mapping.check_architecture(
@@ -219,7 +220,7 @@ class ImportResult(NamedTuple):
     epsilon_reason: str
     integrity: str
     checked: List[str]  # buffers compared with the config
-    preset: Optional[str] = None  # the config the model was built from (config.py); None: the source's
+    preset: Optional[str] = None  # the config the model was built from (presets.py); None: the source's
 
     def summary(self, checkpoint: str) -> str:
         """The program's one summary line."""

@@ -76,7 +76,7 @@ _OLD_KEYS = (
 )
 
 
-# torchvision R50-FPN detector generations, their presets (config.py) and builders (include_mask -> name).
+# torchvision R50-FPN detector generations, their presets (presets.py) and builders (include_mask -> name).
 V1, V2 = "v1", "v2"
 PRESETS = {V1: "torchvision_maskrcnn_r50_fpn", V2: "torchvision_maskrcnn_r50_fpn_v2"}
 BUILDERS = {(V1, True): "maskrcnn_resnet50_fpn", (V1, False): "fasterrcnn_resnet50_fpn",
@@ -133,7 +133,7 @@ def architecture(state_dict: Dict[str, np.ndarray]) -> str:
 
 
 def preset_for(state_dict: Dict[str, np.ndarray]) -> str:
-    """The preset (config.py) that builds the model of a torchvision detector state dict."""
+    """The preset (presets.py) that builds the model of a torchvision detector state dict."""
     return PRESETS[architecture(state_dict)]
 
 

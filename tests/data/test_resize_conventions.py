@@ -10,10 +10,10 @@ torch, torchvision = import_torchvision()
 
 import tensorflow as tf  # noqa: E402
 
-from maskrcnn_tf import config as config_lib  # noqa: E402
+from maskrcnn_tf import presets  # noqa: E402
 from maskrcnn_tf.data import transforms  # noqa: E402
 
-CANVAS = config_lib.REFERENCE_CANVAS
+CANVAS = presets.REFERENCE_CANVAS
 NO_JITTER = (1.0, 1.0)
 SEED = tf.zeros([2], tf.int64)
 
@@ -39,7 +39,7 @@ def test_short_side_resize_matches_generalized_rcnn_transform(hw):
     info = _geometry(hw)
     np.testing.assert_array_equal(info[1], expected_hw)  # valid (h, w)
     np.testing.assert_allclose(info[2], np.array(expected_hw) / np.array(hw), rtol=1e-6)  # scale (y, x)
-    normalized = transforms.normalize_image(image, config_lib.TORCHVISION_PIXEL_MEAN, config_lib.TORCHVISION_PIXEL_STD)
+    normalized = transforms.normalize_image(image, presets.TORCHVISION_PIXEL_MEAN, presets.TORCHVISION_PIXEL_STD)
     ours = transforms.resize_and_crop_image(normalized, tf.constant(info)).numpy()
     # Uniform noise has neighbouring pixels up to 4.4 normalised units apart, so the float32 rounding of a
     # sample position (~2e-5 px on a 1333 px axis, computed differently by each kernel) shows as up to ~1e-4

@@ -8,12 +8,13 @@ import cv2
 import numpy as np
 
 from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import presets
 
 
 def tiny_test_config(**overrides):
     """The tiny preset shrunk to 128x128 and a handful of proposals: a train step takes ~1 s on CPU."""
     cfg = config_lib.replace(
-        config_lib.tiny(),
+        presets.tiny(),
         **{
             "model.image_size": (128, 128),
             "model.fpn_num_filters": 32,

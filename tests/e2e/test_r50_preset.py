@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import presets
 from maskrcnn_tf.model import LOSS_NAMES, build_model
 from maskrcnn_tf.optimizer import build_optimizer
 from tests.e2e.synthetic import make_batch
@@ -14,7 +15,7 @@ from tests.e2e.synthetic import make_batch
 def test_coco_r50_fpn_1x_infers_and_trains_one_step_at_1024():
     # weights=None: the test machine cannot download ImageNet weights (the file path is tested in
     # tests/layers/test_backbone.py).
-    cfg = config_lib.replace(config_lib.coco_r50_fpn_1x(), **{"model.backbone.weights": None,
+    cfg = config_lib.replace(presets.coco_r50_fpn_1x(), **{"model.backbone.weights": None,
                                                               "data.train_batch_size": 1})
     model = build_model(cfg)
     assert model.backbone.name == "resnet50"
@@ -35,7 +36,7 @@ def test_folded_batchnorm_gives_the_detections_of_the_plain_keras_network():
     # convolution, layers/backbone.py) returns the detections of the plain path (the Keras ResNet run
     # layer by layer) on the same weights and image, to 1e-4.
     size = 256
-    cfg = config_lib.replace(config_lib.coco_r50_fpn_1x(), **{
+    cfg = config_lib.replace(presets.coco_r50_fpn_1x(), **{
         "model.backbone.weights": None, "model.image_size": (size, size),
         "model.detection.score_threshold": 0.0})
     model = build_model(cfg)

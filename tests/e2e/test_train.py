@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
+from maskrcnn_tf import presets
 from maskrcnn_tf import checkpointing, distribute, loss_log, run_dir
 from tests.conftest import REPO_ROOT, STANDIN_ONE_CLASS_NAME
 
@@ -142,7 +143,7 @@ def test_weights_are_finite():
 
 
 def test_resume_config_check_refuses_model_changes_and_allows_schedule_changes():
-    saved = config_lib.tiny()
+    saved = presets.tiny()
     longer = config_lib.replace(saved, **{"train.total_steps": 5000, "data.train_batch_size": 8})
     assert sorted(checkpointing.check_resume_config(saved, longer, "DIR")) == [
         "data.train_batch_size: 4 -> 8", "train.total_steps: 1000 -> 5000"]
