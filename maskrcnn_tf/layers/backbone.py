@@ -78,6 +78,7 @@ import keras
 import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
+from maskrcnn_tf.layers.initializers import msra_fill
 
 RESNETS = {
     "resnet50": keras.applications.ResNet50,
@@ -100,9 +101,6 @@ TINY_BLOCKS_PER_STAGE = 2
 TINY_NORM_GROUPS = 8
 # PyTorch's GroupNorm epsilon (Keras' default of 1e-3 is tuned for BatchNorm).
 TINY_NORM_EPSILON = 1e-5
-# He (MSRA) normal with fan_out, as detectron2's c2_msra_fill for ResNet convs.
-HE_FAN_OUT = keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
-
 # Stage of a layer from its keras.applications-style name: conv1_* / pool1_* -> 1, conv3_block2_* -> 3.
 _STAGE_PATTERN = re.compile(r"^(?:conv|pool)(\d)_")
 _BLOCK_OUTPUT_PATTERN = r"^conv{stage}_block(\d+)_out$"
@@ -197,7 +195,7 @@ def _group_norm(channels: int, name: str, gamma_initializer="ones") -> keras.lay
 def _conv(filters: int, kernel_size: int, strides: int, name: str) -> keras.layers.Layer:
     # No bias: a norm layer follows every conv.
     return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
-                               kernel_initializer=HE_FAN_OUT, name=name)
+                               kernel_initializer=msra_fill(), name=name)
 
 
 def _tiny_basic_block(x, filters: int, strides: int, prefix: str):

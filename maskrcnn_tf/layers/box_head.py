@@ -26,13 +26,12 @@ import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.layers import norm as norm_lib
+from maskrcnn_tf.layers.initializers import msra_fill
 
 BOX_CODE_SIZE = 4  # [dy, dx, dh, dw]
 CLASSIFIER_INIT_STD = 0.01  # detectron2 FastRCNNOutputLayers
 BOX_REGRESSOR_INIT_STD = 0.001
 XAVIER_FILL = "lecun_uniform"  # detectron2 c2_xavier_fill: U(+-sqrt(3 / fan_in))
-# detectron2 c2_msra_fill / torchvision kaiming_normal_(mode="fan_out", nonlinearity="relu").
-MSRA_FILL = keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
 CONV_KERNEL_SIZE = 3
 
 
@@ -71,7 +70,7 @@ class BoxHead(keras.layers.Layer):
         # Empty lists without convs / norms: the variables (and checkpoints) of the 2-FC head are today's.
         self.convs = [
             keras.layers.Conv2D(conv_dim, CONV_KERNEL_SIZE, padding="same", use_bias=norm_lib.uses_bias(norm),
-                                kernel_initializer=MSRA_FILL, name=f"conv{i + 1}", dtype=self.dtype_policy)
+                                kernel_initializer=msra_fill(), name=f"conv{i + 1}", dtype=self.dtype_policy)
             for i in range(num_convs)
         ]
         self.conv_norms = [norm_lib.make(norm, conv_dim, f"conv{i + 1}_norm", self.dtype_policy)

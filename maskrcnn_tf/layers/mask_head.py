@@ -22,11 +22,10 @@ import tensorflow as tf
 
 from maskrcnn_tf import config as config_lib
 from maskrcnn_tf.layers import norm as norm_lib
+from maskrcnn_tf.layers.initializers import msra_fill
 
 UPSAMPLE_FACTOR = 2  # the deconv doubles 14x14 to 28x28
 PREDICTOR_INIT_STD = 0.001  # detectron2 MaskRCNNConvUpsampleHead
-# detectron2 c2_msra_fill: kaiming_normal_(mode="fan_out", nonlinearity="relu").
-MSRA_FILL = keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
 CHANNEL_AXIS = 4  # of the [B, S, M, M, K] mask logits
 
 
@@ -60,7 +59,7 @@ class MaskHead(keras.layers.Layer):
         with_norm = norm != norm_lib.NONE
         self.convs = [
             keras.layers.Conv2D(num_filters, 3, padding="same", activation=None if with_norm else "relu",
-                                use_bias=not with_norm, kernel_initializer=MSRA_FILL, name=f"conv{i + 1}",
+                                use_bias=not with_norm, kernel_initializer=msra_fill(), name=f"conv{i + 1}",
                                 dtype=self.dtype_policy)
             for i in range(num_convs)
         ]
@@ -68,7 +67,7 @@ class MaskHead(keras.layers.Layer):
         self.conv_norms = [norm_lib.make(norm, num_filters, f"conv{i + 1}_norm", self.dtype_policy)
                            for i in range(num_convs)] if with_norm else []
         self.deconv = keras.layers.Conv2DTranspose(
-            num_filters, UPSAMPLE_FACTOR, strides=UPSAMPLE_FACTOR, activation="relu", kernel_initializer=MSRA_FILL,
+            num_filters, UPSAMPLE_FACTOR, strides=UPSAMPLE_FACTOR, activation="relu", kernel_initializer=msra_fill(),
             name="deconv", dtype=self.dtype_policy)
         self.predictor = keras.layers.Conv2D(
             num_classes, 1, kernel_initializer=keras.initializers.RandomNormal(stddev=PREDICTOR_INIT_STD),
