@@ -4,8 +4,8 @@ Why: TensorFlow's CPU tensors and its kernels' scratch buffers come from glibc m
 partly from oneDNN's own pool). glibc maps every block above its (dynamic) mmap threshold with mmap and
 unmaps it on free, and returns the top of a heap to the kernel as soon as it exceeds the trim threshold.
 A training step frees and reallocates the same buffers every step, so each step faults the same pages in
-again: with TF built without oneDNN, most of the demo's kernel time went to minor page faults (measured
-on a 2-core AMD EPYC). Measurements: benchmarks/README.md, "Host allocator".
+again: with TF built without oneDNN, most of the demo's kernel time went to minor page faults.
+Measurements: benchmarks/README.md, "Host allocator".
 
 What `configure()` does, once, at the start of each program (train.py, eval.py, predict.py, export.py,
 the benchmark cases), before TensorFlow allocates anything:

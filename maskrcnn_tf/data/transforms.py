@@ -82,9 +82,8 @@ Decisions (beyond docs/design.md):
   source's masks through the source's image_info). Target instances first, then pasted ones, and
   select_largest(N) over all of them; num_truncated counts pasted instances left out too. An example
   whose draw pastes nothing is exactly transform_example's output with the same seed. Cost: a pasted
-  example takes about 3x the CPU time of transform_example (640x480 with 20 instances onto 1024x1024,
-  Mc 112: ~48 against ~16 ms on a shared 2-core host), mostly canvas-sized element-wise work (alpha,
-  composite); the masks are still never rendered per instance.
+  example does canvas-sized element-wise work (alpha, composite) on top of transform_example
+  (benchmarks/README.md, "Copy-paste"); the masks are still never rendered per instance.
 """
 
 from typing import Dict, Sequence, Tuple
